@@ -1,0 +1,276 @@
+"""Load image datasets from their real distribution formats into numpy arrays.
+
+Every loader returns images as ``[N, C, H, W]``: uint8 (0..255) for mnist5k, mnist, cifar10
+and uint8 folders; float32 in [0, 1] for omniglot (chardata.mat stores grey levels as floats).
+Nothing here needs torch; turning images into model input is ``builders.preprocess``'s job.
+
+Any missing, truncated or malformed file raises ``DatasetError`` with a message that names the
+files expected, the folder searched and where to obtain them, never a raw traceback.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import pickle
+import tarfile
+import zlib
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+DATASETS = ("mnist5k", "mnist", "omniglot", "cifar10", "folder")
+BINARY_DATASETS = ("mnist5k", "mnist", "omniglot")  # Bernoulli likelihood, padded 28 -> 32
+
+MNIST_URL = "http://yann.lecun.com/exdb/mnist/"
+OMNIGLOT_URL = "the IWAE repository github.com/yburda/iwae, datasets/OMNIGLOT/chardata.mat"
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
+
+
+class DatasetError(Exception):
+    """A dataset's files are missing, truncated or not in the expected format."""
+
+
+def load_images(dataset: str, root: str | Path | None = None, split: str = "train") -> np.ndarray:
+    """Images of ``split`` ("train" or "test") of ``dataset`` as ``[N, C, H, W]``.
+
+    ``root`` is the folder holding the dataset's files (default ``data/<dataset>``); it is
+    ignored for ``mnist5k``, which ships inside the package.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    loaders = {"mnist5k": _load_mnist5k, "mnist": _load_mnist, "omniglot": _load_omniglot,
+               "cifar10": _load_cifar10, "folder": _load_folder}
+    if dataset not in loaders:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    folder = Path(root) if root is not None else Path("data") / dataset
+    return loaders[dataset](folder, split)
+
+
+# ---------------------------------------------------------------------------------- mnist5k
+
+MNIST5K_TEST_PER_CLASS = 50
+
+
+@lru_cache(maxsize=1)
+def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    # Cached: the file is small and the split is asked for twice (train and test).
+    with resources.files("builders").joinpath("data/mnist5k.npz").open("rb") as f:
+        with np.load(f) as npz:
+            return npz["images"], npz["labels"]
+
+
+def mnist5k_split_indices(split: str) -> np.ndarray:
+    """Sorted indices of the fixed stratified mnist5k split (4,500 train / 500 test).
+
+    Within each class (in class order) one ``default_rng(0)`` stream permutes the class's
+    indices and the first 50 go to test, so the split never changes between runs or machines.
+    """
+    _, labels = _mnist5k_arrays()
+    rng = np.random.default_rng(0)
+    test = []
+    for c in range(10):
+        idx = np.flatnonzero(labels == c)
+        test.append(idx[rng.permutation(len(idx))[:MNIST5K_TEST_PER_CLASS]])
+    is_test = np.zeros(len(labels), dtype=bool)
+    is_test[np.concatenate(test)] = True
+    return np.flatnonzero(is_test if split == "test" else ~is_test)
+
+
+def load_mnist5k_labels(split: str = "train") -> np.ndarray:
+    """Labels (uint8) matching ``load_images("mnist5k", None, split)`` row for row."""
+    return _mnist5k_arrays()[1][mnist5k_split_indices(split)]
+
+
+def _load_mnist5k(_root: Path, split: str) -> np.ndarray:
+    images, _ = _mnist5k_arrays()
+    return images[mnist5k_split_indices(split)][:, None]  # fancy indexing copies: cache stays intact
+
+
+# ------------------------------------------------------------------------------------ mnist
+
+_IDX_IMAGE_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
+
+
+def _load_mnist(root: Path, split: str) -> np.ndarray:
+    stem = "train-images-idx3-ubyte" if split == "train" else "t10k-images-idx3-ubyte"
+    candidates = [root / stem, root / (stem + ".gz")]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise DatasetError(
+            f"MNIST files not found in {root}: expected train-images-idx3-ubyte[.gz], "
+            f"t10k-images-idx3-ubyte[.gz]. Download them from {MNIST_URL} and pass data.root=...")
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:
+        raise DatasetError(f"MNIST file {path} is not a readable gzip file ({e}); "
+                           f"download it again from {MNIST_URL}") from e
+    return parse_idx_images(raw, path)[:, None]
+
+
+def parse_idx_images(raw: bytes, path: Path | str = "<bytes>") -> np.ndarray:
+    """Parse an IDX3 unsigned-byte image file: big-endian header (magic, N, rows, cols), pixels."""
+    if len(raw) < 16:
+        raise DatasetError(f"MNIST file {path} is truncated: {len(raw)} bytes, no full header")
+    magic, n, rows, cols = (int(v) for v in np.frombuffer(raw, dtype=">u4", count=4))
+    if magic != _IDX_IMAGE_MAGIC:
+        raise DatasetError(f"MNIST file {path} has magic number {magic}, expected "
+                           f"{_IDX_IMAGE_MAGIC} (IDX image file); is it a label file or corrupt?")
+    if (rows, cols) != (28, 28):
+        raise DatasetError(f"MNIST file {path} holds {rows}x{cols} images, expected 28x28")
+    expected = 16 + n * rows * cols
+    if len(raw) != expected:
+        raise DatasetError(f"MNIST file {path} has {len(raw)} bytes but its header ({n} images "
+                           f"of {rows}x{cols}) needs {expected}; the file is truncated or corrupt")
+    return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, rows, cols).copy()
+
+
+# --------------------------------------------------------------------------------- omniglot
+
+def _load_omniglot(root: Path, split: str) -> np.ndarray:
+    path = root / "chardata.mat"
+    if not path.is_file():
+        raise DatasetError(f"OMNIGLOT file not found in {root}: expected chardata.mat. "
+                           f"Download it from {OMNIGLOT_URL} and pass data.root=...")
+    try:
+        import scipy.io
+    except ImportError as e:
+        raise DatasetError("reading OMNIGLOT's chardata.mat needs scipy: pip install scipy") from e
+    key = "data" if split == "train" else "testdata"
+    try:
+        mat = scipy.io.loadmat(str(path), variable_names=[key])
+    except Exception as e:  # scipy raises a zoo of types (ValueError, MatReadError, OSError...)
+        raise DatasetError(f"OMNIGLOT file {path} could not be read as a MATLAB file ({e}); "
+                           f"download it again from {OMNIGLOT_URL}") from e
+    if key not in mat:
+        raise DatasetError(f"OMNIGLOT file {path} has no variable {key!r}; "
+                           f"expected the IWAE chardata.mat from {OMNIGLOT_URL}")
+    data = np.asarray(mat[key])
+    if data.ndim != 2 or data.shape[0] != 784:
+        raise DatasetError(f"OMNIGLOT variable {key!r} in {path} has shape {data.shape}, "
+                           f"expected [784, N]")
+    # One image per column, each column a 28x28 image flattened in column-major (MATLAB) order,
+    # so the upright image is column.reshape(28, 28, order="F") = its C-order reshape transposed.
+    # This equals what the IWAE loader feeds its models: data.T.reshape(-1, 28, 28) followed by
+    # reshape((-1, 784), order="F"), later viewed row-major as 28x28 for plotting.
+    images = data.T.reshape(-1, 28, 28).transpose(0, 2, 1)
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    if images.size and (images.min() < 0 or images.max() > 1):
+        raise DatasetError(f"OMNIGLOT variable {key!r} in {path} has values outside [0, 1]")
+    return images[:, None]
+
+
+# ---------------------------------------------------------------------------------- cifar10
+
+_CIFAR_DIR = "cifar-10-batches-py"
+_CIFAR_TAR = "cifar-10-python.tar.gz"
+_CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+
+
+def _load_cifar10(root: Path, split: str) -> np.ndarray:
+    names = _CIFAR_FILES[split]
+    for folder in (root, root / _CIFAR_DIR):
+        if all((folder / n).is_file() for n in names):
+            return _cifar_stack([(folder / n, (folder / n).read_bytes()) for n in names])
+    tar_path = root if root.is_file() else root / _CIFAR_TAR
+    if tar_path.is_file():
+        return _cifar_stack(_read_cifar_tar(tar_path, names))
+    raise DatasetError(
+        f"CIFAR-10 files not found in {root}: expected {_CIFAR_DIR}/ with data_batch_1..5 and "
+        f"test_batch (in {root} or {root / _CIFAR_DIR}) or the archive {_CIFAR_TAR}. "
+        f"Download the python version from {CIFAR_URL} and pass data.root=...")
+
+
+def _read_cifar_tar(tar_path: Path, names: list[str]) -> list[tuple[str, bytes]]:
+    # Members are read straight from the archive; nothing is extracted to disk.
+    try:
+        with tarfile.open(tar_path, "r:*") as tar:
+            members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+            missing = [n for n in names if n not in members]
+            if missing:
+                raise DatasetError(f"CIFAR-10 archive {tar_path} lacks {', '.join(missing)}; "
+                                   f"download {_CIFAR_TAR} again from {CIFAR_URL}")
+            return [(f"{tar_path}:{members[n].name}", tar.extractfile(members[n]).read())
+                    for n in names]
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise DatasetError(f"CIFAR-10 archive {tar_path} is truncated or corrupt ({e}); "
+                           f"download {_CIFAR_TAR} again from {CIFAR_URL}") from e
+
+
+def _cifar_stack(batches: list[tuple[object, bytes]]) -> np.ndarray:
+    return np.concatenate([_parse_cifar_batch(raw, where) for where, raw in batches])
+
+
+def _parse_cifar_batch(raw: bytes, where: object) -> np.ndarray:
+    # Only the official CIFAR-10 batch files, which the user downloaded and pointed us at, are
+    # unpickled here; pickle can run code, so never point data.root at files you do not trust.
+    try:
+        batch = pickle.load(io.BytesIO(raw), encoding="bytes")
+    except Exception as e:  # truncated pickles raise EOFError, UnpicklingError, ValueError...
+        raise DatasetError(f"CIFAR-10 batch {where} is not a valid pickle ({e!r}); "
+                           f"download it again from {CIFAR_URL}") from e
+    data = batch.get(b"data") if isinstance(batch, dict) else None
+    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3072:
+        raise DatasetError(f"CIFAR-10 batch {where} has no b'data' array of shape [N, 3072]; "
+                           f"expected the python version from {CIFAR_URL}")
+    if len(batch.get(b"labels", ())) != len(data):
+        raise DatasetError(f"CIFAR-10 batch {where}: b'labels' does not match b'data' in length")
+    # Each row is 1024 red, then 1024 green, then 1024 blue values, each plane row-major.
+    return data.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32)
+
+
+# ----------------------------------------------------------------------------------- folder
+
+def _load_folder(root: Path, split: str) -> np.ndarray:
+    """``root/train`` and ``root/test``, holding .npy or .png files (read in sorted order).
+
+    Several files: one image each, ``[H, W]`` or ``[H, W, C]``. A single .npy file with a
+    4-d ``[N, H, W, C]`` array, or a 3-d ``[N, H, W]`` one whose last axis is not a plausible
+    channel count (1, 3, 4), is taken as the whole stacked split.
+    """
+    folder = root / split
+    files = sorted(p for p in folder.glob("*") if p.suffix.lower() in (".npy", ".png")) \
+        if folder.is_dir() else []
+    if not files:
+        raise DatasetError(f"image folder not found or empty: expected .npy or .png files in "
+                           f"{folder} (make {root}/train/ and {root}/test/ and pass data.root=...)")
+    arrays = [_read_image_file(p) for p in files]
+    if len(arrays) == 1 and (arrays[0].ndim == 4 or
+                             (arrays[0].ndim == 3 and arrays[0].shape[-1] not in (1, 3, 4))):
+        stacked = arrays[0]
+    else:
+        if any(a.ndim not in (2, 3) for a in arrays):
+            raise DatasetError(f"images in {folder} must each be [H, W] or [H, W, C]")
+        arrays = [a[..., None] if a.ndim == 2 else a for a in arrays]
+        if len({(a.shape, a.dtype) for a in arrays}) != 1:
+            raise DatasetError(f"images in {folder} differ in shape or dtype; all must match")
+        stacked = np.stack(arrays)
+    if stacked.ndim == 3:
+        stacked = stacked[..., None]
+    if stacked.dtype == np.uint8:
+        out = stacked
+    elif np.issubdtype(stacked.dtype, np.floating) and stacked.min() >= 0 and stacked.max() <= 1:
+        out = stacked.astype(np.float32)
+    else:
+        raise DatasetError(f"images in {folder} must be uint8 or floats in [0, 1], "
+                           f"got {stacked.dtype}")
+    return np.ascontiguousarray(out.transpose(0, 3, 1, 2))  # NHWC -> NCHW
+
+
+def _read_image_file(path: Path) -> np.ndarray:
+    if path.suffix.lower() == ".npy":
+        try:
+            return np.load(path, allow_pickle=False)  # plain arrays only: no pickled objects
+        except (ValueError, OSError, EOFError) as e:
+            raise DatasetError(f"{path} is not a valid .npy array file ({e})") from e
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise DatasetError(f"reading PNG files such as {path} needs Pillow (pip install pillow);"
+                           f" or save the images as .npy instead") from e
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("L" if im.mode in ("1", "L", "I", "I;16") else "RGB"))
+    except OSError as e:
+        raise DatasetError(f"{path} is not a readable PNG file ({e})") from e

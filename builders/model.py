@@ -1,0 +1,285 @@
+"""The deep attentive VAE: one bottom-up pass, then L stochastic layers top-down.
+
+Read next to ARCHITECTURE.md sections 3-6. Layer 0 is the top (sampled first). The
+model takes images already mapped to [-1, 1] ([B, C, S_in, S_in]; binary data as 2b - 1).
+
+    bottom-up:  e_L = preprocess(x); e_l = encoder_l(e_{l+1})          (Eq. 10)
+    top-down:   layer 0 starts from a learned constant; layer l >= 1 merges the previous
+                context with z_{l-1}, runs its decoder cell, and (with generative
+                attention) lets its prior attend to the contexts above (Eq. 7-9); the
+                posterior merges e_l with the prior condition and (with inference
+                attention) attends to the bottom-up maps below (Eq. 11).
+    output:     final merge -> postprocess -> data distribution.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from avi_spec.derived import Derived
+from avi_spec.schema import Bernoulli, Spec
+
+from .attention_paths import GenerativeAttention, InferenceAttention
+from .cells import CellGroup
+from .conv import WNConv2d
+from .depthwise_attention import ChannelLayerNorm
+from .distributions import BernoulliHead, DiscretizedLogisticMixtureHead, Gaussian
+from .merge import BottomUpMerge, TopDownMerge
+
+
+def _key(cfg) -> int | None:
+    return cfg.nonlocal_.key_dim if cfg.nonlocal_ is not None else None
+
+
+@dataclass
+class ModelOutput:
+    """Per-example terms of the ELBO (nats): -ELBO = nll + kl.sum(1)."""
+    nll: torch.Tensor                     # [B] -log p(x | z)
+    kl: torch.Tensor                      # [B, L] KL(q(z_l | x, z_<l) || p(z_l | z_<l))
+    log_pz: torch.Tensor | None = None    # [B] sum_l log p(z_l | z_<l) (importance weights)
+    log_qz: torch.Tensor | None = None    # [B] sum_l log q(z_l | x, z_<l)
+    attention: dict = field(default_factory=dict)  # {"generative"|"inference": {l: [B,n,H,W]}}
+
+    @property
+    def nelbo(self) -> torch.Tensor:
+        return self.nll + self.kl.sum(1)
+
+
+class VariationalLayer(nn.Module):
+    """Everything that belongs to stochastic layer l: its top-down cell, prior, posterior and
+    attention. Layer 0 has no merge, decoder or prior head (its prior is N(0, I))."""
+
+    def __init__(self, spec: Spec, d: Derived, l: int, gen_sources: list[int],
+                 inf_sources: list[int]):
+        super().__init__()
+        self.l = l
+        self.gen_sources, self.inf_sources = gen_sources, inf_sources
+        Z, cells = d.latent_channels, spec.cells
+        gen, inf = spec.attention.generative, spec.attention.inference
+        width = d.decoder_width(l)
+        if l >= 1:
+            self.merge = TopDownMerge(d.context_width, Z, width, _key(cells.topdown_merge))
+            self.decoder = CellGroup(width, cells.decoder.scales, _key(cells.decoder),
+                                     num_nodes=cells.decoder.nodes)
+            self.prior_head = nn.Sequential(nn.ELU(), WNConv2d(d.context_width, 2 * Z, 1))
+            self.bottomup_merge = BottomUpMerge(d.c_e, d.context_width, d.bottom_up_width,
+                                                _key(cells.bottomup_merge))
+            # Per-depth plain LN of the context two layers up, applied once and for good just
+            # before this layer runs (reference behaviour, section 4 step 1). Only built when
+            # some layer from here on can still read that context.
+            self.renorm_old = (ChannelLayerNorm(d.stored_width(l - 2))
+                               if gen is not None and l >= 2 and _read_later(d, l - 2, l) else None)
+        else:
+            self.merge = self.decoder = self.prior_head = self.bottomup_merge = None
+            self.renorm_old = None
+        self.gen_attention = (GenerativeAttention(d.context_width, gen.layer_norm,
+                                                  (l - 1) in gen_sources, gen.learn_temperature)
+                              if gen is not None and gen_sources else None)
+        self.inf_attention = (InferenceAttention(d.c_e, inf.layer_norm, inf.learn_temperature)
+                              if inf is not None and inf_sources else None)
+        c = d.bottom_up_width
+        if l == 0:
+            self.posterior_head = nn.Sequential(nn.ELU(), WNConv2d(c, c, 1), nn.ELU(),
+                                                WNConv2d(c, 2 * Z, 3))
+        else:
+            self.posterior_head = WNConv2d(c, 2 * Z, 3)
+
+
+def _read_later(d: Derived, m: int, l: int) -> bool:
+    return any(m in d.gen_sources.get(j, []) for j in range(l, d.layers))
+
+
+class DeepAttentiveVAE(nn.Module):
+    """Built by `builders.build.build_model(spec)`; see the module docstring for the flow.
+
+    API used by training, evaluation and sampling:
+      forward(x) -> ModelOutput(nll [B], kl [B, L])        one posterior sample per image
+      log_weights(x, k) -> [B, k]                          importance log-weights
+      sample(n, temperature) -> images in [0, 1]           from the prior
+      reconstruct(x) -> images in [0, 1]                   through the posterior
+      forward(x, record_attention=True).attention          depth-wise attention scores
+    """
+
+    def __init__(self, spec: Spec, derived: Derived, sources: dict[str, dict[int, list[int]]]):
+        super().__init__()
+        self.spec, self.derived = spec, derived
+        d, cells, L, Z = derived, spec.cells, derived.layers, derived.latent_channels
+        img = spec.data.image.channels
+        self.preprocess = CellGroup(img, cells.preprocess.scales, _key(cells.preprocess),
+                                    stem=(img, d.stem_width), num_nodes=cells.preprocess.nodes)
+        # encoders[l] maps e_{l+1} to e_l; every e_l is [h_l (C_E) | kE_l (k_E)].
+        self.encoders = nn.ModuleList(
+            CellGroup(d.bottom_up_width, cells.encoder.scales, _key(cells.encoder),
+                      num_nodes=cells.encoder.nodes) for _ in range(L))
+        # Layer 0's context is learned: [ctx (C_D + q_E) | kD (k_D)], broadcast over the batch.
+        self.constant = nn.Parameter(torch.rand(1, d.stored_width(0), d.feature_size,
+                                                d.feature_size) if not _on_meta() else
+                                     torch.empty(1, d.stored_width(0), d.feature_size,
+                                                 d.feature_size))
+        gen_src, inf_src = sources.get("generative", {}), sources.get("inference", {})
+        self.layers = nn.ModuleList(
+            VariationalLayer(spec, d, l, gen_src.get(l, []), inf_src.get(l, [])) for l in range(L))
+        self.final_merge = TopDownMerge(d.context_width, Z, d.context_width,
+                                        _key(cells.topdown_merge))
+        self.postprocess = CellGroup(d.context_width, cells.postprocess.scales,
+                                     _key(cells.postprocess), num_nodes=cells.postprocess.nodes)
+        dist = spec.data.distribution
+        if isinstance(dist, Bernoulli):
+            self.head = BernoulliHead(d.post_width, crop=dist.crop)
+        else:
+            self.head = DiscretizedLogisticMixtureHead(d.post_width, img, dist.mixtures,
+                                                       dist.upper_edge, dist.min_log_scale)
+        h = spec.hierarchy
+        self.post_bounds = tuple(h.posterior.log_scale)
+        self.prior_bounds = tuple(h.prior.log_scale)
+        self.post_noise, self.prior_noise = h.posterior.noise, h.prior.noise
+        self.residual = h.posterior.residual
+
+    # ------------------------------------------------------------------ passes
+
+    def bottom_up(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """[e_0, e_1, ..., e_L] (e_L = preprocessing output). Independent of z, so importance
+        sampling computes it once per image."""
+        e = [self.preprocess(x)]
+        for l in reversed(range(self.derived.layers)):
+            e.append(self.encoders[l](e[-1]))
+        return e[::-1]
+
+    def _split_context(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.derived.context_width
+        return c[:, :w], c[:, w:]
+
+    def _prior(self, layer: VariationalLayer, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, s = layer.prior_head(condition).float().chunk(2, dim=1)
+        if self.training and self.prior_noise > 0:
+            s = s + self.prior_noise * torch.randn_like(s)
+        return mu, s
+
+    def top_down(self, e: list[torch.Tensor] | None, n: int, temperature: float = 1.0,
+                 record_attention: bool = False) -> tuple[torch.Tensor, dict]:
+        """Run the L layers. With bottom-up maps `e` (batch n) z comes from the posterior and
+        the KL / log-densities are returned; without, z comes from the prior."""
+        d, L = self.derived, self.derived.layers
+        contexts: list[torch.Tensor] = []       # stored c_0 .. c_{l-1}: [values | key]
+        z = None
+        kls, log_pz, log_qz = [], 0.0, 0.0
+        scores: dict = {"generative": {}, "inference": {}}
+        for l, layer in enumerate(self.layers):
+            if l == 0:
+                stored = self.constant.expand(n, -1, -1, -1)
+                ctx = condition = stored[:, :d.context_width]
+            else:
+                if layer.renorm_old is not None:
+                    contexts[l - 2] = layer.renorm_old(contexts[l - 2])
+                values_prev = self._split_context(contexts[l - 1])[0]
+                out = layer.decoder(layer.merge(values_prev, z))
+                w = d.context_width
+                ctx = out[:, :w]
+                key = out[:, w:w + d.k_d] if d.emits_key(l) else None
+                if layer.gen_attention is not None:
+                    query = out[:, -d.q_d:]
+                    ks = [self._split_context(contexts[m])[1] for m in layer.gen_sources]
+                    vs = [self._split_context(contexts[m])[0] for m in layer.gen_sources]
+                    condition, ctx_next, a = layer.gen_attention(ctx, query, ks, vs)
+                    if record_attention:
+                        scores["generative"][l] = a.detach()
+                else:
+                    condition, ctx_next = ctx, ctx
+                stored = torch.cat([ctx_next, key], 1) if key is not None else ctx_next
+            contexts.append(stored)
+
+            if l == 0:
+                prior = Gaussian.standard(torch.empty(n, d.latent_channels, d.feature_size,
+                                                      d.feature_size, device=stored.device))
+                mu_p = s_p = None
+            else:
+                mu_p, s_p = self._prior(layer, condition)
+                prior = Gaussian.from_raw(mu_p, s_p, self.prior_bounds)
+
+            if e is None:
+                z = prior.sample(temperature)
+                continue
+
+            # Posterior (Eq. 10-11). The inference query is the first q_E channels of this
+            # layer's raw context (section 5 step 3).
+            query_e = ctx[:, :d.q_e]
+            h_l = e[l][:, :d.c_e]
+            if l == 0:
+                merged = e[0]
+            else:
+                merged = layer.bottomup_merge(h_l, condition)
+            h_own, k_own = merged[:, :d.c_e], merged[:, d.c_e:]
+            if layer.inf_attention is not None:
+                ks, vs = [], []
+                for m in layer.inf_sources:
+                    ks.append(k_own if m == l else e[m][:, d.c_e:])
+                    vs.append(h_own if m == l else e[m][:, :d.c_e])
+                h_own, a = layer.inf_attention(h_own, query_e, ks, vs)
+                if record_attention:
+                    scores["inference"][l] = a.detach()
+                merged = torch.cat([h_own, k_own], 1) if d.k_e else h_own
+            dmu, ds = layer.posterior_head(merged).float().chunk(2, dim=1)
+            if self.training and self.post_noise > 0:
+                ds = ds + self.post_noise * torch.randn_like(ds)
+            if l >= 1 and self.residual:
+                dmu, ds = mu_p + dmu, s_p + ds
+            q = Gaussian.from_raw(dmu, ds, self.post_bounds)
+            z = q.sample(temperature)
+            kls.append(q.kl(prior).flatten(1).sum(1))
+            log_pz = log_pz + prior.log_prob(z).flatten(1).sum(1)
+            log_qz = log_qz + q.log_prob(z).flatten(1).sum(1)
+
+        values_last = self._split_context(contexts[-1])[0]
+        h = self.postprocess(self.final_merge(values_last, z))
+        stats = {"attention": scores}
+        if e is not None:
+            stats.update(kl=torch.stack(kls, 1), log_pz=log_pz, log_qz=log_qz)
+        return self.head(h), stats
+
+    # ------------------------------------------------------------------ API
+
+    def target(self, x: torch.Tensor) -> torch.Tensor:
+        """What the likelihood scores: binary data {0,1} (from 2b - 1), 8-bit data as is."""
+        return (x + 1) / 2 if isinstance(self.head, BernoulliHead) else x
+
+    def forward(self, x: torch.Tensor, record_attention: bool = False) -> ModelOutput:
+        params, stats = self.top_down(self.bottom_up(x), x.shape[0],
+                                      record_attention=record_attention)
+        nll = -self.head.log_prob(params.float(), self.target(x))
+        return ModelOutput(nll=nll, kl=stats["kl"], log_pz=stats["log_pz"],
+                           log_qz=stats["log_qz"], attention=stats["attention"])
+
+    def log_weights(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """[B, k] importance log-weights log p(x|z) + log p(z) - log q(z|x), z ~ q(z|x).
+
+        The bottom-up pass runs once on the B images; the k samples ride in the batch
+        dimension of the top-down pass (image-major: rows b*k .. b*k+k-1 belong to image b).
+        """
+        b = x.shape[0]
+        e = [t.repeat_interleave(k, dim=0) for t in self.bottom_up(x)]
+        params, stats = self.top_down(e, b * k)
+        log_px = self.head.log_prob(params.float(), self.target(x).repeat_interleave(k, dim=0))
+        return (log_px + stats["log_pz"] - stats["log_qz"]).view(b, k)
+
+    def _image(self, params: torch.Tensor, mode: str) -> torch.Tensor:
+        if isinstance(self.head, BernoulliHead):
+            return self.head.mean(params) if mode == "mean" else self.head.sample(params)
+        return self.head.sample(params.float())
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0, mode: str = "mean") -> torch.Tensor:
+        """n images in [0, 1] from the prior; temperature scales every latent's noise.
+        Binary data: mode="mean" gives pixel probabilities, "sample" Bernoulli draws."""
+        params, _ = self.top_down(None, n, temperature)
+        return self._image(params, mode)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+        params, _ = self.top_down(self.bottom_up(x), x.shape[0])
+        return self._image(params, mode)
+
+
+def _on_meta() -> bool:
+    return torch.empty(0).is_meta

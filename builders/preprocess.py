@@ -1,0 +1,178 @@
+"""Turn raw image batches into model input (ARCHITECTURE.md section 1).
+
+Binary datasets (MNIST, OMNIGLOT): grey level p in [0, 1], zero-padded 28 -> 32, dynamically
+binarised b ~ Bernoulli(p) for every training batch, fed as 2b - 1. The test split is binarised
+once with a fixed seed (``BinarizedTestSet``) so that evaluations are comparable.
+CIFAR-10: uint8 -> x / 127.5 - 1, with random left-right and up-down flips when training.
+
+All randomness goes through an explicit ``torch.Generator`` so that runs (and resumed runs) are
+reproducible. Draws are made on the generator's device and moved to the data's device, which
+keeps the random stream identical whether the batch lives on the CPU or a GPU.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+def _tensor(images) -> torch.Tensor:
+    return images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images))
+
+
+def to_unit(images) -> torch.Tensor:
+    """uint8 0..255 -> float32 in [0, 1]; floating input is returned as float32 unchanged."""
+    x = _tensor(images)
+    if x.dtype == torch.uint8:
+        return x.to(torch.float32) / 255.0
+    return x.to(torch.float32)
+
+
+def pad(images: torch.Tensor, amount: int = 2) -> torch.Tensor:
+    """Zero-pad ``amount`` pixels on every side of the last two (H, W) dimensions."""
+    return F.pad(images, (amount, amount, amount, amount), value=0)
+
+
+def pad_to_32(images: torch.Tensor) -> torch.Tensor:
+    """Pad 28x28 binary-dataset images to the model's 32x32 grid; 32x32 passes through."""
+    extra = 32 - images.shape[-1]
+    if extra < 0 or extra % 2 or images.shape[-2] != images.shape[-1]:
+        raise ValueError(f"expected square images of side <= 32, got {tuple(images.shape)}")
+    return pad(images, extra // 2) if extra else images
+
+
+def binarize(p: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One Bernoulli(p) draw per pixel, as float in {0, 1}."""
+    draw = torch.bernoulli(p.to(device=generator.device, dtype=torch.float32), generator=generator)
+    return draw.to(p.device)
+
+
+def model_input_binary(b: torch.Tensor) -> torch.Tensor:
+    """Binary pixels {0, 1} -> encoder input {-1, 1} (padding zeros enter as -1)."""
+    return 2.0 * b.to(torch.float32) - 1.0
+
+
+def model_input_cifar(x) -> torch.Tensor:
+    """uint8 0..255 -> [-1, 1]; the same values are the likelihood target."""
+    return _tensor(x).to(torch.float32) / 127.5 - 1.0
+
+
+def random_flip(x: torch.Tensor, generator: torch.Generator,
+                horizontal: bool = True, vertical: bool = True) -> torch.Tensor:
+    """Flip each image of ``x`` [B, C, H, W] left-right and/or up-down with probability 1/2.
+
+    Both coins are drawn even when a switch is off, so turning one direction off does not
+    shift the random stream of the other.
+    """
+    coins = torch.rand(2, x.shape[0], generator=generator, device=generator.device) < 0.5
+    coins = coins.to(x.device)[:, :, None, None, None]
+    if horizontal:
+        x = torch.where(coins[0], x.flip(-1), x)
+    if vertical:
+        x = torch.where(coins[1], x.flip(-2), x)
+    return x
+
+
+class BinarizedTestSet:
+    """A test split padded to 32x32 and binarised once with a fixed seed.
+
+    Two constructions with the same images and seed hold identical bits, so test ELBOs of
+    different runs and evaluations are computed on the same binary images.
+    """
+
+    def __init__(self, images, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        self.bits = binarize(pad_to_32(to_unit(images)), gen).to(torch.bool)  # [N, C, 32, 32]
+
+    def __len__(self) -> int:
+        return self.bits.shape[0]
+
+    def __getitem__(self, index) -> torch.Tensor:
+        """Model input (2b - 1) of the selected images."""
+        return model_input_binary(self.bits[index])
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """Model-input batches in order (the last one may be smaller)."""
+        for start in range(0, len(self), batch_size):
+            yield self[start:start + batch_size]
+
+
+class EpochBatches:
+    """Deterministic shuffled batches of one epoch, split across data-parallel ranks.
+
+    The permutation of epoch ``epoch`` comes from a generator seeded with ``seed + epoch``, so
+    (seed, epoch, batch index) fixes the data of every step: a resumed run passes
+    ``start_batch`` to continue exactly where it stopped. Global batch k holds
+    ``perm[k*batch_size:(k+1)*batch_size]``; rank r takes the r-th of ``world_size`` contiguous
+    chunks of it (``batch_size`` must divide evenly). With ``drop_last=False`` the last global
+    batch may be short and split unevenly; data-parallel training should use ``drop_last=True``.
+    Iterating yields raw image batches (torch tensors, dtype as stored) for this rank.
+    """
+
+    def __init__(self, images, batch_size: int, seed: int, epoch: int, drop_last: bool = False,
+                 rank: int = 0, world_size: int = 1, start_batch: int = 0):
+        if batch_size < 1 or batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} must be positive and divisible by "
+                             f"world_size {world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+        self.images, self.batch_size = images, batch_size
+        self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
+        n = len(images)
+        gen = torch.Generator().manual_seed(seed + epoch)
+        self.permutation = torch.randperm(n, generator=gen)
+        self.num_batches = n // batch_size if drop_last else -(-n // batch_size)
+        if not 0 <= start_batch <= self.num_batches:
+            raise ValueError(f"start_batch {start_batch} outside 0..{self.num_batches}")
+
+    def __len__(self) -> int:
+        """Batches still to be yielded (from ``start_batch`` to the end of the epoch)."""
+        return self.num_batches - self.start_batch
+
+    def global_indices(self, batch: int) -> torch.Tensor:
+        """Dataset indices of global batch ``batch`` (all ranks together)."""
+        return self.permutation[batch * self.batch_size:(batch + 1) * self.batch_size]
+
+    def indices(self, batch: int) -> torch.Tensor:
+        """Dataset indices of this rank's share of global batch ``batch``."""
+        return torch.tensor_split(self.global_indices(batch), self.world_size)[self.rank]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for batch in range(self.start_batch, self.num_batches):
+            idx = self.indices(batch)
+            if isinstance(self.images, torch.Tensor):
+                yield self.images[idx]
+            else:
+                yield torch.as_tensor(np.asarray(self.images)[idx.numpy()])
+
+
+def prepare_batch(raw, dataset_kind: str, generator: torch.Generator | None, train: bool,
+                  flips: bool = True, device: torch.device | str | None = None) -> torch.Tensor:
+    """Raw batch [B, C, H, W] -> model input float32 [B, C, 32, 32] in [-1, 1].
+
+    binary: pad to 32, binarise with ``generator`` (a fresh draw per call: dynamic
+      binarisation). A bool batch (e.g. ``BinarizedTestSet.bits``) is already binary and is
+      only padded and mapped. For evaluation prefer ``BinarizedTestSet``; with ``train=False``
+      a non-bool batch is binarised with the generator the caller passes.
+    cifar: x / 127.5 - 1, then per-image left-right and up-down flips if ``train and flips``.
+    """
+    x = _tensor(raw)
+    if device is not None:
+        x = x.to(device)
+    if dataset_kind == "binary":
+        if x.dtype == torch.bool:
+            return model_input_binary(pad_to_32(x.to(torch.float32)))
+        if generator is None:
+            raise ValueError("binary datasets need a generator to binarise the batch")
+        return model_input_binary(binarize(pad_to_32(to_unit(x)), generator))
+    if dataset_kind == "cifar":
+        if x.dtype != torch.uint8:
+            raise ValueError(f"cifar batches must be uint8 0..255, got {x.dtype}")
+        out = model_input_cifar(x)
+        if train and flips:
+            if generator is None:
+                raise ValueError("random flips need a generator")
+            out = random_flip(out, generator)
+        return out
+    raise ValueError(f"dataset_kind must be 'binary' or 'cifar', got {dataset_kind!r}")
