@@ -1,0 +1,638 @@
+"""Spec files -> one validated, hashed document.
+
+    text --(safe YAML, positions, no duplicate keys)--> per-file dict
+         --(upgrade to the current version)--> --(extends: deep merge, child wins)-->
+         --(--set overrides)--> --(pydantic, strict)--> ResolvedSpec
+
+Every key and value keeps the file, line and column it came from, so that any later
+problem (pydantic's or the graph validator's) can point at the line a user must edit.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import hashlib
+import json
+import os
+import re
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Callable, Iterable, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from .errors import Problem, SpecError, did_you_mean
+from .schema import SPEC_VERSION, Spec
+
+Key = tuple                                   # a path into the document: ("cells", "encoder", "scales", 1)
+Pos = tuple[str, "int | None", "int | None"]  # (file or "--set a.b=c", line, column), 1-based
+
+
+def format_path(path: Iterable) -> str:
+    """("cells", "encoder", "scales", 1) -> "cells.encoder.scales[1]"."""
+    out = ""
+    for seg in path:
+        out += f"[{seg}]" if isinstance(seg, int) and not isinstance(seg, bool) else (f".{seg}" if out else str(seg))
+    return out
+
+
+def document_hash(document: dict) -> str:
+    """sha256 of the canonical JSON of a resolved document: independent of key order."""
+    text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------ result
+
+@dataclass
+class ResolvedSpec:
+    spec: Spec
+    document: dict                 # spec.model_dump(mode="json", by_alias=True): every field, defaults filled
+    path: Path | None              # the spec file (None for a document loaded from memory)
+    positions: dict[Key, Pos]      # where every key the user wrote came from
+    hash: str                      # document_hash(document)
+
+    @property
+    def short_hash(self) -> str:
+        return self.hash[:16]
+
+    def locate(self, path: Iterable) -> Pos:
+        """(file, line, column) of `path`, or of its nearest ancestor the user wrote."""
+        return _locate(self.positions, tuple(path))
+
+    def problem(self, path: Iterable, message: str, hint: str | None = None) -> Problem:
+        """A Problem at `path`, located in the files (for graph-level validators)."""
+        path = tuple(path)
+        file, line, col = self.locate(path)
+        return Problem(format_path(path), message, file, line, col, hint)
+
+
+def _locate(positions: dict[Key, Pos], path: Key) -> Pos:
+    # pydantic reports dict keys as strings ("3") where YAML gave ints (3): compare as text.
+    norm = {tuple(map(str, k)): v for k, v in positions.items()}
+    for i in range(len(path), -1, -1):
+        hit = norm.get(tuple(map(str, path[:i])))
+        if hit:
+            return hit
+    return ("<spec>", None, None)
+
+
+# ------------------------------------------------------------------- YAML layer
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader subclass, so that nothing we do touches the global SafeLoader."""
+
+
+# PyYAML follows YAML 1.1, where `1e-3` and `3e4` are strings (a float needs a dot). Every
+# researcher writes learning rates that way, so also read YAML 1.2 exponent floats as floats.
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
+_MAP, _SEQ, _MERGE = "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq", "tag:yaml.org,2002:merge"
+
+
+class _Builder:
+    """Turns a composed YAML node tree into Python data, recording positions and
+    reporting every duplicate key (PyYAML silently keeps the last one)."""
+
+    def __init__(self, loader: _Loader, source: str):
+        self.loader, self.source = loader, source
+        self.positions: dict[Key, Pos] = {}
+        self.problems: list[Problem] = []
+        self._stack: set[int] = set()
+
+    def pos(self, mark) -> Pos:
+        return (self.source, mark.line + 1, mark.column + 1)
+
+    def build(self, node, path: Key) -> Any:
+        if id(node) in self._stack:        # an alias that contains itself
+            self.problems.append(Problem(format_path(path), "recursive YAML alias", *self.pos(node.start_mark)))
+            return None
+        self._stack.add(id(node))
+        try:
+            if isinstance(node, yaml.MappingNode) and node.tag == _MAP:
+                return self._mapping(node, path)
+            if isinstance(node, yaml.SequenceNode) and node.tag == _SEQ:
+                return [self._item(child, path + (i,)) for i, child in enumerate(node.value)]
+            return self.loader.construct_object(node, deep=True)   # scalars, !!set, !!binary, ...
+        finally:
+            self._stack.discard(id(node))
+
+    def _item(self, node, path: Key) -> Any:
+        self.positions[path] = self.pos(node.start_mark)
+        return self.build(node, path)
+
+    def _mapping(self, node, path: Key) -> dict:
+        out: dict = {}
+        first: dict = {}
+        merges = []
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE:
+                merges.append(value_node)
+                continue
+            key = self.loader.construct_object(key_node, deep=True)
+            kpos = self.pos(key_node.start_mark)
+            try:
+                hash(key)
+            except TypeError:
+                self.problems.append(Problem(format_path(path), "mapping keys must be plain scalars", *kpos))
+                continue
+            if key in first:
+                self.problems.append(Problem(format_path(path + (key,)),
+                                             f"duplicate key '{key}' (line {kpos[1]}; first at line {first[key]})", *kpos))
+                continue
+            first[key] = kpos[1]
+            # Point at the value when it sits on the key's line (`epochs: abc`), else at the key.
+            same_line = value_node.start_mark.line == key_node.start_mark.line and \
+                value_node.start_mark.index != value_node.end_mark.index
+            self.positions[path + (key,)] = self.pos(value_node.start_mark) if same_line else kpos
+            out[key] = self.build(value_node, path + (key,))
+        # YAML merge keys (`<<: *base`): the mapping's own keys win.
+        for value_node in merges:
+            sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+            for src in sources:
+                merged = self.build(src, path) if isinstance(src, yaml.MappingNode) else None
+                if not isinstance(merged, dict):
+                    self.problems.append(Problem(format_path(path), "'<<' must merge mappings", *self.pos(src.start_mark)))
+                    continue
+                for k, v in merged.items():
+                    out.setdefault(k, v)
+        return out
+
+
+def parse_yaml(text: str, source: str) -> tuple[Any, dict[Key, Pos]]:
+    """Safe-load one YAML document, returning (data, positions); SpecError on bad YAML."""
+    loader = None
+    try:
+        loader = _Loader(text)        # the reader already rejects control characters
+        node = loader.get_single_node()
+        if node is None:
+            return None, {}
+        builder = _Builder(loader, source)
+        data = builder.build(node, ())
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        message = " ".join(x for x in (e.context, e.problem) if x) or "invalid YAML"
+        raise SpecError(Problem("", f"YAML syntax error: {message}", source,
+                                mark.line + 1 if mark else None, mark.column + 1 if mark else None)) from None
+    except yaml.reader.ReaderError as e:
+        line = text.count("\n", 0, e.position) + 1
+        column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
+        raise SpecError(Problem("", f"YAML error: character #x{e.character:04x} is not allowed", source,
+                                line, column, hint="write it escaped in a double-quoted string")) from None
+    except yaml.YAMLError as e:
+        raise SpecError(Problem("", f"YAML error: {e}", source)) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+    if builder.problems:
+        raise SpecError(builder.problems)
+    builder.positions[()] = (source, 1, 1)
+    return data, builder.positions
+
+
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper that keeps unicode readable yet round-trips every string."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str):
+    # PyYAML may emit NEL and the unicode line/paragraph separators raw in plain or quoted
+    # scalars, where a reader folds them into spaces; double quotes escape them.
+    style = '"' if any(c in value for c in "\x85\u2028\u2029") else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _represent_str)
+
+
+def dump_yaml(document: dict) -> str:
+    """Block YAML of a resolved document; parse_yaml/load_document read it back unchanged."""
+    return yaml.dump(document, Dumper=_Dumper, sort_keys=False, default_flow_style=None,
+                     allow_unicode=True, width=100)
+
+
+# ----------------------------------------------------------------- versions
+
+# UPGRADES[v] turns a version-v document into a version v+1 one. v1 is the only version so
+# far; when v2 lands, add `UPGRADES[1] = _v1_to_v2` and bump schema.SPEC_VERSION.
+UPGRADES: dict[int, Callable[[dict], dict]] = {}
+
+
+def upgrade(doc: dict) -> dict:
+    """Bring one file's document to SPEC_VERSION (a missing version means the current one).
+    Versions that are not integers, or newer than this avi, are left for the caller to report."""
+    v = doc.get("version", SPEC_VERSION)
+    if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= SPEC_VERSION:
+        return doc
+    while v < SPEC_VERSION:
+        doc = UPGRADES[v](doc)
+        v += 1
+    doc["version"] = SPEC_VERSION
+    return doc
+
+
+def _check_version(doc: dict, positions: dict[Key, Pos]) -> None:
+    v = doc.get("version")
+    if isinstance(v, int) and not isinstance(v, bool) and v > SPEC_VERSION:
+        raise SpecError(Problem("version", f"spec version {v} is newer than this avi supports ({SPEC_VERSION})",
+                                *_locate(positions, ("version",)), hint="upgrade avi"))
+
+
+# ------------------------------------------------------------- extends / merge
+
+def merge(base: dict, over: dict, base_pos: dict[Key, Pos] | None = None,
+          over_pos: dict[Key, Pos] | None = None) -> tuple[dict, dict[Key, Pos]]:
+    """Deep-merge `over` onto `base`: mappings merge key by key, anything else (lists,
+    scalars, an explicit null) replaces. Positions follow the value that won."""
+    replaced: list[Key] = []
+
+    def go(b: dict, o: dict, path: Key) -> dict:
+        out = dict(b)
+        for k, v in o.items():
+            if isinstance(v, dict) and isinstance(out.get(k), dict):
+                out[k] = go(out[k], v, path + (k,))
+            else:
+                out[k] = copy.deepcopy(v)
+                replaced.append(path + (k,))
+        return out
+
+    doc = go(base, over, ())
+    pos = {p: q for p, q in (base_pos or {}).items()
+           if not any(p[:len(r)] == r and len(p) > len(r) for r in replaced)}
+    pos.update(over_pos or {})
+    return doc, pos
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _read(path: Path, via: Problem | None) -> str:
+    """File text, or a SpecError located at the `extends:` that named it."""
+    where = (via.file, via.line, via.column) if via else (_display(path), None, None)
+    key = "extends" if via else ""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(Problem(key, f"file not found: {_display(path)}", *where)) from None
+    except IsADirectoryError:
+        raise SpecError(Problem(key, f"is a directory, not a spec file: {_display(path)}", *where)) from None
+    except UnicodeDecodeError as e:
+        raise SpecError(Problem(key, f"not UTF-8 text ({e.reason} at byte {e.start}): {_display(path)}", *where)) from None
+    except OSError as e:
+        raise SpecError(Problem(key, f"cannot read {_display(path)}: {e.strerror}", *where)) from None
+
+
+def _load_layers(text: str, source: str, base_dir: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[Key, Pos]]:
+    """One file (already read) and everything it extends, merged."""
+    data, positions = parse_yaml(text, source)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError(Problem("", f"a spec must be a mapping of fields, found {_show(data)}", source, 1, 1))
+    data = upgrade(data)
+    _check_version(data, positions)
+    if "extends" not in data:
+        return data, positions
+    ext = data.pop("extends")
+    here = _locate(positions, ("extends",))
+    if not isinstance(ext, str) or not ext.strip():
+        raise SpecError(Problem("extends", f"expected a relative path to a spec file, found {_show(ext)}", *here))
+    parent = (base_dir / Path(ext).expanduser()).resolve()
+    if parent in chain:
+        loop = chain[chain.index(parent):] + (parent,)
+        root = os.path.commonpath([str(p.parent) for p in loop])   # short names for the chain
+        cycle = " -> ".join(os.path.relpath(p, root) for p in loop)
+        raise SpecError(Problem("extends", f"extends cycle: {cycle}", *here))
+    via = Problem("extends", "", *here)
+    pdata, ppos = _load_layers(_read(parent, via), _display(parent), parent.parent, chain + (parent,))
+    positions.pop(("extends",), None)
+    return merge(pdata, data, ppos, positions)
+
+
+# ------------------------------------------------------------------ overrides
+
+def _members(ann) -> list:
+    """Concrete alternatives of an annotation: Optional/Union/Annotated unwrapped, None dropped."""
+    origin = get_origin(ann)
+    if origin is Annotated:
+        return _members(get_args(ann)[0])
+    if origin is Union or origin is types.UnionType:
+        return [m for a in get_args(ann) for m in _members(a)]
+    return [] if ann is type(None) else [ann]
+
+
+def _is_model(ann) -> bool:
+    return isinstance(ann, type) and issubclass(ann, BaseModel)
+
+
+def _fields(model: type[BaseModel]) -> dict[str, Any]:
+    return {(f.alias or name): f for name, f in model.model_fields.items()}
+
+
+def _child(anns: list, seg) -> list:
+    """Annotations reached from `anns` by one path segment (empty: not a valid segment)."""
+    out = []
+    for a in anns:
+        if _is_model(a):
+            f = _fields(a).get(seg) if isinstance(seg, str) else None
+            if f is not None:
+                out += _members(f.annotation)
+        elif get_origin(a) in (list, tuple) and isinstance(seg, int) and get_args(a):
+            out += _members(get_args(a)[0])
+        elif get_origin(a) is dict:
+            out += _members(get_args(a)[1])
+    return out
+
+
+def _field_names(anns: list) -> list[str]:
+    return [n for a in anns if _is_model(a) for n in _fields(a)]
+
+
+def _parse_key(key: str) -> list:
+    """"cells.encoder.scales[1]" or "cells.encoder.scales.1" -> ["cells", "encoder", "scales", 1]."""
+    segs: list = []
+    for part in key.replace("[", ".").replace("]", "").split("."):
+        if part == "":
+            raise ValueError(f"malformed field path '{key}'")
+        segs.append(int(part) if re.fullmatch(r"-?\d+", part) else part)
+    return segs
+
+
+_DEFAULTS: dict | None = None
+
+
+def _default_at(path: list) -> Any:
+    global _DEFAULTS
+    if _DEFAULTS is None:
+        _DEFAULTS = Spec().model_dump(mode="json", by_alias=True)
+    cur: Any = _DEFAULTS
+    for seg in path:
+        try:
+            cur = cur[seg]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return copy.deepcopy(cur)
+
+
+def apply_override(doc: dict, positions: dict[Key, Pos], item: str) -> Problem | None:
+    """Apply one `a.b.c=value` to `doc` in place; a Problem (not raised) if it cannot be."""
+    label = f"--set {item}"
+    key, eq, raw = item.partition("=")
+    key = key.strip()
+    if not eq or not key:
+        return Problem("", "expected --set FIELD=VALUE, e.g. --set train.epochs=5", label)
+    try:
+        segs = _parse_key(key)
+    except ValueError as e:
+        return Problem(key, str(e), label)
+    try:
+        value, _ = parse_yaml(raw, label)
+    except SpecError as e:
+        return Problem(key, f"cannot parse the value: {e.problems[0].message}", label)
+
+    # The path must exist in the schema, whatever the document happens to contain.
+    anns: list = [Spec]
+    for i, seg in enumerate(segs):
+        nxt = _child(anns, seg)
+        if not nxt:
+            here = format_path(segs[:i]) or "the spec"
+            names = _field_names(anns)
+            if names:
+                return Problem(format_path(segs), f"unknown field '{seg}' in {here}", label,
+                               hint=did_you_mean(str(seg), names) or f"fields: {', '.join(names)}")
+            return Problem(format_path(segs), f"{here} has no field '{seg}'", label)
+        anns = nxt
+
+    cur: Any = doc
+    for i, seg in enumerate(segs[:-1]):
+        nxt_seg = segs[i + 1]
+        if isinstance(cur, dict):
+            if not isinstance(cur.get(seg), (dict, list)):
+                # Absent or null parent (e.g. attention.inference: null): start from its
+                # default list when indexing, or an empty mapping the schema fills in.
+                cur[seg] = _default_at(segs[:i + 1]) if isinstance(nxt_seg, int) else {}
+                if cur[seg] is None:
+                    return Problem(format_path(segs), f"{format_path(segs[:i + 1])} is not set; set the whole list", label)
+            cur = cur[seg]
+        elif isinstance(cur, list) and isinstance(seg, int) and -len(cur) <= seg < len(cur):
+            if not isinstance(cur[seg], (dict, list)):
+                cur[seg] = {}
+            cur = cur[seg]
+        else:
+            return Problem(format_path(segs), f"cannot set inside {format_path(segs[:i + 1])}", label)
+    last = segs[-1]
+    if isinstance(cur, list):
+        if not (isinstance(last, int) and -len(cur) <= last < len(cur)):
+            return Problem(format_path(segs), f"index {last} out of range (the list has {len(cur)} items)", label)
+        cur[last] = value
+    elif isinstance(cur, dict):
+        cur[last] = value
+    else:
+        return Problem(format_path(segs), f"cannot set inside {format_path(segs[:-1])}", label)
+
+    # Whatever this path held before came from a file; now it comes from the flag.
+    target = tuple(segs)
+    for p in [p for p in positions if p[:len(target)] == target]:
+        del positions[p]
+    for i in range(1, len(target) + 1):
+        positions.setdefault(target[:i], (label, None, None))
+    return None
+
+
+# ----------------------------------------------------------------- validation
+
+def _show(v: Any) -> str:
+    """A value as the user wrote it in YAML, briefly."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        text = json.dumps(v, ensure_ascii=False)
+    elif isinstance(v, dict):
+        text = "a mapping " + json.dumps(v, ensure_ascii=False, default=str)
+    else:
+        text = json.dumps(v, ensure_ascii=False, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _tag_of(ann) -> str | None:
+    return ann.__name__ if isinstance(ann, type) else None
+
+
+def _clean_loc(loc: tuple) -> tuple[Key, tuple[Key, str] | None, list[str]]:
+    """Split a pydantic error location into the document path, the first union alternative
+    it went through (pydantic inserts tags like "LastK", "literal['all']" or a
+    discriminator value), and the field names valid at an unknown last key."""
+    anns: list = [Spec]
+    path: list = []
+    union_at = None
+    names: list[str] = []
+    for seg in loc:
+        if seg == "[key]":                    # the error is about a dict key, not its value
+            continue
+        nxt = _child(anns, seg)
+        if nxt:
+            path.append(seg)
+            anns = nxt
+            continue
+        tagged = [a for a in anns if _tag_of(a) == seg or (
+            _is_model(a) and "kind" in a.model_fields and a.model_fields["kind"].default == seg)]
+        if tagged or (len(anns) > 1 and isinstance(seg, str)):
+            if union_at is None:
+                union_at = (tuple(path), str(seg))
+            anns = tagged or [a for a in anns if not _is_model(a)]
+            continue
+        names = _field_names(anns)            # an unknown key: nothing below it
+        path.append(seg)
+        anns = []
+    return tuple(path), union_at, names
+
+
+def _expected(msg: str) -> str:
+    msg = msg.replace("Input should be an object", "Input should be a mapping")
+    return re.sub(r"^Input should be ", "expected ", msg)
+
+
+def _problems(err: ValidationError, positions: dict[Key, Pos]) -> list[Problem]:
+    entries = [(e, *_clean_loc(e["loc"])) for e in err.errors(include_url=False)]
+
+    # A value that fits no alternative of a union produces one error per alternative. Keep
+    # the alternative the user evidently meant (the one that got furthest with fewest
+    # errors); if none got past the type check, say once what the alternatives are.
+    keep: list = []
+    unions: dict[Key, dict[str, list]] = {}
+    for entry in entries:
+        if entry[2] is None:
+            keep.append(entry)
+        else:
+            unions.setdefault(entry[2][0], {}).setdefault(entry[2][1], []).append(entry)
+    combined: list[Problem] = []
+    for prefix, by_tag in unions.items():
+        deep = {t: es for t, es in by_tag.items() if any(e[1] != prefix for e in es)}
+        if deep:
+            keep += min(deep.values(), key=len)
+            continue
+        alts = []
+        for tag, es in by_tag.items():
+            models = [m for m in _members_named(tag)]
+            alts.append("{" + ", ".join(f"{n}: ..." for n in _fields(models[0])) + "}" if models
+                        else _expected(es[0][0]["msg"]).removeprefix("expected "))
+        found = by_tag[next(iter(by_tag))][0][0].get("input")
+        combined.append(Problem(format_path(prefix), f"expected {' or '.join(alts)}, found {_show(found)}",
+                                *_locate(positions, prefix)))
+
+    out: list[Problem] = []
+    for e, path, _, names in keep:
+        kind, where = e["type"], _locate(positions, path)
+        if kind == "missing":
+            out.append(Problem(format_path(path), "required field missing", *where))
+        elif kind == "extra_forbidden":
+            word = str(path[-1])
+            out.append(Problem(format_path(path), f"unknown field '{word}'", *where,
+                               hint=did_you_mean(word, names) or (f"fields: {', '.join(names)}" if names else None)))
+        elif kind == "value_error":
+            out.append(Problem(format_path(path), e["msg"].removeprefix("Value error, "), *where))
+        else:
+            out.append(Problem(format_path(path), f"{_expected(e['msg'])}, found {_show(e.get('input'))}", *where))
+    out += combined
+    unique = {(p.path, p.message): p for p in out}     # union branches can repeat an error
+    return sorted(unique.values(), key=Problem.sort_key)
+
+
+def _members_named(tag: str) -> list:
+    """Schema models whose class name is a pydantic union tag (e.g. "LastK")."""
+    found = []
+
+    def visit(model, seen):
+        if model in seen:
+            return
+        seen.add(model)
+        if model.__name__ == tag:
+            found.append(model)
+        for f in model.model_fields.values():
+            for m in _flatten(f.annotation):
+                if _is_model(m):
+                    visit(m, seen)
+
+    visit(Spec, set())
+    return found
+
+
+def _flatten(ann) -> list:
+    """Every type inside an annotation (through Optional, Union, list, dict, ...)."""
+    out = []
+    for m in _members(ann):
+        args = get_args(m)
+        out += [m] + ([x for a in args for x in _flatten(a)] if args and not _is_model(m) else [])
+    return out
+
+
+def _jsonable(v: Any) -> Any:
+    # YAML can produce dates, sets and bytes; the schema only has JSON types.
+    if isinstance(v, (datetime.date, datetime.datetime)):
+        return v.isoformat()
+    if isinstance(v, (set, frozenset)):
+        return sorted(v, key=str)
+    return str(v)
+
+
+def _finish(doc: dict, positions: dict[Key, Pos], overrides: Iterable[str], path: Path | None) -> ResolvedSpec:
+    problems = [p for item in overrides if (p := apply_override(doc, positions, item)) is not None]
+    try:
+        # Strict JSON-mode validation: "5" is not an integer and 1 is not true, but YAML
+        # lists are accepted for tuples and integers for floats.
+        text = json.dumps(doc, default=_jsonable, ensure_ascii=False)
+        spec = Spec.model_validate_json(text, strict=True)
+    except ValidationError as err:
+        raise SpecError(problems + _problems(err, positions)) from None
+    if problems:
+        raise SpecError(problems)
+    document = spec.model_dump(mode="json", by_alias=True)
+    return ResolvedSpec(spec, document, path, positions, document_hash(document))
+
+
+def _stem_name(path: Path) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\-]", "_", path.stem)[:128] or "model"
+
+
+# ------------------------------------------------------------------ public API
+
+def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> ResolvedSpec:
+    """Load a spec file: extends, upgrade, `--set` overrides, validation. Raises SpecError.
+    `name` defaults to the file's stem (it is not inherited through extends)."""
+    path = Path(path).expanduser()
+    full = path.resolve()
+    text = _read(full, None)
+    return load_text(text, _display(full), overrides=overrides, base_dir=full.parent,
+                     default_name=_stem_name(path), path=path, _chain=(full,))
+
+
+def load_text(text: str, source: str = "<string>", overrides: Iterable[str] = (), base_dir: str | Path = ".",
+              default_name: str | None = None, path: Path | None = None, _chain: tuple = ()) -> ResolvedSpec:
+    """Load a spec from YAML text; `extends` paths are relative to `base_dir`."""
+    own, _ = parse_yaml(text, source)
+    doc, positions = _load_layers(text, source, Path(base_dir).resolve(), _chain)
+    if default_name and not (isinstance(own, dict) and "name" in own):
+        doc["name"] = default_name
+    return _finish(doc, positions, overrides, path)
+
+
+def load_document(document: dict, overrides: Iterable[str] = (), source: str = "<document>",
+                  path: Path | None = None) -> ResolvedSpec:
+    """Validate an already-plain document (e.g. the spec saved in a checkpoint or run dir).
+    `extends` is not followed: a saved document is already resolved."""
+    if not isinstance(document, dict):
+        raise SpecError(Problem("", f"a spec must be a mapping of fields, found {_show(document)}", source))
+    doc = upgrade(copy.deepcopy(document))
+    positions: dict[Key, Pos] = {(): (source, None, None)}
+    _check_version(doc, positions)
+    return _finish(doc, positions, overrides, path)
