@@ -290,8 +290,8 @@ def _read(path: Path, via: Problem | None) -> str:
         raise SpecError(Problem(key, f"cannot read {_display(path)}: {e.strerror}", *where)) from None
 
 
-def _load_layers(text: str, source: str, base_dir: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[Key, Pos]]:
-    """One file (already read) and everything it extends, merged."""
+def _load_layers(text: str, source: str, base_dir: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[Key, Pos], set]:
+    """One file (already read) and everything it extends, merged; plus the keys the file itself sets."""
     data, positions = parse_yaml(text, source)
     if data is None:
         data = {}
@@ -299,8 +299,9 @@ def _load_layers(text: str, source: str, base_dir: Path, chain: tuple[Path, ...]
         raise SpecError(Problem("", f"a spec must be a mapping of fields, found {_show(data)}", source, 1, 1))
     data = upgrade(data)
     _check_version(data, positions)
+    own = set(data)
     if "extends" not in data:
-        return data, positions
+        return data, positions, own
     ext = data.pop("extends")
     here = _locate(positions, ("extends",))
     if not isinstance(ext, str) or not ext.strip():
@@ -312,9 +313,9 @@ def _load_layers(text: str, source: str, base_dir: Path, chain: tuple[Path, ...]
         cycle = " -> ".join(os.path.relpath(p, root) for p in loop)
         raise SpecError(Problem("extends", f"extends cycle: {cycle}", *here))
     via = Problem("extends", "", *here)
-    pdata, ppos = _load_layers(_read(parent, via), _display(parent), parent.parent, chain + (parent,))
+    pdata, ppos, _ = _load_layers(_read(parent, via), _display(parent), parent.parent, chain + (parent,))
     positions.pop(("extends",), None)
-    return merge(pdata, data, ppos, positions)
+    return (*merge(pdata, data, ppos, positions), own)
 
 
 # ------------------------------------------------------------------ overrides
@@ -468,10 +469,11 @@ def _tag_of(ann) -> str | None:
     return ann.__name__ if isinstance(ann, type) else None
 
 
-def _clean_loc(loc: tuple) -> tuple[Key, tuple[Key, str] | None, list[str]]:
+def _clean_loc(loc: tuple) -> tuple[Key, tuple | None, list[str]]:
     """Split a pydantic error location into the document path, the first union alternative
     it went through (pydantic inserts tags like "LastK", "literal['all']" or a
-    discriminator value), and the field names valid at an unknown last key."""
+    discriminator value) as (path, tag, model or None), and the field names valid at an
+    unknown last key."""
     anns: list = [Spec]
     path: list = []
     union_at = None
@@ -488,7 +490,7 @@ def _clean_loc(loc: tuple) -> tuple[Key, tuple[Key, str] | None, list[str]]:
             _is_model(a) and "kind" in a.model_fields and a.model_fields["kind"].default == seg)]
         if tagged or (len(anns) > 1 and isinstance(seg, str)):
             if union_at is None:
-                union_at = (tuple(path), str(seg))
+                union_at = (tuple(path), str(seg), tagged[0] if tagged and _is_model(tagged[0]) else None)
             anns = tagged or [a for a in anns if not _is_model(a)]
             continue
         names = _field_names(anns)            # an unknown key: nothing below it
@@ -514,7 +516,7 @@ def _problems(err: ValidationError, positions: dict[Key, Pos]) -> list[Problem]:
         if entry[2] is None:
             keep.append(entry)
         else:
-            unions.setdefault(entry[2][0], {}).setdefault(entry[2][1], []).append(entry)
+            unions.setdefault(entry[2][0], {}).setdefault(entry[2][1:], []).append(entry)
     combined: list[Problem] = []
     for prefix, by_tag in unions.items():
         deep = {t: es for t, es in by_tag.items() if any(e[1] != prefix for e in es)}
@@ -522,9 +524,8 @@ def _problems(err: ValidationError, positions: dict[Key, Pos]) -> list[Problem]:
             keep += min(deep.values(), key=len)
             continue
         alts = []
-        for tag, es in by_tag.items():
-            models = [m for m in _members_named(tag)]
-            alts.append("{" + ", ".join(f"{n}: ..." for n in _fields(models[0])) + "}" if models
+        for (_, model), es in by_tag.items():
+            alts.append("{" + ", ".join(f"{n}: ..." for n in _fields(model)) + "}" if model
                         else _expected(es[0][0]["msg"]).removeprefix("expected "))
         found = by_tag[next(iter(by_tag))][0][0].get("input")
         combined.append(Problem(format_path(prefix), f"expected {' or '.join(alts)}, found {_show(found)}",
@@ -546,34 +547,6 @@ def _problems(err: ValidationError, positions: dict[Key, Pos]) -> list[Problem]:
     out += combined
     unique = {(p.path, p.message): p for p in out}     # union branches can repeat an error
     return sorted(unique.values(), key=Problem.sort_key)
-
-
-def _members_named(tag: str) -> list:
-    """Schema models whose class name is a pydantic union tag (e.g. "LastK")."""
-    found = []
-
-    def visit(model, seen):
-        if model in seen:
-            return
-        seen.add(model)
-        if model.__name__ == tag:
-            found.append(model)
-        for f in model.model_fields.values():
-            for m in _flatten(f.annotation):
-                if _is_model(m):
-                    visit(m, seen)
-
-    visit(Spec, set())
-    return found
-
-
-def _flatten(ann) -> list:
-    """Every type inside an annotation (through Optional, Union, list, dict, ...)."""
-    out = []
-    for m in _members(ann):
-        args = get_args(m)
-        out += [m] + ([x for a in args for x in _flatten(a)] if args and not _is_model(m) else [])
-    return out
 
 
 def _jsonable(v: Any) -> Any:
@@ -619,9 +592,8 @@ def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> ResolvedSpec:
 def load_text(text: str, source: str = "<string>", overrides: Iterable[str] = (), base_dir: str | Path = ".",
               default_name: str | None = None, path: Path | None = None, _chain: tuple = ()) -> ResolvedSpec:
     """Load a spec from YAML text; `extends` paths are relative to `base_dir`."""
-    own, _ = parse_yaml(text, source)
-    doc, positions = _load_layers(text, source, Path(base_dir).resolve(), _chain)
-    if default_name and not (isinstance(own, dict) and "name" in own):
+    doc, positions, own = _load_layers(text, source, Path(base_dir).resolve(), _chain)
+    if default_name and "name" not in own:      # a derived spec is its own run, not its parent's
         doc["name"] = default_name
     return _finish(doc, positions, overrides, path)
 

@@ -11,10 +11,6 @@ from torch import nn
 Maps = torch.Tensor | Sequence[torch.Tensor]
 
 
-def _stack(maps: Maps) -> torch.Tensor:
-    return maps if isinstance(maps, torch.Tensor) else torch.stack(list(maps), dim=1)
-
-
 def _full_precision(device: torch.device):
     # Scores are a softmax over few candidates; fp16/bf16 logits would visibly distort them.
     kind = device.type
@@ -26,21 +22,28 @@ def _full_precision(device: torch.device):
 def depthwise_attend(query: torch.Tensor, keys: Maps, values: Maps,
                      temperature: float | torch.Tensor = 1.0,
                      mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attend over n candidate maps independently at every pixel.
+    """Attend over n candidate maps independently at every pixel (Eq. 3-4).
 
-    query [B,d,H,W]; keys [B,n,d,H,W]; values [B,n,C,H,W] (lists of n maps also accepted).
-    mask: optional bool [n], True = candidate may be attended (at least one must be True).
+    query [B,d,H,W]; keys: n maps [B,d,H,W] (a list, or stacked source-major [n,B,d,H,W]);
+    values: n maps [B,C,H,W] (likewise). mask: optional bool [n], True = may be attended.
     Returns out [B,C,H,W] and scores [B,n,H,W] (softmax over n, float32).
+
+    The score map of all n candidates is one batched product. The values are summed
+    candidate by candidate into one accumulator instead of being stacked: the maps are the
+    large part (C >> d), and stacking them would copy the whole history at every layer.
     """
-    keys, values = _stack(keys), _stack(values)
+    keys = keys if isinstance(keys, torch.Tensor) else torch.stack(list(keys))
     with _full_precision(query.device):
-        logits = torch.einsum("bdhw,bndhw->bnhw", query.float(), keys.float()) * temperature
+        logits = (query.float().unsqueeze(0) * keys.float()).sum(2) * temperature  # [n,B,H,W]
         if mask is not None:
-            logits = logits.masked_fill(~mask.to(logits.device)[None, :, None, None],
+            logits = logits.masked_fill(~mask.to(logits.device)[:, None, None, None],
                                         float("-inf"))
-        scores = torch.softmax(logits, dim=1)
-    out = torch.einsum("bnhw,bnchw->bchw", scores.to(values.dtype), values)
-    return out, scores
+        scores = torch.softmax(logits, dim=0)
+    weights = scores.to(values[0].dtype).unsqueeze(2)                             # [n,B,1,H,W]
+    out = weights[0] * values[0]
+    for m in range(1, len(values)):
+        out = torch.addcmul(out, weights[m], values[m])
+    return out, scores.transpose(0, 1)
 
 
 def depthwise_attend_loop(query: torch.Tensor, keys_list: Sequence[torch.Tensor],

@@ -149,7 +149,7 @@ def test_depthwise_attend_matches_loop(n):
     q = torch.randn(b, d, h, w)
     keys = [torch.randn(b, d, h, w) for _ in range(n)]
     vals = [torch.randn(b, c, h, w) for _ in range(n)]
-    out, scores = depthwise_attend(q, torch.stack(keys, 1), torch.stack(vals, 1), 0.8)
+    out, scores = depthwise_attend(q, torch.stack(keys), torch.stack(vals), 0.8)
     ref_out, ref_scores = depthwise_attend_loop(q, keys, vals, 0.8)
     assert out.shape == (b, c, h, w) and scores.shape == (b, n, h, w)
     assert torch.allclose(out.double(), ref_out, atol=1e-5)
@@ -164,7 +164,7 @@ def test_depthwise_attend_mask():
     q = torch.randn(b, d, h, w)
     keys, vals = torch.randn(b, n, d, h, w), torch.randn(b, n, c, h, w)
     mask = torch.tensor([True, False, True, False])
-    out, scores = depthwise_attend(q, keys, vals, mask=mask)
+    out, scores = depthwise_attend(q, keys.transpose(0, 1), vals.transpose(0, 1), mask=mask)
     ref_out, ref_scores = depthwise_attend_loop(q, list(keys[:, mask].unbind(1)),
                                                 list(vals[:, mask].unbind(1)))
     assert torch.all(scores[:, ~mask] == 0)

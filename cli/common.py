@@ -1,0 +1,60 @@
+"""What every `avi` command shares: consoles, common options, spec loading, failing politely.
+
+Conventions (PRODUCT.md): results go to stdout (`out`), progress and diagnostics to stderr
+(`err`); exit 0 on success, 2 on a user's bad input, 1 on anything else. Raise SpecError or
+UserError for a user's mistake: cli.main turns them into messages and exit 2, never a traceback.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Iterable, NoReturn, Optional
+
+import typer
+from rich.console import Console
+
+from avi_spec import Problem, ResolvedSpec, load_spec
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class UserError(Exception):
+    """A user's mistake that is not about a spec (a missing run directory, a bad flag value):
+    printed as `error: <message>` on stderr, exit 2."""
+
+
+# Reusable option declarations: `def cmd(..., overrides: SetOption = None, as_json: JsonOption = False)`.
+SetOption = Annotated[Optional[list[str]], typer.Option(
+    "--set", "-s", metavar="FIELD=VALUE",
+    help="Override a spec field after `extends`, e.g. --set train.epochs=5 --set attention.inference=null "
+         "(the value is YAML: 5, 1e-3, null, [0, 0]). Repeatable.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print `error: message` on stderr and exit (2: the user's input was wrong)."""
+    err.print(f"[bold red]error:[/] {_escape(message)}")
+    raise typer.Exit(code)
+
+
+def spec_file(path: str | Path) -> Path:
+    """A spec file, or the spec.yaml a run directory keeps (so commands take SPEC_OR_RUN)."""
+    p = Path(path)
+    if p.is_dir() and (p / "spec.yaml").is_file():
+        return p / "spec.yaml"
+    return p
+
+
+def load(path: str | Path, overrides: Iterable[str] | None = None) -> ResolvedSpec:
+    """load_spec for a spec file or a run directory; raises SpecError on any problem."""
+    return load_spec(spec_file(path), list(overrides or ()))
+
+
+def print_problems(problems: Iterable[Problem], console: Console | None = None) -> None:
+    for p in problems:
+        (console or err).print(p.format(), markup=False)
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+    return escape(text)
