@@ -2,8 +2,11 @@
 
 `diff_specs` compares fully resolved specs (defaults included, so stating a default and
 leaving it out are the same spec) and returns plain data (`avi diff --json` prints it as is);
-`render` prints it as a table with one column per spec, like Table 5 of the paper. Callers
-with more to compare (parameter counts, results of runs) pass `extra_rows`, one value per spec.
+`render` prints it as a table with one column per spec (fields as rows); `render_switches`
+prints the compact view of Table 5 of the paper: one row per spec, one column per switch that
+differs, then the parameter count and the results of runs. Parameter counts and results come
+from the caller (building a model needs torch, which avi_spec never imports): `parameters` and
+`results`, one entry per spec; other rows go in `extra_rows`.
 """
 from __future__ import annotations
 
@@ -64,13 +67,18 @@ def _flatten_diff(values: list[Any], prefix: str, out: list[dict]) -> None:
         out.append({"path": prefix, "values": list(values)})
 
 
-def diff_specs(resolved_list: list[Any], extra_rows: dict[str, list] | None = None) -> dict:
+def diff_specs(resolved_list: list[Any], extra_rows: dict[str, list] | None = None,
+               parameters: list[int | None] | None = None, results: list[dict | None] | None = None) -> dict:
     """Compare resolved specs (loader.ResolvedSpec, Spec or plain dicts).
 
-    Returns {"names": [...], "fields": [{"path", "values"}], "edges": {"added", "removed",
-    "per_spec"}, "extra": {row: values}, "same": bool}. Attention edges are [src, dst, path]
-    triples; `added`/`removed` are relative to the first spec (with more than two specs, the
-    union over the others, and `per_spec[i]` says which spec i adds or removes).
+    Returns {"names": [...], "fields": [{"path", "values"}], "switches": [{"column", "paths",
+    "values"}], "edges": {"added", "removed", "per_spec", "counts"}, "parameters": [...],
+    "results": [...], "extra": {row: values}, "same": bool}. Attention edges are [src, dst,
+    path] triples; `added`/`removed` are relative to the first spec (with more than two specs,
+    the union over the others, and `per_spec[i]` says which spec i adds or removes); `counts[i]`
+    is {"generative": n, "inference": m} for spec i. `switches` groups the differing fields
+    into the short columns of the Table-5 view. `parameters` and `results` are passed through
+    (one entry per spec, None where unknown); they do not make specs differ.
     """
     if not resolved_list:
         raise ValueError("diff_specs needs at least one spec")
@@ -97,16 +105,104 @@ def diff_specs(resolved_list: list[Any], extra_rows: dict[str, list] | None = No
         removed |= r
         per_spec.append({"added": [list(e) for e in sorted(a, key=key)],
                          "removed": [list(e) for e in sorted(r, key=key)]})
+    counts = [{p: sum(1 for e in es if e[2] == p) for p in ("generative", "inference")} for es in edge_sets]
     extra = {k: list(v) for k, v in (extra_rows or {}).items()}
+    n = len(specs)
     return {
         "names": names,
         "fields": fields,
+        "switches": switches(fields),
         "edges": {"added": [list(e) for e in sorted(added, key=key)],
                   "removed": [list(e) for e in sorted(removed, key=key)],
-                  "per_spec": per_spec},
+                  "per_spec": per_spec,
+                  "counts": counts},
+        "parameters": _per_spec(parameters, n),
+        "results": _per_spec(results, n),
         "extra": extra,
         "same": not fields and not added and not removed,
     }
+
+
+def _per_spec(values: list | None, n: int) -> list:
+    values = list(values or [])
+    return (values + [None] * n)[:n]
+
+
+def _canon(v: Any) -> str:
+    return json.dumps(v, sort_keys=True, default=str)
+
+
+def _short(path: str) -> str:
+    """The last two segments of a field path: "cells.decoder.nonlocal" -> "decoder.nonlocal"."""
+    return ".".join(path.split(".")[-2:])
+
+
+def switches(fields: list[dict]) -> list[dict]:
+    """The differing fields as the columns of the Table-5 view: fields that end in the same
+    name and differ in the same way across every spec (the non-local blocks of the
+    preprocessing, encoder and decoder cells switched together) share one column."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for f in fields:
+        last = f["path"].split(".")[-1]
+        groups.setdefault((last, _canon(f["values"])), []).append(f)
+    out = []
+    for (last, _), fs in groups.items():
+        if len(fs) == 1:
+            column = _short(fs[0]["path"])
+        else:
+            parents = [f["path"].split(".")[-2] if "." in f["path"] else f["path"] for f in fs]
+            column = f"{'/'.join(parents)}.{last}"
+        out.append({"column": column, "paths": [f["path"] for f in fs], "values": fs[0]["values"]})
+    return out
+
+
+def switch_cell(v: Any) -> str:
+    """A switch value, briefly: an attention or non-local block as on/off and its key size."""
+    if v is None:
+        return "off"
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if isinstance(v, dict):
+        if "key_dim" in v:
+            return f"on k={v['key_dim']}"
+        text = ", ".join(f"{k}={switch_cell(x) if isinstance(x, (dict, type(None))) else _cell(x)}" for k, x in v.items())
+        return text if len(text) <= 40 else text[:37] + "..."
+    if isinstance(v, list):
+        return "[" + ", ".join(map(str, v)) + "]" if len(v) <= 8 else f"[{len(v)} items]"
+    return str(v)
+
+
+def result_value(res: dict | None) -> tuple[str, float] | None:
+    """(metric, value) a run's results are compared by: bits/dim for 8-bit data, else the
+    negative log-likelihood in nats (the caller sets `metric`; lowest is best)."""
+    if not isinstance(res, dict):
+        return None
+    metric = res.get("metric")
+    if metric not in ("bits_per_dim", "nll_nats"):
+        metric = "bits_per_dim" if isinstance(res.get("bits_per_dim"), (int, float)) else "nll_nats"
+    v = res.get(metric)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return metric, float(v)
+
+
+METRIC_LABEL = {"bits_per_dim": "bits/dim", "nll_nats": "NLL (nats)"}
+
+
+def _result_text(res: dict, metric: str, value: float) -> str:
+    err = res.get("nll_stderr_nats")
+    if not isinstance(err, (int, float)) or isinstance(err, bool) or err <= 0:
+        return f"{value:.4f}" if metric == "bits_per_dim" else f"{value:.2f}"
+    if metric == "bits_per_dim":
+        nats = res.get("nll_nats")
+        if isinstance(nats, (int, float)) and nats:
+            return f"{value:.4f} ± {err * value / nats:.4f}"
+        return f"{value:.4f}"
+    return f"{value:.2f} ± {err:.2f}"
+
+
+def _params_text(v: Any) -> str:
+    return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else "-"
 
 
 def _cell(v: Any) -> str:
@@ -160,15 +256,103 @@ def render(result: dict, console: Any = None, extra_rows: dict[str, list] | None
             table.add_row(Text(f"... {len(ordered) - max_edges} more attention edges (--json lists all)"),
                           *[Text("") for _ in names])
 
+    params = result.get("parameters") or []
+    runs = result.get("results") or []
     extra = dict(result.get("extra") or {})
     extra.update(extra_rows or {})
-    if extra:
+    if any(p is not None for p in params) or any(r is not None for r in runs) or extra:
         table.add_section()
-        for label, values in extra.items():
-            vals = list(values) + [None] * (len(names) - len(values))
-            table.add_row(Text(label), *[Text(_cell(v)) for v in vals[:len(names)]])
+    if any(p is not None for p in params):
+        table.add_row(Text("parameters"), *[Text(_params_text(v)) for v in _per_spec(params, len(names))])
+    for metric, cells in _result_columns(runs, len(names)).items():
+        table.add_row(Text(METRIC_LABEL[metric]), *cells)
+    for label, values in extra.items():
+        vals = list(values) + [None] * (len(names) - len(values))
+        table.add_row(Text(label), *[Text(_cell(v)) for v in vals[:len(names)]])
 
     console.print(table)
+    _print_summary(result, console)
+
+
+def _result_columns(runs: list, n: int) -> dict[str, list]:
+    """{metric: one rich Text per spec}, the lowest value of each metric in bold green."""
+    from rich.text import Text
+
+    values = [result_value(r) for r in _per_spec(runs, n)]
+    out: dict[str, list] = {}
+    for metric in ("bits_per_dim", "nll_nats"):
+        mine = [v[1] if v and v[0] == metric else None for v in values]
+        present = [v for v in mine if v is not None]
+        if not present:
+            continue
+        best = min(present)
+        cells = []
+        for r, v in zip(_per_spec(runs, n), mine):
+            if v is None:
+                cells.append(Text("-", style="dim"))
+            else:
+                cells.append(Text(_result_text(r, metric, v),
+                                  style="bold green" if v == best and len(present) > 1 else ""))
+        out[metric] = cells
+    return out
+
+
+def render_switches(result: dict, console: Any = None) -> None:
+    """Print the Table-5 view: one row per spec; columns: the switches that differ (short
+    names), attention edges (generative / inference) when they differ, parameters, results."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = console or Console()
+    names = result["names"]
+    n = len(names)
+    table = Table(title="spec diff: the switches that differ", title_justify="left")
+    sw = result.get("switches")
+    if sw is None:
+        sw = switches(result["fields"])
+    counts = result["edges"].get("counts")
+    edges_differ = bool(result["edges"]["added"] or result["edges"]["removed"]) and counts
+    params = _per_spec(result.get("parameters"), n)
+    show_params = any(p is not None for p in params)
+    res_cols = _result_columns(result.get("results") or [], n)
+    extra = dict(result.get("extra") or {})
+
+    # Columns (header, cells, justify); headers may wrap, cells never do (min_width).
+    columns: list[tuple[str, list, str]] = [("spec", [Text(x, style="bold") for x in names], "left")]
+    columns += [(_header(s), [Text(switch_cell(v)) for v in s["values"]], "left") for s in sw]
+    if edges_differ:
+        columns.append(("edges G/I", [Text(f"{c['generative']}/{c['inference']}") for c in counts], "right"))
+    if show_params:
+        columns.append(("parameters", [Text(_params_text(p)) for p in params], "right"))
+    columns += [(METRIC_LABEL[m], cells, "right") for m, cells in res_cols.items()]
+    columns += [(label, [Text(_cell(v)) for v in _per_spec(vals, n)], "right") for label, vals in extra.items()]
+    for header, cells, justify in columns:
+        words = [len(w) for w in header.split()]
+        table.add_column(Text(header), justify=justify, overflow="fold",
+                         min_width=max([c.cell_len for c in cells] + words + [1]))
+    for i in range(n):
+        table.add_row(*[cells[i] for _, cells, _ in columns])
+    console.print(table)
+    for s in sw:
+        if len(s["paths"]) > 1:
+            console.print(Text(f"{_header(s)}: {', '.join(s['paths'])} (switched together)", style="dim"))
+    _print_summary(result, console)
+
+
+def _header(switch: dict) -> str:
+    """A column header on short lines: "attention.generative" -> "attention\ngenerative"; a
+    group of fields -> "nonlocal\n(decoder, encoder, preprocess)"."""
+    paths = switch["paths"]
+    if len(paths) == 1:
+        return "\n".join(_short(paths[0]).split("."))
+    return f"{paths[0].split('.')[-1]} ×{len(paths)}"
+
+
+def _print_summary(result: dict, console: Any) -> None:
+    from rich.text import Text
+
+    names, edges = result["names"], result["edges"]
     if result["same"]:
         console.print(Text("The specs are the same (fields and attention edges)."
                            if len(names) > 1 else "Nothing to compare."))

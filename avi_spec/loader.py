@@ -177,8 +177,16 @@ def parse_yaml(text: str, source: str) -> tuple[Any, dict[Key, Pos]]:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         message = " ".join(x for x in (e.context, e.problem) if x) or "invalid YAML"
+        ctx = e.context_mark
+        if e.context and ctx is not None and mark is not None and ctx.line != mark.line:
+            # The parser notices an unclosed bracket or quote lines later: say where it opened.
+            message = f"{e.problem or 'invalid YAML'} ({e.context} that starts at line {ctx.line + 1}, column {ctx.column + 1})"
+        hint = None
+        if "'\\t'" in (e.problem or ""):
+            hint = "YAML does not allow tabs for indentation; indent with spaces"
         raise SpecError(Problem("", f"YAML syntax error: {message}", source,
-                                mark.line + 1 if mark else None, mark.column + 1 if mark else None)) from None
+                                mark.line + 1 if mark else None, mark.column + 1 if mark else None,
+                                hint=hint)) from None
     except yaml.reader.ReaderError as e:
         line = text.count("\n", 0, e.position) + 1
         column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
@@ -191,7 +199,7 @@ def parse_yaml(text: str, source: str) -> tuple[Any, dict[Key, Pos]]:
             loader.dispose()
     if builder.problems:
         raise SpecError(builder.problems)
-    builder.positions[()] = (source, 1, 1)
+    builder.positions[()] = builder.pos(node.start_mark)     # where the document starts (after comments)
     return data, builder.positions
 
 
@@ -247,24 +255,46 @@ def _check_version(doc: dict, positions: dict[Key, Pos]) -> None:
 def merge(base: dict, over: dict, base_pos: dict[Key, Pos] | None = None,
           over_pos: dict[Key, Pos] | None = None) -> tuple[dict, dict[Key, Pos]]:
     """Deep-merge `over` onto `base`: mappings merge key by key, anything else (lists,
-    scalars, an explicit null) replaces. Positions follow the value that won."""
+    scalars, an explicit null) replaces. A mapping that picks another alternative of a union
+    (a new distribution `kind`, `sources: {explicit: ...}` over `{last: 4}`) replaces too: the
+    fields of the parent's alternative mean nothing to the child's. Positions follow the value
+    that won."""
     replaced: list[Key] = []
 
-    def go(b: dict, o: dict, path: Key) -> dict:
+    def go(b: dict, o: dict, path: Key, anns: list) -> dict:
         out = dict(b)
         for k, v in o.items():
-            if isinstance(v, dict) and isinstance(out.get(k), dict):
-                out[k] = go(out[k], v, path + (k,))
+            sub = _child(anns, k) if isinstance(k, str) else []
+            if isinstance(v, dict) and isinstance(out.get(k), dict) and not _switches_variant(sub, out[k], v):
+                out[k] = go(out[k], v, path + (k,), sub)
             else:
                 out[k] = copy.deepcopy(v)
                 replaced.append(path + (k,))
         return out
 
-    doc = go(base, over, ())
+    doc = go(base, over, (), [Spec])
     pos = {p: q for p, q in (base_pos or {}).items()
            if not any(p[:len(r)] == r and len(p) > len(r) for r in replaced)}
     pos.update(over_pos or {})
     return doc, pos
+
+
+def _variant(anns: list, value: dict) -> type | None:
+    """The model of a union of models that the mapping `value` is written for (None: not a
+    union of models, or it cannot tell). Tagged unions go by `kind`, others by field names."""
+    models = [a for a in anns if _is_model(a)]
+    if len(models) < 2:
+        return None
+    if any("kind" in m.model_fields for m in models):
+        tagged = [m for m in models if "kind" in m.model_fields and m.model_fields["kind"].default == value.get("kind")]
+        return tagged[0] if "kind" in value and len(tagged) == 1 else None
+    fits = [m for m in models if value and set(map(str, value)) <= set(_fields(m))]
+    return fits[0] if len(fits) == 1 else None
+
+
+def _switches_variant(anns: list, base: dict, over: dict) -> bool:
+    a, b = _variant(anns, base), _variant(anns, over)
+    return a is not None and b is not None and a is not b
 
 
 def _display(path: Path) -> str:
@@ -279,24 +309,36 @@ def _read(path: Path, via: Problem | None) -> str:
     where = (via.file, via.line, via.column) if via else (_display(path), None, None)
     key = "extends" if via else ""
     try:
-        return path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if not via:       # point at the line and column of the bad byte
+            line = raw.count(b"\n", 0, e.start) + 1
+            column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+            where = (where[0], line, column)
+        raise SpecError(Problem(key, f"not UTF-8 text ({e.reason} at byte {e.start}): {_display(path)}", *where,
+                                hint="save the file as UTF-8")) from None
     except FileNotFoundError:
         raise SpecError(Problem(key, f"file not found: {_display(path)}", *where)) from None
     except IsADirectoryError:
         raise SpecError(Problem(key, f"is a directory, not a spec file: {_display(path)}", *where)) from None
-    except UnicodeDecodeError as e:
-        raise SpecError(Problem(key, f"not UTF-8 text ({e.reason} at byte {e.start}): {_display(path)}", *where)) from None
     except OSError as e:
         raise SpecError(Problem(key, f"cannot read {_display(path)}: {e.strerror}", *where)) from None
 
 
-def _load_layers(text: str, source: str, base_dir: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[Key, Pos], set]:
-    """One file (already read) and everything it extends, merged; plus the keys the file itself sets."""
+def _load_layers(text: str, source: str, base_dir: Path, chain: tuple[Path, ...],
+                 via: Problem | None = None) -> tuple[dict, dict[Key, Pos], set]:
+    """One file (already read) and everything it extends, merged; plus the keys the file itself
+    sets. `via` is the `extends:` that named this file (None for the file the user gave)."""
     data, positions = parse_yaml(text, source)
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise SpecError(Problem("", f"a spec must be a mapping of fields, found {_show(data)}", source, 1, 1))
+        if via is not None:     # the line to edit is the extends that names a non-spec
+            raise SpecError(Problem("extends", f"{source} is not a spec: a spec must be a mapping of fields, "
+                                    f"found {_show(data)}", via.file, via.line, via.column))
+        raise SpecError(Problem("", f"a spec must be a mapping of fields, found {_show(data)}",
+                                *positions.get((), (source, 1, 1))))
     data = upgrade(data)
     _check_version(data, positions)
     own = set(data)
@@ -313,7 +355,7 @@ def _load_layers(text: str, source: str, base_dir: Path, chain: tuple[Path, ...]
         cycle = " -> ".join(os.path.relpath(p, root) for p in loop)
         raise SpecError(Problem("extends", f"extends cycle: {cycle}", *here))
     via = Problem("extends", "", *here)
-    pdata, ppos, _ = _load_layers(_read(parent, via), _display(parent), parent.parent, chain + (parent,))
+    pdata, ppos, _ = _load_layers(_read(parent, via), _display(parent), parent.parent, chain + (parent,), via)
     positions.pop(("extends",), None)
     return (*merge(pdata, data, ppos, positions), own)
 
@@ -540,6 +582,19 @@ def _problems(err: ValidationError, positions: dict[Key, Pos]) -> list[Problem]:
             word = str(path[-1])
             out.append(Problem(format_path(path), f"unknown field '{word}'", *where,
                                hint=did_you_mean(word, names) or (f"fields: {', '.join(names)}" if names else None)))
+        elif kind == "union_tag_invalid":
+            tags = " or ".join(str(e.get("ctx", {}).get("expected_tags", "")).rsplit(", ", 1))
+            tag_path = path + (str(e.get("ctx", {}).get("discriminator", "kind")).strip("'"),)
+            out.append(Problem(format_path(tag_path), f"expected {tags}, found {_show(e.get('ctx', {}).get('tag'))}",
+                               *_locate(positions, tag_path)))
+        elif kind == "union_tag_not_found":
+            field = str(e.get("ctx", {}).get("discriminator", "kind")).strip("'")
+            out.append(Problem(format_path(path), f"'{field}' is required here, found {_show(e.get('input'))}", *where,
+                               hint=f"add {field}: ..."))
+        elif kind == "string_pattern_mismatch" and path == ("name",):
+            out.append(Problem("name", f"expected letters, digits, '_', '.' or '-' only (the name becomes a run "
+                                       f"directory), found {_show(e.get('input'))}", *where,
+                               hint="replace spaces with '_'"))
         elif kind == "value_error":
             out.append(Problem(format_path(path), e["msg"].removeprefix("Value error, "), *where))
         else:

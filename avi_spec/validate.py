@@ -57,6 +57,9 @@ class _Checker:
         self.spec = spec
         self._locate = locate
         self._written = {tuple(map(str, k)) for k in (positions or {})}
+        # The file the user named (positions of the document root); other written fields
+        # may come from the specs it extends.
+        self._root_file = (positions or {}).get((), (None,))[0]
         self.problems: list[Problem] = []
         self.d: Derived = derive(spec)
         self.G = build_graph(spec, self.d)
@@ -78,10 +81,12 @@ class _Checker:
             near: tuple[tuple, ...] = ()) -> Problem:
         """Record a problem of the field `parts`; located at `parts` if the user wrote it,
         else at the first of `near` they wrote (e.g. the dataset that needs a missing root),
-        else at the nearest written ancestor."""
-        at = parts
-        for c in (parts,) + near:
-            if tuple(map(str, c)) in self._written:
+        else at the nearest written ancestor. A candidate written in the file the user named
+        wins over one inherited through `extends` (that is the line they just changed)."""
+        written = [c for c in (parts,) + near if tuple(map(str, c)) in self._written]
+        at = written[0] if written else parts
+        for c in written:
+            if self._root_file is not None and self.where(c)[0] == self._root_file:
                 at = c
                 break
         file, line, col = self.where(at)
@@ -97,7 +102,7 @@ class _Checker:
         self.check_keys()
         self.check_sources()
         self.check_graph()
-        return self.problems
+        return sorted(self.problems, key=Problem.sort_key)
 
     def check_data(self) -> None:
         data = self.spec.data
@@ -113,7 +118,7 @@ class _Checker:
                 self.add(("data", "distribution", "crop"),
                          f"crop may leave out at most the {data.pad} padding pixels per side (data.pad), "
                          f"found crop: {dist.crop}, which would drop real pixels from the likelihood",
-                         hint=f"set crop: {data.pad}")
+                         hint=f"set crop: {data.pad}", near=(("data", "pad"),))
         else:
             if ds == "omniglot":
                 self.add(("data", "distribution", "kind"),
@@ -155,7 +160,7 @@ class _Checker:
                 self.add(("cells", "preprocess", "scales", Idx(i)),
                          f"block {i} halves a side of {size} pixels, which is odd; the padded image side "
                          f"{d.input_size} must be divisible by 2^{max(d.stages, 0)} = {2 ** max(d.stages, 0)}",
-                         hint="change data.pad or the preprocessing scales")
+                         hint="change data.pad or the preprocessing scales", near=(("data", "pad"),))
                 break
             size = size // 2 if s == -2 else size * 2 if s == 2 else size
         if d.feature_size != S:
@@ -227,7 +232,7 @@ class _Checker:
             if name == "generative" and L < 2:
                 self.add(base, f"the generative attention of layer l reads the contexts of layers 0..l-1, "
                                f"so it needs at least 2 layers, found hierarchy.layers: {L}",
-                         hint="set attention.generative: null")
+                         hint="set attention.generative: null", near=(("hierarchy", "layers"),))
                 continue
             most = L - 1 if name == "generative" else L + 1
             src = a.sources
@@ -290,7 +295,7 @@ class _Checker:
 
     def check_graph(self) -> None:
         for p in check_graph(self.G, self.spec):
-            self.add(p["parts"], p["message"], p.get("hint"))
+            self.add(p["parts"], p["message"], p.get("hint"), near=p.get("near", ()))
 
 
 # ------------------------------------------------------------------------ graph checks
@@ -359,7 +364,8 @@ def check_graph(G: nx.MultiDiGraph, spec: Spec | None = None) -> list[dict]:
                         "message": f"attended maps must share the spatial size of the {who} that reads them, "
                                    f"found different sizes at {len(layers)} layer(s) ({_list(layers)}), e.g. "
                                    f"layer {mismatched[0][0]}: {mismatched[0][1]}",
-                        "hint": f"keep the spatial size constant across layers ({cause} of 0)"})
+                        "hint": f"keep the spatial size constant across layers ({cause} of 0)",
+                        "near": (tuple(cause.split(".")),)})
     return out
 
 

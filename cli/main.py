@@ -22,7 +22,7 @@ from avi_spec import SpecError
 
 from .common import JsonOption, SetOption, UserError, err, fail, load, out, print_problems
 
-COMMAND_MODULES = ["cli.build", "cli.train", "cli.eval", "cli.sample"]
+COMMAND_MODULES = ["cli.build", "cli.train", "cli.eval", "cli.sample", "cli.plot"]
 
 BUG_HINT = "this is a bug in avi; please report it with the command and spec"
 
@@ -44,10 +44,24 @@ class AviGroup(TyperGroup):
             raise typer.Exit(2) from None
         except UserError as e:
             fail(str(e))
+        except BrokenPipeError:
+            _closed_stdout()
         except Exception:
             traceback.print_exc()
             err.print(f"[bold red]{BUG_HINT}[/]")
             raise typer.Exit(1) from None
+
+
+def _closed_stdout() -> None:
+    """The reader of our stdout went away (`avi diff ... | head`): not a bug, no traceback.
+    Point stdout at devnull so that the interpreter's final flush does not fail again."""
+    import os
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    raise typer.Exit(1)
 
 
 app = typer.Typer(cls=AviGroup, no_args_is_help=True, add_completion=False,
@@ -154,21 +168,79 @@ def graph(
 
 # ----------------------------------------------------------------------- diff
 
+class DiffLayout(str, Enum):
+    auto = "auto"
+    fields = "fields"
+    switches = "switches"
+
+
+RESULT_KEYS = ("nll_nats", "nll_stderr_nats", "nelbo_nats", "bits_per_dim", "importance_samples")
+
+
+def _parameter_counts(resolved: list) -> list[int | None]:
+    """Trainable parameters of each spec's model, built on torch's meta device (shapes only);
+    None where torch is missing or the spec does not build."""
+    try:
+        from builders.build import build_model, summary
+    except Exception:  # noqa: BLE001 - no torch here: the diff still works without counts
+        return [None] * len(resolved)
+    counts: list[int | None] = []
+    for r in resolved:
+        try:
+            counts.append(int(summary(build_model(r.spec, "meta"))["parameters"]))
+        except Exception:  # noqa: BLE001 - an unbuildable spec shows "-", it is not an error of diff
+            counts.append(None)
+    return counts
+
+
+def _run_results(arg: str, resolved) -> dict | None:
+    """The results `avi eval` wrote for this spec or run: ARG/eval.json for a run directory,
+    runs/<name>/eval.json (relative to the working directory) for a spec file."""
+    from pathlib import Path
+
+    p = Path(arg)
+    path = p / "eval.json" if p.is_dir() else Path("runs") / resolved.document["name"] / "eval.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        err.print(f"[yellow]warning:[/] {_esc(str(path))} is not readable JSON ({_esc(str(e))}); its results are left out")
+        return None
+    if not isinstance(data, dict):
+        return None
+    res = {k: data[k] for k in RESULT_KEYS if k in data}
+    eight_bit = resolved.spec.data.binarize == "none"
+    metric = "bits_per_dim" if eight_bit and isinstance(res.get("bits_per_dim"), (int, float)) else "nll_nats"
+    if not isinstance(res.get(metric), (int, float)) or isinstance(res.get(metric), bool):
+        return None
+    res.update(metric=metric, value=float(res[metric]), file=str(path))
+    return res
+
+
 @app.command()
 def diff(
     specs: Annotated[list[str], typer.Argument(metavar="SPEC_OR_RUN...", help="Two or more specs or run directories.")],
     overrides: SetOption = None,
     as_json: JsonOption = False,
+    layout: Annotated[DiffLayout, typer.Option(
+        help="fields: one row per differing field, one column per spec; switches: one row per spec "
+             "(the paper's Table 5); auto: fields for two specs, switches for more.")] = DiffLayout.auto,
+    params: Annotated[bool, typer.Option(
+        "--params/--no-params", help="Count each model's parameters (builds it on torch's meta device).")] = True,
 ) -> None:
-    """Compare specs: fields that differ and attention edges added or removed (relative to the first).
+    """Compare specs and runs: fields that differ, attention edges added or removed (relative to
+    the first), parameter counts and, for runs, their results (bits/dim for 8-bit data, else
+    NLL in nats; the best in bold green). A spec file's results are read from
+    runs/<name>/eval.json when that exists.
 
     Exits 0 when all specs are the same, 1 when they differ, 2 on bad input.
 
     Example:
 
-        avi diff specs/cifar10_l16.yaml specs/ablations/cifar10_l16_case13.yaml
+        avi diff specs/ablations/*.yaml
     """
-    from avi_spec.diff import diff_specs, render
+    from avi_spec.diff import diff_specs, render, render_switches
 
     if len(specs) < 2:
         raise UserError("avi diff needs at least two specs to compare")
@@ -180,11 +252,16 @@ def diff(
             problems += e.problems
     if problems:
         raise SpecError(problems)
-    result = diff_specs(resolved)
+    counts = _parameter_counts(resolved) if params else None
+    results = [_run_results(path, r) for path, r in zip(specs, resolved)]
+    result = diff_specs(resolved, parameters=counts, results=results)
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
     else:
-        render(result, out)
+        chosen = layout
+        if chosen is DiffLayout.auto:
+            chosen = DiffLayout.fields if len(specs) <= 2 else DiffLayout.switches
+        (render if chosen is DiffLayout.fields else render_switches)(result, out)
     same = result.get("same", not result["fields"] and not result["edges"]["added"] and not result["edges"]["removed"])
     raise typer.Exit(0 if same else 1)
 
@@ -207,7 +284,13 @@ _register_commands()
 
 
 def main() -> None:
-    app(prog_name="avi")
+    try:
+        app(prog_name="avi")
+    except BrokenPipeError:
+        # `avi ... | head` closed stdout early: not an error of ours or the user's.
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,165 @@
+"""Checkpoints: atomic writes, safe loads, RNG state as plain tensors.
+
+A checkpoint is a plain dict readable with ``torch.load(..., weights_only=True)``: tensors,
+numbers, strings, lists, dicts and None only (no pickled classes), so loading one never runs
+code from the file. ``save_checkpoint`` writes a temporary file next to the target, fsyncs it
+and renames it over the target, so a crash (even SIGKILL) never leaves a half-written file;
+before replacing ``last.pt`` the previous one is kept as ``last.prev.pt``.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+FORMAT = "avi-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be read (missing, truncated, corrupt, or not an avi checkpoint)."""
+
+
+def previous_path(path: str | Path) -> Path:
+    """Where the previous good copy of ``path`` is kept: last.pt -> last.prev.pt."""
+    p = Path(path)
+    return p.with_name(p.stem + ".prev" + p.suffix)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return                                  # e.g. Windows: directories cannot be opened
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: str | Path, payload: dict, keep_previous: bool = True) -> Path:
+    """Write ``payload`` to ``path`` atomically. With ``keep_previous`` an existing file at
+    ``path`` is first preserved as ``<stem>.prev<suffix>`` (``path`` itself never disappears)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **payload}
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if keep_previous and path.exists() and _looks_complete(path):
+            prev, prev_tmp = previous_path(path), path.with_name(f".{path.name}.prev.tmp.{os.getpid()}")
+            try:
+                if prev_tmp.exists():
+                    prev_tmp.unlink()
+                os.link(path, prev_tmp)          # a second name for the current file: no copy
+            except OSError:
+                shutil.copy2(path, prev_tmp)
+            os.replace(prev_tmp, prev)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _looks_complete(path: Path) -> bool:
+    """A cheap check (the zip end record, no full read) that a torch.save file is not truncated:
+    a corrupt last.pt must never be rotated over the previous good one."""
+    try:
+        return zipfile.is_zipfile(path)
+    except OSError:
+        return False
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint (on the CPU) with ``weights_only=True``; CheckpointError if it cannot."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{_display(path)} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:                       # truncated zip, bad pickle, unsafe content ...
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        unpickler = [ln for ln in lines if ln.startswith("WeightsUnpickler error:")]
+        reason = (unpickler or lines or [type(e).__name__])[0]
+        raise CheckpointError(f"{_display(path)} is corrupt ({reason[:200]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{_display(path)} is not an avi checkpoint")
+    if payload.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{_display(path)} was written by a newer avi (format "
+                              f"{payload['format_version']}); upgrade avi")
+    return payload
+
+
+def load_with_fallback(path: str | Path, warn: Callable[[str], None] | None = None) -> tuple[dict, Path]:
+    """Load ``path``; if it is corrupt, load its previous good copy (``last.prev.pt``) and
+    report it through ``warn``. Returns (payload, the file actually read)."""
+    path = Path(path)
+    try:
+        return load_checkpoint(path), path
+    except CheckpointError as first:
+        prev = previous_path(path)
+        if not prev.is_file():
+            raise
+        try:
+            payload = load_checkpoint(prev)
+        except CheckpointError as second:
+            raise CheckpointError(f"{first}; the previous checkpoint is unreadable too: {second}") from None
+        if warn is not None:
+            step = (payload.get("state") or {}).get("step", payload.get("step"))
+            warn(f"{first}; the previous good checkpoint is kept at {_display(prev)}: "
+                 f"resuming from it (step {step})")
+        return payload, prev
+
+
+# ------------------------------------------------------------------------- RNG state
+
+def rng_state(generators: dict[str, torch.Generator] | None = None) -> dict:
+    """Every random number generator's state as plain tensors and numbers."""
+    np_state = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+        "numpy": {"name": str(np_state[0]), "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "python": {"version": int(py_version), "state": torch.tensor(py_state, dtype=torch.int64),
+                   "gauss": py_gauss},
+        "generators": {k: g.get_state() for k, g in (generators or {}).items()},
+    }
+    return state
+
+
+def set_rng_state(state: dict, generators: dict[str, torch.Generator] | None = None) -> None:
+    """Restore what ``rng_state`` captured (CUDA states only where devices are present)."""
+    torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) <= torch.cuda.device_count():
+        for i, s in enumerate(cuda):
+            torch.cuda.set_rng_state(s.cpu(), i)
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
+    for k, g in (generators or {}).items():
+        if k in state.get("generators", {}):
+            g.set_state(state["generators"][k].cpu())

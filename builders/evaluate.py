@@ -1,0 +1,408 @@
+"""Evaluation of a trained model: marginal likelihood by importance sampling, the ELBO,
+per-layer KL and depth-wise attention maps (ARCHITECTURE.md section 8).
+
+Marginal likelihood. For each image, K posterior samples give the importance log-weights
+w_k = log p(x|z^k) + log p(z^k) - log q(z^k|x) (``model.log_weights``) and
+
+    log p(x) ~ logsumexp_k w_k - log K        (the IWAE bound; tighter as K grows)
+    ELBO     ~ mean_k w_k                      (an unbiased estimate, from the same samples)
+
+The K samples of an image batch are drawn in chunks of ``chunk`` samples per image, each
+chunk folded into the batch dimension of one top-down pass; the per-chunk logsumexps are
+combined with one more logsumexp, which equals a single logsumexp over all K.
+
+Reproducibility. With ``seed`` the global torch RNG is reseeded before every image batch
+(mixed with the batch index), so the same seed, batches and chunk size give bit-identical results.
+Two chunk sizes draw identical samples only if the model draws its noise sample-major (as
+the linear-Gaussian test model does); the attentive VAE draws image-major, so different
+chunk sizes give different, equally valid, samples.
+
+Nothing here parses command lines; ``cli/eval.py``, ``cli/sample.py`` and ``cli/plot.py``
+call these functions.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+CPU_BUDGET_BYTES = 1 << 30        # activations of one chunk on the CPU (conservative: 1 GiB)
+CUDA_FREE_FRACTION = 0.5          # of the free GPU memory a chunk may use
+CHECKPOINT_NAMES = ("best.pt", "last.pt")   # run directory: best.pt preferred, else last.pt
+
+
+class RunError(Exception):
+    """A run directory or checkpoint is missing, unreadable or not an avi checkpoint."""
+
+
+# ------------------------------------------------------------------ device helpers
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto" -> cuda when available, else cpu. Asking for cuda without one is a RunError."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RunError("--device cuda was asked for, but no CUDA device is available")
+    return dev
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def batch_seed(seed: int, index: int) -> int:
+    """The seed of image batch ``index``: (seed, index) mixed by numpy's SeedSequence, so that
+    neighbouring seeds do not share the noise of shifted batches."""
+    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _reseed(seed: int, index: int, device: torch.device) -> None:
+    s = batch_seed(seed, index)
+    torch.manual_seed(s)
+    if device.type == "cuda":
+        torch.cuda.manual_seed_all(s)
+
+
+# ------------------------------------------------------------------ chunk size
+
+def _activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of every module output of one importance sample of one image: an upper bound
+    of the peak activation memory per batch row (under no_grad most are freed early)."""
+    total = 0
+
+    def count(_m, _inp, out):
+        nonlocal total
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()]
+    try:
+        model.log_weights(x[:1], 1)
+    finally:
+        for h in hooks:
+            h.remove()
+    return total
+
+
+def auto_chunk(model: nn.Module, x: torch.Tensor, k: int, budget_bytes: int | None = None) -> int:
+    """Importance samples per image per top-down pass that fit the memory at hand.
+
+    CUDA: a probe pass measures the peak memory of a few rows; the chunk may use
+    CUDA_FREE_FRACTION of the free memory (torch.cuda.mem_get_info plus the allocator's
+    cached, unused blocks). CPU: a fixed budget (CPU_BUDGET_BYTES) over the summed module
+    outputs of one row. Always between 1 and k.
+    """
+    b = max(1, x.shape[0])
+    dev = x.device
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        free, _ = torch.cuda.mem_get_info(dev)
+        free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+        budget = budget_bytes or int(CUDA_FREE_FRACTION * free)
+        rows = min(k, 4)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        model.log_weights(x[:1], rows)
+        torch.cuda.synchronize(dev)
+        per_row = (torch.cuda.max_memory_allocated(dev) - base) / rows
+    else:
+        budget = budget_bytes or CPU_BUDGET_BYTES
+        per_row = _activation_bytes(model, x)
+    per_row = max(per_row, x[0].numel() * 4 * 8)   # never trust a probe below a few images
+    return int(min(k, max(1, budget // (per_row * b))))
+
+
+# ------------------------------------------------------------------ estimator
+
+@torch.no_grad()
+def importance_sampled_nll(model: nn.Module, batches: Iterable[torch.Tensor], k: int,
+                           chunk: int | None = None,
+                           progress: Callable[[int], None] | None = None, *,
+                           dims: int | None = None, seed: int | None = None) -> dict:
+    """Importance-sampled negative log-likelihood (and negative ELBO) over ``batches``.
+
+    model: anything with ``log_weights(x, k) -> [B, k]`` (the attentive VAE, or a test model);
+      put in eval mode for the call (and restored after).
+    batches: model-input tensors [B, ...]; moved to the model's device.
+    k: importance samples per image. chunk: samples per image per pass (None: auto_chunk).
+    progress: called with the number of images of each finished batch.
+    dims: data dimensions D (C*H*W of the raw 8-bit image) for bits/dim; None when the data
+      is binary, or inferred from ``model.spec`` for an attentive VAE with 8-bit data.
+    seed: reseed the global RNG before every batch (batch_seed(seed, index)) for reproducibility.
+
+    Returns a dict: importance_samples, examples, chunk, nll_nats (mean -log p(x)),
+    nll_stderr_nats, nelbo_nats, nelbo_stderr_nats, bits_per_dim, bits_per_dim_stderr
+    (None for binary data), seconds, images_per_s.
+    """
+    if k < 1:
+        raise ValueError(f"importance samples must be >= 1, got {k}")
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    if dims is None:
+        dims = data_dims(model)
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    log_px, elbo = [], []
+    used_chunk = chunk
+    start = time.perf_counter()
+    try:
+        for i, x in enumerate(batches):
+            x = x.to(device)
+            b = x.shape[0]
+            if used_chunk is None:
+                used_chunk = auto_chunk(model, x, k)       # before reseeding: the probe draws
+            if seed is not None:
+                _reseed(seed, i, device)
+            parts, total = [], torch.zeros(b, dtype=torch.float64, device=device)
+            for s in range(0, k, used_chunk):
+                w = model.log_weights(x, min(used_chunk, k - s)).double()   # [b, chunk]
+                parts.append(torch.logsumexp(w, dim=1))
+                total += w.sum(1)
+            log_px.append((torch.logsumexp(torch.stack(parts, 1), dim=1) - math.log(k)).cpu())
+            elbo.append((total / k).cpu())
+            if progress is not None:
+                progress(b)
+    finally:
+        model.train(was_training)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    if not log_px:
+        raise ValueError("no images to evaluate")
+    nll = -torch.cat(log_px).numpy()
+    nelbo = -torch.cat(elbo).numpy()
+    n = nll.shape[0]
+    nll_mean, nll_se = _mean_stderr(nll)
+    nelbo_mean, nelbo_se = _mean_stderr(nelbo)
+    bpd = bpd_se = None
+    if dims:
+        bpd = nll_mean / (dims * math.log(2))
+        bpd_se = None if nll_se is None else nll_se / (dims * math.log(2))
+    return {
+        "importance_samples": int(k),
+        "examples": int(n),
+        "chunk": int(used_chunk or k),
+        "nll_nats": nll_mean,
+        "nll_stderr_nats": nll_se,
+        "nelbo_nats": nelbo_mean,
+        "nelbo_stderr_nats": nelbo_se,
+        "bits_per_dim": bpd,
+        "bits_per_dim_stderr": bpd_se,
+        "dims": int(dims) if dims else None,
+        "seconds": seconds,
+        "images_per_s": n / seconds if seconds > 0 else None,
+    }
+
+
+def _mean_stderr(values: np.ndarray) -> tuple[float, float | None]:
+    mean = float(np.mean(values))
+    if values.shape[0] < 2:
+        return mean, None
+    return mean, float(np.std(values, ddof=1) / math.sqrt(values.shape[0]))
+
+
+def data_dims(model: nn.Module) -> int | None:
+    """D = C*H*W of the raw image for 8-bit data (bits/dim), None for binary data or a model
+    without a spec."""
+    spec = getattr(model, "spec", None)
+    if spec is None or is_binary(spec):
+        return None
+    return spec.data.image.channels * spec.data.image.size ** 2
+
+
+def is_binary(spec) -> bool:
+    from avi_spec.schema import Bernoulli
+    return isinstance(spec.data.distribution, Bernoulli)
+
+
+# ------------------------------------------------------------------ KL and attention
+
+@torch.no_grad()
+def kl_per_layer(model: nn.Module, batches: Iterable[torch.Tensor]) -> np.ndarray:
+    """Mean KL(q(z_l|x, z_<l) || p(z_l|z_<l)) per layer [L] (nats) over the images, one
+    posterior sample each."""
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    total, n = None, 0
+    try:
+        for x in batches:
+            kl = model(x.to(device)).kl.double().sum(0).cpu()
+            total = kl if total is None else total + kl
+            n += x.shape[0]
+    finally:
+        model.train(was_training)
+    if not n:
+        raise ValueError("no images to evaluate")
+    return (total / n).numpy()
+
+
+@torch.no_grad()
+def attention_maps(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, np.ndarray]:
+    """Per attention path ("generative": the priors, "inference": the posteriors) an
+    L x (L+1) matrix: entry [l, m] is the mean attention score layer l gives source m
+    (the context of layer m for the prior; the bottom-up features e_m for the posterior,
+    m = L being the preprocessing output), averaged over pixels and images. NaN where m is
+    not a source of l (every entry NaN for a path that is switched off)."""
+    device = _model_device(model)
+    L = len(model.layers)
+    sums = {p: np.zeros((L, L + 1)) for p in ("generative", "inference")}
+    counts = {p: np.zeros((L, L + 1)) for p in ("generative", "inference")}
+    was_training = model.training
+    model.eval()
+    try:
+        for x in batches:
+            att = model(x.to(device), record_attention=True).attention
+            for path, attr in (("generative", "gen_sources"), ("inference", "inf_sources")):
+                for l, scores in att.get(path, {}).items():
+                    sources = getattr(model.layers[l], attr)
+                    per_source = scores.double().sum(dim=(0, 2, 3)).cpu().numpy()   # [n]
+                    pixels = scores.shape[0] * scores.shape[2] * scores.shape[3]
+                    for i, m in enumerate(sources):
+                        sums[path][l, m] += per_source[i]
+                        counts[path][l, m] += pixels
+    finally:
+        model.train(was_training)
+    return {p: np.where(counts[p] > 0, sums[p] / np.maximum(counts[p], 1), np.nan) for p in sums}
+
+
+# ------------------------------------------------------------------ data
+
+def eval_images(spec, split: str = "test", limit: int | None = None, seed: int = 0):
+    """The evaluation images of a spec's dataset as model input [N, C, S, S] (CPU, float32).
+
+    Binary data: padded to 32 and binarised once with a fixed ``seed`` (BinarizedTestSet;
+    0 = builders.training.TEST_BINARIZATION_SEED, so eval scores the bits training tested on).
+    8-bit data: mapped to [-1, 1], no flips, as the trainer feeds it. ``limit`` keeps the
+    first N images.
+    Raises builders.datasets.DatasetError when the files are missing.
+    """
+    from .datasets import load_images
+    from .preprocess import BinarizedTestSet, prepare_batch
+    images = load_images(spec.data.dataset, spec.data.root, split)
+    if limit is not None:
+        images = images[:limit]
+    if is_binary(spec):
+        return BinarizedTestSet(images, seed)[:]
+    return prepare_batch(images, "cifar", None, train=False)
+
+
+def batched(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    for s in range(0, images.shape[0], batch_size):
+        yield images[s:s + batch_size]
+
+
+# ------------------------------------------------------------------ loading a trained model
+
+def find_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
+    """(checkpoint file, run directory or None). A run directory resolves to
+    checkpoints/best.pt when present (the best test ELBO seen in training), else
+    checkpoints/last.pt; a file is taken as the checkpoint itself."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        for name in CHECKPOINT_NAMES:
+            for candidate in (p / "checkpoints" / name, p / name):
+                if candidate.is_file():
+                    return candidate, p
+        raise RunError(f"{p} holds no checkpoint: expected {p / 'checkpoints' / 'best.pt'} or "
+                       f"{p / 'checkpoints' / 'last.pt'} (is it a run directory of `avi train`?)")
+    if p.is_file():
+        run = p.parent.parent if p.parent.name == "checkpoints" else None
+        return p, run if run is not None and (run / "spec.yaml").is_file() else None
+    raise RunError(f"no such run directory or checkpoint: {p}")
+
+
+def _read_checkpoint(path: Path) -> dict:
+    """The checkpoint's payload (builders.checkpoint: weights_only=True, on the CPU)."""
+    from .checkpoint import CheckpointError, load_checkpoint
+    try:
+        ck = load_checkpoint(path)
+    except CheckpointError as e:
+        raise RunError(str(e)) from None
+    if not isinstance(ck, dict):
+        raise RunError(f"{path} is not an avi checkpoint (found a {type(ck).__name__})")
+    return ck
+
+
+def _first(ck: dict, names: tuple[str, ...]):
+    for n in names:
+        if ck.get(n) is not None:
+            return ck[n]
+    return None
+
+
+def _state_dict(obj) -> dict | None:
+    """A state dict, or one nested under a usual key (EMA objects keep `shadow`/`params`)."""
+    if not isinstance(obj, dict):
+        return None
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    for key in ("state_dict", "shadow", "params", "model", "weights"):
+        inner = _state_dict(obj.get(key))
+        if inner is not None:
+            return inner
+    return None
+
+
+def load_trained(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True):
+    """Load a trained model for evaluation -> (model in eval mode, ResolvedSpec, run dir|None).
+
+    ``path`` is a run directory (checkpoints/best.pt if present, else checkpoints/last.pt;
+    see find_checkpoint) or a .pt checkpoint. The spec is the resolved document saved in the
+    checkpoint (else the run directory's spec.yaml). With ``use_ema`` and EMA weights in the
+    checkpoint, those replace the trained weights. Raises RunError on bad input.
+    """
+    from avi_spec import SpecError, load_document, load_spec
+
+    from .build import build_model
+
+    dev = resolve_device(device)
+    ckpt, run = find_checkpoint(path)
+    ck = _read_checkpoint(ckpt)
+    doc = _first(ck, ("spec", "document", "spec_document", "resolved_spec"))
+    if isinstance(doc, dict) and isinstance(doc.get("document"), dict):
+        doc = doc["document"]
+    try:
+        if isinstance(doc, dict):
+            resolved = load_document(doc, source=str(ckpt))
+        elif isinstance(doc, str):
+            from avi_spec import load_text
+            resolved = load_text(doc, source=str(ckpt))
+        elif run is not None and (run / "spec.yaml").is_file():
+            resolved = load_spec(run / "spec.yaml")
+        else:
+            raise RunError(f"{ckpt} holds no spec (and there is no spec.yaml beside it)")
+    except SpecError as e:
+        raise RunError(f"the spec saved with {ckpt} is not valid: "
+                       + "; ".join(f"{p.path or '(document)'}: {p.message}" for p in e.problems)) from None
+    state = _state_dict(_first(ck, ("model", "model_state", "state_dict", "model_state_dict")))
+    if state is None:
+        raise RunError(f"{ckpt} holds no model weights (keys: {', '.join(map(str, ck))})")
+    model = build_model(resolved.spec, device="cpu")
+    try:
+        model.load_state_dict(state)
+        ema = _state_dict(_first(ck, ("ema", "ema_state", "ema_model"))) if use_ema else None
+        if ema is not None:
+            unknown = set(ema) - set(model.state_dict())
+            if unknown:
+                raise RunError(f"{ckpt}: EMA weights do not fit the model ({sorted(unknown)[:3]}...)")
+            model.load_state_dict(ema, strict=False)
+    except RuntimeError as e:
+        raise RunError(f"{ckpt}: the weights do not fit the model of its spec: {e}") from None
+    model.to(dev).eval()
+    state_info = ck.get("state") if isinstance(ck.get("state"), dict) else {}
+    model.avi_checkpoint = {"path": str(ckpt), "ema": bool(use_ema and ema is not None),
+                            "step": state_info.get("step"), "epoch": state_info.get("epoch")}
+    return model, resolved, run

@@ -1,0 +1,120 @@
+"""`avi sample` (images from the prior) and `avi reconstruct` (test images through the
+posterior), both written as PNG grids."""
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .common import UserError, out
+from .eval import (DeviceOption, NoEmaOption, RunArgument, SeedOption, Device, Split,
+                   default_output, images, load_model)
+
+
+class Mode(str, Enum):
+    mean = "mean"
+    sample = "sample"
+
+
+OutOption = Annotated[Optional[Path], typer.Option("--out", "-o", metavar="FILE.png",
+                                                   help="Where to write the PNG grid.")]
+ModeOption = Annotated[Mode, typer.Option(
+    "--mode", help="Binary data: mean shows pixel probabilities, sample draws Bernoulli pixels "
+                   "(8-bit data is always sampled).")]
+
+
+def _seed(seed: int, device) -> None:
+    import torch
+    torch.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed_all(seed)
+
+
+def sample_command(
+    run: RunArgument,
+    n: Annotated[int, typer.Option("--n", "-n", min=1, max=4096, help="Number of images.")] = 64,
+    temperature: Annotated[float, typer.Option(
+        "--temperature", "-t", min=0.0, help="Scale of every latent's noise (1: the prior itself).")] = 1.0,
+    output: OutOption = None,
+    mode: ModeOption = Mode.mean,
+    device: DeviceOption = Device.auto,
+    seed: SeedOption = 0,
+    no_ema: NoEmaOption = False,
+) -> None:
+    """Draw images from the prior of a trained model and write them as one PNG grid.
+
+    Prints the path of the PNG (default RUN/samples/prior_t<temperature>.png).
+
+    Example:
+
+        avi sample runs/quickstart --n 64 --temperature 0.8 --out samples.png
+    """
+    from builders.images import save_grid
+
+    model, _, run_dir = load_model(run, device, not no_ema)
+    dev = next(model.parameters()).device
+    _seed(seed, dev)
+    x = model.sample(n, temperature, mode.value)
+    path = output or default_output(run_dir, "samples", f"prior_t{temperature:g}.png")
+    out.print(str(_save(save_grid, path, x)), markup=False)
+
+
+def reconstruct_command(
+    run: RunArgument,
+    n: Annotated[int, typer.Option("--n", "-n", min=1, max=1024, help="Number of test images.")] = 16,
+    output: OutOption = None,
+    split: Annotated[Split, typer.Option("--split", help="Which split to take the images from.")] = Split.test,
+    mode: ModeOption = Mode.mean,
+    device: DeviceOption = Device.auto,
+    seed: SeedOption = 0,
+    no_ema: NoEmaOption = False,
+) -> None:
+    """Pass test images through the posterior and back; write each beside its reconstruction.
+
+    In the PNG every image is followed by its reconstruction (pairs, left to right). Prints
+    the path (default RUN/samples/reconstructions.png).
+
+    Example:
+
+        avi reconstruct runs/quickstart --n 16 --out reconstructions.png
+    """
+    import torch
+
+    from builders.images import save_grid
+
+    model, resolved, run_dir = load_model(run, device, not no_ema)
+    dev = next(model.parameters()).device
+    x = images(resolved, split.value, n).to(dev)
+    _seed(seed, dev)
+    recon = model.reconstruct(x, mode.value)
+    original = _center_crop((x + 1) / 2, recon.shape[-1])
+    pairs = torch.stack([original, recon.to(original.dtype)], 1).flatten(0, 1)   # [2n, C, H, W]
+    columns = 2 * max(1, min(8, round(len(x) ** 0.5)))
+    path = output or default_output(run_dir, "samples", "reconstructions.png")
+    out.print(str(_save(lambda p, im: save_grid(p, im, columns), path, pairs)), markup=False)
+
+
+def _center_crop(x, size: int):
+    extra = x.shape[-1] - size
+    if extra <= 0:
+        return x
+    a = extra // 2
+    return x[..., a:a + size, a:a + size]
+
+
+def _save(save, path: Path, images) -> Path:
+    try:
+        return save(path, images)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def register(app: typer.Typer) -> None:
+    app.command("sample")(sample_command)
+    app.command("reconstruct")(reconstruct_command)
+    # `avi plot` lives in cli/plot.py; register it here too until cli.main lists it
+    # (plot.register skips itself when it is already there).
+    from . import plot
+    plot.register(app)

@@ -1,0 +1,101 @@
+"""`avi train`: train a spec into a run directory (the work is in builders.training)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .common import SetOption, UserError, load, spec_file
+
+
+def _relaunch(n: int) -> int:
+    """Run this same command under torchrun with n processes (without --devices)."""
+    argv, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if a == "--devices":
+            skip = True
+            continue
+        if a.startswith("--devices="):
+            continue
+        argv.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           "-m", "cli.main", *argv]
+    return subprocess.call(cmd)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def train(
+        spec: Annotated[str, typer.Argument(metavar="SPEC", help="Spec file (or a run directory, with --resume).")],
+        overrides: SetOption = None,
+        out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default: runs/<name>).")] = None,
+        resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from checkpoints/last.pt.")] = False,
+        device: Annotated[str, typer.Option("--device", help="auto (CUDA if available), cpu or cuda.")] = "auto",
+        max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Stop after this many steps in total (last.pt is written).")] = None,
+        devices: Annotated[Optional[int], typer.Option("--devices", min=1, help="Data-parallel processes (relaunches itself under torchrun).")] = None,
+        quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
+        jsonl: Annotated[bool, typer.Option("--jsonl", help="Print every metrics line as JSON on stdout.")] = False,
+    ) -> None:
+        """Train a model: writes spec.yaml, metrics.jsonl, samples/ and checkpoints/ into the run directory.
+
+        A progress bar shows on a terminal; otherwise one line per epoch goes to stderr.
+        Resuming continues at the same step, schedule and data order; it is refused if
+        the spec changed.
+
+        Example:
+
+            avi train specs/quickstart.yaml
+
+            avi train specs/quickstart.yaml --set train.epochs=2 --max-steps 50 --out runs/try
+        """
+        if device not in ("auto", "cpu", "cuda"):
+            raise UserError(f"--device must be auto, cpu or cuda, not {device!r}")
+        if quiet and jsonl:
+            raise UserError("--quiet and --jsonl cannot be used together")
+        resolved = load(spec, overrides)
+        from avi_spec import SpecError
+        from avi_spec.validate import validate
+        problems = validate(resolved)
+        if problems:                      # nothing is built or written for an invalid spec
+            raise SpecError(problems)
+        if devices and devices > 1 and "WORLD_SIZE" not in os.environ:
+            if resolved.spec.train.batch_size % devices:
+                raise UserError(f"train.batch_size {resolved.spec.train.batch_size} is not divisible "
+                                f"by --devices {devices}")
+            raise typer.Exit(_relaunch(devices))
+        p = Path(spec)
+        if out is None:
+            out = p if (p.is_dir() and spec_file(p) != p) else Path("runs") / resolved.spec.name
+
+        from builders.checkpoint import CheckpointError
+        from builders.datasets import DatasetError
+        from builders.training import TrainingError, train as run_training
+
+        mode = "quiet" if quiet else "jsonl" if jsonl else "auto"
+        try:
+            result = run_training(resolved, out, resume=resume, device=device, max_steps=max_steps,
+                                  progress_mode=mode, devices=devices)
+        except (CheckpointError, DatasetError, TrainingError) as e:
+            raise UserError(str(e)) from None
+        except KeyboardInterrupt:
+            sys.stderr.write(f"interrupted; continue with: avi train {spec} --out {out} --resume\n")
+            raise typer.Exit(130) from None
+        if os.environ.get("RANK", "0") != "0":
+            return
+        if jsonl:
+            sys.stdout.write(json.dumps({"result": result}) + "\n")
+        elif not quiet:
+            nelbo = result.get("test_nelbo")
+            state = "finished" if result.get("finished") else "stopped"
+            summary = f"{state} at step {result['step']}, epoch {result['epoch']}: {result['out_dir']}"
+            if nelbo is not None:
+                summary += f"  (test NELBO {nelbo:.2f} nats)"
+            sys.stdout.write(summary + "\n")

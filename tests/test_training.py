@@ -1,0 +1,297 @@
+"""`avi train`: schedules, L2 groups, checkpoints, and real runs through the CLI (CPU).
+
+The runs use a tiny model (2 layers, 8 filters) on a 96/32-image folder cut from mnist5k, so
+an epoch is 6 steps of 16 images and every run takes a few seconds.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from avi_spec import load_spec
+from builders.build import build_model
+from builders.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from builders.datasets import load_images
+from builders.optim import attention_parameter_names, build_optimizer, parameter_groups
+from builders.schedules import kl_beta, learning_rate
+from builders.training import tensors_hash
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "specs" / "quickstart.yaml"
+
+
+# ------------------------------------------------------------------------ schedules
+
+def sched(**kw):
+    base = dict(name="cosine", warmup_epochs=5.0, warmup_start_lr=1e-4, min_lr=1e-4,
+                first_cycle_epochs=300.0, cycle_mult=2.0)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def test_cosine_warmup_matches_architecture_values():
+    s, spe = sched(), 10
+    lr = lambda epoch: learning_rate(epoch * spe, spe, s, 1e-2, 400)  # noqa: E731
+    assert lr(100) == pytest.approx(8.65e-3, abs=5e-6)
+    assert lr(200) == pytest.approx(5.15e-3, abs=5e-6)
+    assert lr(300) == pytest.approx(1.58e-3, abs=5e-6)
+    assert lr(5) == pytest.approx(1e-2)
+    assert lr(400) == pytest.approx(1e-4)
+    # Linear per-step warm-up from 1e-4 to 1e-2 over 5 epochs (50 steps).
+    assert learning_rate(0, spe, s, 1e-2, 400) == pytest.approx(1e-4)
+    assert learning_rate(25, spe, s, 1e-2, 400) == pytest.approx(1e-4 + 0.5 * (1e-2 - 1e-4))
+    assert learning_rate(49, spe, s, 1e-2, 400) == pytest.approx(1e-4 + 49 / 50 * (1e-2 - 1e-4))
+    # Constant within an epoch after warm-up.
+    assert learning_rate(1000, spe, s, 1e-2, 400) == learning_rate(1009, spe, s, 1e-2, 400)
+
+
+def test_cosine_restart_cycles():
+    s, spe = sched(name="cosine_restart"), 4
+    lr = lambda epoch: learning_rate(epoch * spe, spe, s, 1e-2, 900)  # noqa: E731
+    assert lr(5) == pytest.approx(1e-2)                     # cycle 1 starts at the peak
+    assert lr(155) == pytest.approx(0.5 * (1e-2 + 1e-4))    # half-way through cycle 1
+    assert lr(304) < 1.01e-4                                # end of cycle 1
+    assert lr(305) == pytest.approx(1e-2)                   # restart, peak unchanged
+    assert lr(605) == pytest.approx(0.5 * (1e-2 + 1e-4))    # half-way through the 600-epoch cycle 2
+    assert lr(899) == pytest.approx(1.03e-4, abs=2e-6)
+    assert lr(905) == pytest.approx(1e-2)                   # cycle 3
+
+
+def test_constant_schedule_and_kl_beta():
+    s = sched(name="constant", warmup_epochs=1.0)
+    assert learning_rate(0, 10, s, 3e-3, 5) == pytest.approx(1e-4)
+    assert learning_rate(10, 10, s, 3e-3, 5) == learning_rate(49, 10, s, 3e-3, 5) == 3e-3
+    kw = SimpleNamespace(epochs=16.0, start=0.1)
+    assert kl_beta(0, kw) == pytest.approx(0.1)
+    assert kl_beta(8, kw) == pytest.approx(0.55)
+    assert kl_beta(15, kw) == pytest.approx(0.1 + 0.9 * 15 / 16)
+    assert kl_beta(16, kw) == kl_beta(100, kw) == 1.0
+    assert kl_beta(3, SimpleNamespace(epochs=0.0, start=0.1)) == 1.0
+
+
+# ------------------------------------------------------------------------ L2 groups
+
+def test_parameter_groups_split_attention_parameters():
+    resolved = load_spec(QUICKSTART)
+    model = build_model(resolved.spec, "cpu")
+    groups = parameter_groups(model, 1.5e-4, 0.01)
+    default, attention = groups
+    assert default["weight_decay"] == pytest.approx(3e-4) and attention["weight_decay"] == pytest.approx(0.02)
+    ids = lambda ps: {id(p) for p in ps}  # noqa: E731
+    assert not ids(default["params"]) & ids(attention["params"])
+    assert len(default["params"]) + len(attention["params"]) == len(list(model.parameters()))
+    names = attention_parameter_names(model)
+    assert "constant" in names
+    assert any(n.endswith("gen_attention.gamma") for n in names)
+    assert any(n.endswith("inf_attention.gamma") for n in names)
+    assert any("nonlocal" in n.lower() and n.endswith("gamma") or n.endswith(".gamma") and "merge" in n
+               for n in names)
+    assert any("renorm_old" in n for n in names)
+    assert any("norm_output.norm" in n for n in names)
+    named = dict(model.named_parameters())
+    assert not any(n.endswith("temperature") for n in names)   # non-local t: default group
+    assert all(named[n] is not None for n in names)
+    opt = build_optimizer(model, resolved.spec.train.optimizer)
+    assert isinstance(opt, torch.optim.Adamax) and len(opt.param_groups) == 2
+
+
+# ------------------------------------------------------------------------ checkpoint files
+
+def test_checkpoint_atomic_and_corrupt(tmp_path):
+    path = tmp_path / "checkpoints" / "last.pt"
+    save_checkpoint(path, {"step": 1, "w": torch.arange(3)})
+    save_checkpoint(path, {"step": 2, "w": torch.arange(3)})
+    assert load_checkpoint(path)["step"] == 2
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.prev.pt")["step"] == 1
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.prev.pt", "last.pt"]
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="is corrupt"):
+        load_checkpoint(path)
+
+
+# ------------------------------------------------------------------------ runs via the CLI
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny spec on a 96-train / 32-test folder dataset (6 steps per epoch)."""
+    root = tmp_path_factory.mktemp("tiny")
+    for split, n in (("train", 96), ("test", 32)):
+        (root / "data" / split).mkdir(parents=True)
+        imgs = load_images("mnist5k", None, split)[:n, 0]          # [n, 28, 28] uint8
+        np.save(root / "data" / split / "images.npy", imgs)
+    spec = root / "tiny.yaml"
+    spec.write_text(f"""extends: {QUICKSTART}
+name: tiny
+data: {{dataset: folder, root: {root / 'data'}}}
+hierarchy: {{layers: 2, latent: {{channels: 4, size: 8}}}}
+cells:
+  preprocess: {{filters: 8}}
+  decoder: {{filters: 8}}
+train:
+  batch_size: 16
+  epochs: 3
+  kl_warmup: {{epochs: 2, start: 0.1}}
+  log_every: 1
+  checkpoint_every: 2
+""")
+    return SimpleNamespace(root=root, spec=spec)
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def avi(*args, env=None, check=None, **kw):
+    r = subprocess.run([sys.executable, "-m", "cli.main", "train", *map(str, args)], cwd=REPO,
+                       env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=300, **kw)
+    if check is not None:
+        assert r.returncode == check, f"rc {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    return r
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(run: Path, name: str = "last.pt") -> str:
+    return tensors_hash(load_checkpoint(run / "checkpoints" / name)["model"])
+
+
+def by_step(rows: list[dict]) -> dict:
+    """Last record per (step, kind), without the timing fields."""
+    out = {}
+    for r in rows:
+        key = (r["step"], "test_nelbo" in r)
+        out[key] = {k: v for k, v in r.items() if k not in ("it_per_s", "epoch_seconds")}
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    run = tiny.root / "ref"
+    avi(tiny.spec, "--out", run, check=0)
+    return run
+
+
+def test_run_writes_the_run_directory(tiny, reference):
+    run = reference
+    text = (run / "spec.yaml").read_text()
+    assert text.startswith("# ") and "hash" in text.splitlines()[0]
+    rows = metrics(run)
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 19))
+    for r in steps:
+        assert {"step", "epoch", "lr", "beta", "loss", "nll", "kl", "grad_norm", "skipped",
+                "it_per_s"} <= set(r)
+        assert math.isfinite(r["loss"])
+    assert [r["beta"] for r in steps][::6] == pytest.approx([0.1, 0.55, 1.0])
+    epochs = [r for r in rows if "test_nelbo" in r]
+    assert [r["epoch"] for r in epochs] == [0, 1, 2] and all(math.isfinite(r["test_nelbo"]) for r in epochs)
+    assert {p.name for p in (run / "checkpoints").iterdir()} >= {"last.pt", "best.pt", "last.prev.pt"}
+    assert sorted(p.name for p in (run / "samples").iterdir()) == \
+        ["epoch_0001.png", "epoch_0002.png", "epoch_0003.png"]
+    assert (run / "samples" / "epoch_0001.png").read_bytes()[:4] == b"\x89PNG"
+    payload = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert payload["state"]["step"] == 18 and payload["state"]["epoch"] == 3
+    assert payload["spec"]["name"] == "tiny"
+    # A second run into the same directory is refused.
+    r = avi(tiny.spec, "--out", run, check=2)
+    assert "--resume" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_same_seed_gives_identical_runs(tiny, reference):
+    run = tiny.root / "again"
+    avi(tiny.spec, "--out", run, "--quiet", check=0)
+    assert weights(run) == weights(reference)
+    assert by_step(metrics(run)) == by_step(metrics(reference))
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tiny, reference):
+    run = tiny.root / "killed"
+    last = run / "checkpoints" / "last.pt"
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "train", str(tiny.spec), "--out", str(run),
+                             "--quiet"], cwd=REPO, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = load_checkpoint(last)["state"]["step"]
+    assert killed_at < 18
+    r = avi(tiny.spec, "--out", run, "--resume", check=0)
+    assert "resuming" in r.stderr
+    assert weights(run) == weights(reference)
+    ref = by_step(metrics(reference))
+    got = by_step(metrics(run))
+    assert got == ref
+
+
+def test_max_steps_and_resume_continue_exactly(tiny, reference):
+    run = tiny.root / "steps"
+    avi(tiny.spec, "--out", run, "--max-steps", 7, "--quiet", check=0)
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["state"]["step"] == 7
+    avi(tiny.spec, "--out", run, "--resume", "--quiet", check=0)
+    assert weights(run) == weights(reference)
+
+
+def test_corrupt_last_falls_back_to_previous(tiny, reference):
+    import shutil
+    run = tiny.root / "corrupt"
+    shutil.copytree(reference, run)
+    last, prev = run / "checkpoints" / "last.pt", run / "checkpoints" / "last.prev.pt"
+    prev_bytes = prev.read_bytes()
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 3])
+    r = avi(tiny.spec, "--out", run, "--resume", check=0)
+    assert "last.pt is corrupt" in r.stderr and "last.prev.pt" in r.stderr
+    assert prev.read_bytes() == prev_bytes or load_checkpoint(prev)
+    # Both unreadable: a clear error, exit 2, no traceback.
+    prev.write_bytes(b"not a checkpoint")
+    last.write_bytes(data[: len(data) // 3])
+    r = avi(tiny.spec, "--out", run, "--resume", check=2)
+    assert "corrupt" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_resume_with_a_different_spec_is_refused(tiny, reference):
+    r = avi(tiny.spec, "--out", reference, "--resume", "--set", "train.seed=7", check=2)
+    assert "train.seed: 0 -> 7" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_two_process_ddp_keeps_replicas_identical(tiny, tmp_path):
+    run, hashes = tmp_path / "ddp", tmp_path / "hashes"
+    r = avi(tiny.spec, "--out", run, "--devices", 2, "--device", "cpu", "--max-steps", 3, "--quiet",
+            env={"AVI_TEST_WEIGHTS_HASH_DIR": str(hashes)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    h0, h1 = (hashes / "rank0.txt").read_text(), (hashes / "rank1.txt").read_text()
+    assert h0 == h1
+    payload = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert payload["state"]["step"] == 3 and payload["world_size"] == 2
+    # Parameters are replicated exactly; batch-norm statistics are per process (ARCH 7).
+    model = build_model(load_spec(tiny.spec).spec, "cpu")
+    model.load_state_dict(payload["model"])
+    assert tensors_hash({k: p.detach() for k, p in model.named_parameters()}) == h0
+    # Sanity: the two-process run is not the single-process one (different batch shares and noise).
+    single = tmp_path / "single"
+    avi(tiny.spec, "--out", single, "--device", "cpu", "--max-steps", 3, "--quiet", check=0)
+    assert weights(single) != weights(run)
+
+
+def test_non_finite_updates_are_skipped_then_abort(tiny, tmp_path):
+    run = tmp_path / "diverge"
+    r = avi(tiny.spec, "--out", run, "--max-steps", 12, "--set", "train.optimizer.lr=1e30",
+            "--set", "train.schedule.warmup_epochs=0", "--set", "train.max_skipped=2", check=2)
+    assert "non-finite" in r.stderr and "train.max_skipped" in r.stderr and "Traceback" not in r.stderr
+    assert any(row["skipped"] > 0 for row in metrics(run) if "skipped" in row)
