@@ -18,6 +18,20 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
+class _KeysAndQueries(_Strict):
+    """An attention whose queries are compared with its keys (key_dim and query_dim)."""
+
+    @model_validator(mode="after")
+    def _query_dim_defaults_to_key_dim(self):
+        """A query_dim left out is key_dim (they must be equal), so stating key_dim alone is
+        enough and the resolved document shows both. (An "after" validator: a "before" one
+        would see the loader's strict JSON input as Python data, where strict validation
+        refuses the string layer keys of `sources: {explicit: ...}`.)"""
+        if "key_dim" in self.model_fields_set and "query_dim" not in self.model_fields_set:
+            self.query_dim = self.key_dim
+        return self
+
+
 # ----------------------------------------------------------------------------- data
 
 class Bernoulli(_Strict):
@@ -90,9 +104,9 @@ class Hierarchy(_Strict):
 
 # ---------------------------------------------------------------------------- cells
 
-class NonLocal(_Strict):
+class NonLocal(_KeysAndQueries):
     key_dim: int = Field(32, ge=1, le=4096, description="Key size of the spatial self-attention (non-local) block.")
-    query_dim: int = Field(32, ge=1, le=4096, description="Query size; dot products need it equal to key_dim.")
+    query_dim: int = Field(32, ge=1, le=4096, description="Query size; dot products need it equal to key_dim (default: key_dim).")
 
 
 class CellGroup(_Strict):
@@ -144,9 +158,9 @@ class Explicit(_Strict):
 Sources = Union[Literal["all"], LastK, Explicit]
 
 
-class DepthwiseAttention(_Strict):
+class DepthwiseAttention(_KeysAndQueries):
     key_dim: int = Field(20, ge=1, le=4096, description="Channels of the keys the cells emit.")
-    query_dim: int = Field(20, ge=1, le=4096, description="Channels of the queries; must equal key_dim.")
+    query_dim: int = Field(20, ge=1, le=4096, description="Channels of the queries; must equal key_dim (default: key_dim).")
     layer_norm: bool = Field(True, description="Normalise with x + GELU(LayerNorm(x)) (Eq. 5-6).")
     learn_temperature: bool = Field(False, description="Learn the softmax temperature (the reference keeps it fixed at 1).")
     sources: Sources = Field("all", description="Which layers each layer may attend to: all (the paper), {last: k}, or {explicit: {layer: [layers]}}.")
@@ -164,6 +178,8 @@ class Optimizer(_Strict):
     lr: float = Field(0.01, gt=0.0, description="Peak learning rate.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam-family betas.")
     eps: float = Field(1e-3, gt=0.0, description="Adam-family epsilon.")
+    eps_mode: Literal["keras", "torch"] = Field(
+        "keras", description="Adamax only: keras adds eps to the denominator (u + eps, the reference code); torch puts it inside the max, as torch.optim.Adamax.")
     l2: float = Field(1.5e-4, ge=0.0, description="L2 strength on conv weights, log-magnitudes, biases and batch-norm parameters (loss + l2 * w^2).")
     l2_attention: float = Field(0.01, ge=0.0, description="L2 strength on attention layer norms, attention/non-local gammas and the layer-0 constant.")
 

@@ -98,6 +98,7 @@ class _Checker:
 
     def run(self) -> list[Problem]:
         self.check_data()
+        self.check_train()
         self.check_sizes()
         self.check_keys()
         self.check_sources()
@@ -119,6 +120,11 @@ class _Checker:
                          f"crop may leave out at most the {data.pad} padding pixels per side (data.pad), "
                          f"found crop: {dist.crop}, which would drop real pixels from the likelihood",
                          hint=f"set crop: {data.pad}", near=(("data", "pad"),))
+            if data.flips is not None:
+                self.add(("data", "flips"),
+                         "flips are an augmentation of 8-bit images; binary data (a bernoulli "
+                         "likelihood) is trained without them, found data.flips set",
+                         hint="set data.flips: null")
         else:
             if ds == "omniglot":
                 self.add(("data", "distribution", "kind"),
@@ -131,6 +137,12 @@ class _Checker:
                          "a discretized logistic mixture scores 8-bit values (data.binarize: none), "
                          f"found data.binarize: {data.binarize} (binary pixels)",
                          hint="set data.binarize: none, or use kind: bernoulli for binary data", near=(("data", "distribution"), ("data", "binarize")))
+            if data.pad > 0:
+                self.add(("data", "pad"),
+                         "a discretized logistic mixture scores every pixel of the model's grid, "
+                         f"padding included, so its images cannot be padded, found pad: {data.pad}",
+                         hint="set data.pad: 0",
+                         near=(("data", "distribution", "kind"),))
         if ds in DATASET_CHANNELS and data.image.channels != DATASET_CHANNELS[ds]:
             self.add(("data", "image", "channels"),
                      f"{ds} images have {DATASET_CHANNELS[ds]} channel(s), found channels: {data.image.channels}",
@@ -145,6 +157,15 @@ class _Checker:
             self.add(("data", "root"),
                      f"dataset {ds} is read from files, so data.root (the folder holding them) is required, found none",
                      hint="add data.root to the spec or pass --set data.root=DIR", near=(("data", "dataset"),))
+
+    def check_train(self) -> None:
+        train = self.spec.train
+        sched, lr = train.schedule, train.optimizer.lr
+        if sched.name != "constant" and sched.min_lr > lr:
+            self.add(("train", "schedule", "min_lr"),
+                     f"the {sched.name} schedule decays from train.optimizer.lr = {lr:g} down to "
+                     f"min_lr, so min_lr may not exceed it, found min_lr: {sched.min_lr:g}",
+                     hint=f"set train.schedule.min_lr <= {lr:g}", near=(("train", "optimizer", "lr"),))
 
     def check_sizes(self) -> None:
         spec, d = self.spec, self.d

@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from avi_spec import load_spec  # noqa: E402
 from builders.build import build_model  # noqa: E402
 from builders.depthwise_attention import depthwise_attend  # noqa: E402
+from builders.optim import build_optimizer  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -71,16 +72,23 @@ def autocast(args):
 def peak_memory_reset(args) -> None:
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+        return
+    try:                                  # Linux: writing 5 resets the process's peak RSS
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def peak_memory_mb(args) -> float | None:
     if args.device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    try:                                  # CPU: the process's peak resident set (Linux)
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    except ImportError:
-        return None
+    try:                                  # CPU: peak resident set since the reset (Linux)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def model_for(spec_path: str, args, overrides=()):
@@ -99,8 +107,8 @@ def batch_for(spec, n: int, device: str) -> torch.Tensor:
     return torch.round(x * 255) / 127.5 - 1
 
 
-def train_step_fn(model, x, args):
-    opt = torch.optim.Adamax(model.parameters(), lr=1e-4, eps=1e-3)
+def train_step_fn(model, spec, x, args):
+    opt = build_optimizer(model, spec.train.optimizer)      # the spec's Adamax and L2 groups
     model.train()
 
     def step():
@@ -138,7 +146,7 @@ def bench_step(args) -> None:
         model, spec = model_for(case, args)
         x = batch_for(spec, args.batch, args.device)
         peak_memory_reset(args)
-        seconds = timed(train_step_fn(model, x, args), args)
+        seconds = timed(train_step_fn(model, spec, x, args), args)
         params = sum(p.numel() for p in model.parameters())
         mem = peak_memory_mb(args)
         results[spec.name] = {"seconds": seconds, "images_per_s": args.batch / seconds,
@@ -162,7 +170,7 @@ def bench_depth(args) -> None:
                                 [f"hierarchy.layers={layers}"] + args.depth_overrides)
         x = batch_for(spec, args.batch, args.device)
         peak_memory_reset(args)
-        seconds = timed(train_step_fn(model, x, args), args)
+        seconds = timed(train_step_fn(model, spec, x, args), args)
         mem = peak_memory_mb(args)
         results[layers] = {"seconds": seconds, "peak_mb": mem}
         rows.append([layers, f"{seconds * 1000:.0f}", f"{seconds * 1000 / layers:.1f}",

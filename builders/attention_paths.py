@@ -14,9 +14,12 @@ from torch import nn
 from .depthwise_attention import ChannelLayerNorm, ResidualGeluNorm, depthwise_attend
 
 
-def _temperature(learn: bool) -> nn.Parameter | torch.Tensor:
+def _add_temperature(module: nn.Module, learn: bool) -> None:
     # The reference keeps t outside Keras' tracking, so it stays 1 and is not counted.
-    return nn.Parameter(torch.ones(())) if learn else torch.ones(())
+    if learn:
+        module.temperature = nn.Parameter(torch.ones(()))
+    else:
+        module.register_buffer("temperature", torch.ones(()), persistent=False)
 
 
 class GenerativeAttention(nn.Module):
@@ -35,11 +38,7 @@ class GenerativeAttention(nn.Module):
         self.norm_newest = ChannelLayerNorm(c_values) if layer_norm and normalise_newest else None
         self.norm_output = ResidualGeluNorm(c_values) if layer_norm else None      # Eq. 6
         self.gamma = nn.Parameter(torch.zeros(()))                                 # Eq. 9
-        t = _temperature(learn_temperature)
-        if isinstance(t, nn.Parameter):
-            self.temperature = t
-        else:
-            self.register_buffer("temperature", t, persistent=False)
+        _add_temperature(self, learn_temperature)
 
     def forward(self, ctx: torch.Tensor, query: torch.Tensor, keys: list[torch.Tensor],
                 values: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -63,11 +62,7 @@ class InferenceAttention(nn.Module):
         self.norm_output = ResidualGeluNorm(c_values) if layer_norm else None
         self.norm_features = ResidualGeluNorm(c_values) if layer_norm else None
         self.gamma = nn.Parameter(torch.zeros(()))
-        t = _temperature(learn_temperature)
-        if isinstance(t, nn.Parameter):
-            self.temperature = t
-        else:
-            self.register_buffer("temperature", t, persistent=False)
+        _add_temperature(self, learn_temperature)
 
     def forward(self, h: torch.Tensor, query: torch.Tensor, keys: list[torch.Tensor],
                 values: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

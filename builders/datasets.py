@@ -48,6 +48,20 @@ def load_images(dataset: str, root: str | Path | None = None, split: str = "trai
     return loaders[dataset](folder, split)
 
 
+def load_spec_images(data, split: str = "train") -> np.ndarray:
+    """``load_images`` for a spec's ``data`` section, checked against ``data.image``: images of
+    another shape (a folder of, say, 32x32 images under a 28x28 spec) are a DatasetError here
+    rather than a shape error deep inside the model."""
+    images = load_images(data.dataset, data.root, split)
+    want = (data.image.channels, data.image.size, data.image.size)
+    if tuple(images.shape[1:]) != want:
+        c, h, w = images.shape[1:]
+        raise DatasetError(f"the {split} images of {data.dataset} are {c} x {h}x{w} (channels x "
+                           f"height x width), but the spec says data.image: {{channels: {want[0]}, "
+                           f"size: {want[1]}}}; set data.image to the images' shape")
+    return images
+
+
 # ---------------------------------------------------------------------------------- mnist5k
 
 MNIST5K_TEST_PER_CLASS = 50

@@ -46,30 +46,6 @@ def depthwise_attend(query: torch.Tensor, keys: Maps, values: Maps,
     return out, scores.transpose(0, 1)
 
 
-def depthwise_attend_loop(query: torch.Tensor, keys_list: Sequence[torch.Tensor],
-                          values_list: Sequence[torch.Tensor],
-                          temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference for tests: Eq. 3-4 written out pixel by pixel and candidate by candidate."""
-    b_, _, h_, w_ = query.shape
-    n = len(keys_list)
-    out = torch.zeros(b_, values_list[0].shape[1], h_, w_, dtype=torch.float64)
-    scores = torch.zeros(b_, n, h_, w_, dtype=torch.float64)
-    for b in range(b_):
-        for i in range(h_):
-            for j in range(w_):
-                q = query[b, :, i, j].double()
-                logits = [temperature * float(q @ keys_list[m][b, :, i, j].double())
-                          for m in range(n)]
-                top = max(logits)
-                weights = [torch.exp(torch.tensor(l - top, dtype=torch.float64)) for l in logits]
-                total = sum(weights)
-                for m in range(n):
-                    a = weights[m] / total
-                    scores[b, m, i, j] = a
-                    out[b, :, i, j] += a * values_list[m][b, :, i, j].double()
-    return out, scores
-
-
 class ChannelLayerNorm(nn.LayerNorm):
     """LayerNorm over the channels of each pixel of an NCHW tensor (channels-last LN)."""
 
@@ -78,6 +54,11 @@ class ChannelLayerNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.movedim(1, -1)).movedim(-1, 1)
+
+
+class ContextLayerNorm(ChannelLayerNorm):
+    """The per-depth plain LN applied once to a stored context (ARCHITECTURE.md section 4,
+    step 1); its own class so the optimizer can give it the attention L2 strength."""
 
 
 class ResidualGeluNorm(nn.Module):

@@ -42,16 +42,6 @@ class RunError(Exception):
 
 # ------------------------------------------------------------------ device helpers
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """"auto" -> cuda when available, else cpu. Asking for cuda without one is a RunError."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RunError("--device cuda was asked for, but no CUDA device is available")
-    return dev
-
-
 def _model_device(model: nn.Module) -> torch.device:
     for t in model.parameters():
         return t.device
@@ -137,8 +127,8 @@ def importance_sampled_nll(model: nn.Module, batches: Iterable[torch.Tensor], k:
     batches: model-input tensors [B, ...]; moved to the model's device.
     k: importance samples per image. chunk: samples per image per pass (None: auto_chunk).
     progress: called with the number of images of each finished batch.
-    dims: data dimensions D (C*H*W of the raw 8-bit image) for bits/dim; None when the data
-      is binary, or inferred from ``model.spec`` for an attentive VAE with 8-bit data.
+    dims: data dimensions D for bits/dim (0: no bits/dim); None infers it from ``model.spec``
+      (``data_dims``: 8-bit data only, binary data is reported in nats).
     seed: reseed the global RNG before every batch (batch_seed(seed, index)) for reproducibility.
 
     Returns a dict: importance_samples, examples, chunk, nll_nats (mean -log p(x)),
@@ -214,17 +204,13 @@ def _mean_stderr(values: np.ndarray) -> tuple[float, float | None]:
 
 
 def data_dims(model: nn.Module) -> int | None:
-    """D = C*H*W of the raw image for 8-bit data (bits/dim), None for binary data or a model
-    without a spec."""
+    """D of bits/dim (preprocess.likelihood_dims, as training uses) for 8-bit data; None for
+    binary data (reported in nats) or a model without a spec."""
+    from .preprocess import data_kind, likelihood_dims
     spec = getattr(model, "spec", None)
-    if spec is None or is_binary(spec):
+    if spec is None or data_kind(spec) == "binary":
         return None
-    return spec.data.image.channels * spec.data.image.size ** 2
-
-
-def is_binary(spec) -> bool:
-    from avi_spec.schema import Bernoulli
-    return isinstance(spec.data.distribution, Bernoulli)
+    return likelihood_dims(spec)
 
 
 # ------------------------------------------------------------------ KL and attention
@@ -281,22 +267,23 @@ def attention_maps(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[st
 # ------------------------------------------------------------------ data
 
 def eval_images(spec, split: str = "test", limit: int | None = None, seed: int = 0):
-    """The evaluation images of a spec's dataset as model input [N, C, S, S] (CPU, float32).
+    """The evaluation images of a spec's dataset as model input [N, C, S, S] (CPU, float32),
+    padded by data.pad as in training.
 
-    Binary data: padded to 32 and binarised once with a fixed ``seed`` (BinarizedTestSet;
-    0 = builders.training.TEST_BINARIZATION_SEED, so eval scores the bits training tested on).
+    Binary data: binarised once with a fixed ``seed`` (BinarizedTestSet; 0 =
+    builders.training.TEST_BINARIZATION_SEED, so eval scores the bits training tested on).
     8-bit data: mapped to [-1, 1], no flips, as the trainer feeds it. ``limit`` keeps the
     first N images.
-    Raises builders.datasets.DatasetError when the files are missing.
+    Raises builders.datasets.DatasetError when the files are missing or of another shape.
     """
-    from .datasets import load_images
-    from .preprocess import BinarizedTestSet, prepare_batch
-    images = load_images(spec.data.dataset, spec.data.root, split)
+    from .datasets import load_spec_images
+    from .preprocess import BinarizedTestSet, data_kind, prepare_batch
+    images = load_spec_images(spec.data, split)
     if limit is not None:
         images = images[:limit]
-    if is_binary(spec):
-        return BinarizedTestSet(images, seed)[:]
-    return prepare_batch(images, "cifar", None, train=False)
+    if data_kind(spec) == "binary":
+        return BinarizedTestSet(images, seed, pad=spec.data.pad)[:]
+    return prepare_batch(images, "cifar", None, train=False, pad=spec.data.pad)
 
 
 def batched(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
@@ -328,58 +315,33 @@ def _read_checkpoint(path: Path) -> dict:
     """The checkpoint's payload (builders.checkpoint: weights_only=True, on the CPU)."""
     from .checkpoint import CheckpointError, load_checkpoint
     try:
-        ck = load_checkpoint(path)
+        return load_checkpoint(path)          # refuses anything but an avi checkpoint
     except CheckpointError as e:
         raise RunError(str(e)) from None
-    if not isinstance(ck, dict):
-        raise RunError(f"{path} is not an avi checkpoint (found a {type(ck).__name__})")
-    return ck
-
-
-def _first(ck: dict, names: tuple[str, ...]):
-    for n in names:
-        if ck.get(n) is not None:
-            return ck[n]
-    return None
-
-
-def _state_dict(obj) -> dict | None:
-    """A state dict, or one nested under a usual key (EMA objects keep `shadow`/`params`)."""
-    if not isinstance(obj, dict):
-        return None
-    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj
-    for key in ("state_dict", "shadow", "params", "model", "weights"):
-        inner = _state_dict(obj.get(key))
-        if inner is not None:
-            return inner
-    return None
 
 
 def load_trained(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True):
     """Load a trained model for evaluation -> (model in eval mode, ResolvedSpec, run dir|None).
 
     ``path`` is a run directory (checkpoints/best.pt if present, else checkpoints/last.pt;
-    see find_checkpoint) or a .pt checkpoint. The spec is the resolved document saved in the
+    see find_checkpoint) or a .pt checkpoint of `avi train` (builders.training's payload:
+    "spec", "model", "ema", "state"). The spec is the resolved document saved in the
     checkpoint (else the run directory's spec.yaml). With ``use_ema`` and EMA weights in the
-    checkpoint, those replace the trained weights. Raises RunError on bad input.
+    checkpoint, those replace the trained weights. Raises RunError on bad input and
+    builders.devices.DeviceError for an unavailable device.
     """
     from avi_spec import SpecError, load_document, load_spec
 
     from .build import build_model
+    from .devices import resolve_device
 
     dev = resolve_device(device)
     ckpt, run = find_checkpoint(path)
     ck = _read_checkpoint(ckpt)
-    doc = _first(ck, ("spec", "document", "spec_document", "resolved_spec"))
-    if isinstance(doc, dict) and isinstance(doc.get("document"), dict):
-        doc = doc["document"]
+    doc = ck.get("spec")
     try:
         if isinstance(doc, dict):
             resolved = load_document(doc, source=str(ckpt))
-        elif isinstance(doc, str):
-            from avi_spec import load_text
-            resolved = load_text(doc, source=str(ckpt))
         elif run is not None and (run / "spec.yaml").is_file():
             resolved = load_spec(run / "spec.yaml")
         else:
@@ -387,13 +349,13 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", use_ema: 
     except SpecError as e:
         raise RunError(f"the spec saved with {ckpt} is not valid: "
                        + "; ".join(f"{p.path or '(document)'}: {p.message}" for p in e.problems)) from None
-    state = _state_dict(_first(ck, ("model", "model_state", "state_dict", "model_state_dict")))
-    if state is None:
+    state = ck.get("model")
+    if not isinstance(state, dict):
         raise RunError(f"{ckpt} holds no model weights (keys: {', '.join(map(str, ck))})")
     model = build_model(resolved.spec, device="cpu")
     try:
         model.load_state_dict(state)
-        ema = _state_dict(_first(ck, ("ema", "ema_state", "ema_model"))) if use_ema else None
+        ema = ck.get("ema") if use_ema else None
         if ema is not None:
             unknown = set(ema) - set(model.state_dict())
             if unknown:

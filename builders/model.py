@@ -24,9 +24,16 @@ from avi_spec.schema import Bernoulli, Spec
 from .attention_paths import GenerativeAttention, InferenceAttention
 from .cells import CellGroup
 from .conv import WNConv2d
-from .depthwise_attention import ChannelLayerNorm
+from .depthwise_attention import ContextLayerNorm
 from .distributions import BernoulliHead, DiscretizedLogisticMixtureHead, Gaussian
 from .merge import BottomUpMerge, TopDownMerge
+
+
+def _fp32(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Run a distribution head outside autocast: the means and log-scales it produces set the
+    likelihood, and bf16's 2^-8 spacing near 1 is about a bin of the 8-bit data (2/255)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return module(x.to(torch.promote_types(x.dtype, torch.float32)))
 
 
 def _key(cfg) -> int | None:
@@ -69,7 +76,7 @@ class VariationalLayer(nn.Module):
             # Per-depth plain LN of the context two layers up, applied once and for good just
             # before this layer runs (reference behaviour, section 4 step 1). Only built when
             # some layer from here on can still read that context.
-            self.renorm_old = (ChannelLayerNorm(d.stored_width(l - 2))
+            self.renorm_old = (ContextLayerNorm(d.stored_width(l - 2))
                                if gen is not None and l >= 2 and _read_later(d, l - 2, l) else None)
         else:
             self.merge = self.decoder = self.prior_head = self.bottomup_merge = None
@@ -114,10 +121,7 @@ class DeepAttentiveVAE(nn.Module):
             CellGroup(d.bottom_up_width, cells.encoder.scales, _key(cells.encoder),
                       num_nodes=cells.encoder.nodes) for _ in range(L))
         # Layer 0's context is learned: [ctx (C_D + q_E) | kD (k_D)], broadcast over the batch.
-        self.constant = nn.Parameter(torch.rand(1, d.stored_width(0), d.feature_size,
-                                                d.feature_size) if not _on_meta() else
-                                     torch.empty(1, d.stored_width(0), d.feature_size,
-                                                 d.feature_size))
+        self.constant = nn.Parameter(torch.rand(1, d.stored_width(0), d.feature_size, d.feature_size))
         gen_src, inf_src = sources.get("generative", {}), sources.get("inference", {})
         self.layers = nn.ModuleList(
             VariationalLayer(spec, d, l, gen_src.get(l, []), inf_src.get(l, [])) for l in range(L))
@@ -152,7 +156,7 @@ class DeepAttentiveVAE(nn.Module):
         return c[:, :w], c[:, w:]
 
     def _prior(self, layer: VariationalLayer, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mu, s = layer.prior_head(condition).float().chunk(2, dim=1)
+        mu, s = _fp32(layer.prior_head, condition).chunk(2, dim=1)
         if self.training and self.prior_noise > 0:
             s = s + self.prior_noise * torch.randn_like(s)
         return mu, s
@@ -220,7 +224,7 @@ class DeepAttentiveVAE(nn.Module):
                 if record_attention:
                     scores["inference"][l] = a.detach()
                 merged = torch.cat([h_own, k_own], 1) if d.k_e else h_own
-            dmu, ds = layer.posterior_head(merged).float().chunk(2, dim=1)
+            dmu, ds = _fp32(layer.posterior_head, merged).chunk(2, dim=1)
             if self.training and self.post_noise > 0:
                 ds = ds + self.post_noise * torch.randn_like(ds)
             if l >= 1 and self.residual:
@@ -236,7 +240,7 @@ class DeepAttentiveVAE(nn.Module):
         stats = {"attention": scores}
         if e is not None:
             stats.update(kl=torch.stack(kls, 1), log_pz=log_pz, log_qz=log_qz)
-        return self.head(h), stats
+        return _fp32(self.head, h), stats
 
     # ------------------------------------------------------------------ API
 
@@ -280,6 +284,3 @@ class DeepAttentiveVAE(nn.Module):
         params, _ = self.top_down(self.bottom_up(x), x.shape[0])
         return self._image(params, mode)
 
-
-def _on_meta() -> bool:
-    return torch.empty(0).is_meta

@@ -11,7 +11,9 @@ penalty in the loss, and cheaper). Two groups:
   default    lambda = train.optimizer.l2: everything else (conv directions, log-magnitudes,
              biases, batch-norm parameters, temperatures).
 
-``adamax`` and ``adam`` use PyTorch's coupled ``weight_decay`` (= 2 * lambda). ``adamw`` uses
+``adamax`` with ``eps_mode: keras`` (the default) is KerasAdamax below, the update the
+reference code ran; with ``eps_mode: torch`` it is torch.optim.Adamax. ``adamax`` and ``adam``
+use coupled ``weight_decay`` (= 2 * lambda). ``adamw`` uses
 its decoupled weight decay instead, with the same 2 * lambda per group as the decay rate
 (scaled by the learning rate inside AdamW) - a different regulariser, offered for experiments.
 """
@@ -23,7 +25,52 @@ import torch
 from torch import nn
 
 from .attention_paths import GenerativeAttention, InferenceAttention
+from .depthwise_attention import ContextLayerNorm
 from .nonlocal_block import NonLocal
+
+
+class KerasAdamax(torch.optim.Optimizer):
+    """Adamax as Keras computes it: u_t = max(beta2 u, |g|), step lr / (1 - beta1^t) * m / (u + eps).
+
+    torch.optim.Adamax puts eps inside the max instead (max(beta2 u, |g| + eps)); at the
+    paper's eps = 1e-3 the two differ visibly for parameters with small gradients
+    (ARCHITECTURE.md section 7). Coupled weight decay: g <- g + weight_decay * w.
+    """
+
+    def __init__(self, params, lr: float = 2e-3, betas=(0.9, 0.999), eps: float = 1e-3,
+                 weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            (b1, b2), eps, lr, wd = group["betas"], group["eps"], group["lr"], group["weight_decay"]
+            for p in params:
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.zeros((), dtype=torch.float32)
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_inf"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["step"] += 1
+            grads = [p.grad for p in params]
+            if wd:
+                grads = torch._foreach_add(grads, params, alpha=wd)
+            m = [self.state[p]["exp_avg"] for p in params]
+            u = [self.state[p]["exp_inf"] for p in params]
+            torch._foreach_lerp_(m, grads, 1 - b1)                      # m = b1 m + (1 - b1) g
+            torch._foreach_mul_(u, b2)
+            torch._foreach_maximum_(u, torch._foreach_abs(grads))         # u = max(b2 u, |g|)
+            t = float(self.state[params[0]]["step"])
+            denom = torch._foreach_add(u, eps)
+            torch._foreach_addcdiv_(params, m, denom, value=-lr / (1 - b1 ** t))
+        return loss
 
 
 def attention_parameter_names(model: nn.Module) -> set[str]:
@@ -38,7 +85,7 @@ def attention_parameter_names(model: nn.Module) -> set[str]:
                     names.add(prefix + p_name)
         elif isinstance(module, NonLocal):
             names.add(prefix + "gamma")
-        elif mod_name.endswith("renorm_old"):
+        elif isinstance(module, ContextLayerNorm):
             for p_name, _ in module.named_parameters():
                 names.add(prefix + p_name)
     if any(n == "constant" for n, _ in model.named_parameters()):
@@ -78,6 +125,8 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     learning rate is set on every step by the trainer (builders.schedules)."""
     groups = parameter_groups(model, cfg.l2, cfg.l2_attention)
     classes = {"adamax": torch.optim.Adamax, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    if cfg.name == "adamax" and cfg.eps_mode == "keras":
+        return KerasAdamax(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     cls = classes[cfg.name]
     params = [p for g in groups for p in g["params"]]
     return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **_fast_kwargs(cls, params))

@@ -1,9 +1,12 @@
 """Turn raw image batches into model input (ARCHITECTURE.md section 1).
 
-Binary datasets (MNIST, OMNIGLOT): grey level p in [0, 1], zero-padded 28 -> 32, dynamically
-binarised b ~ Bernoulli(p) for every training batch, fed as 2b - 1. The test split is binarised
-once with a fixed seed (``BinarizedTestSet``) so that evaluations are comparable.
-CIFAR-10: uint8 -> x / 127.5 - 1, with random left-right and up-down flips when training.
+One path for both kinds of data (``prepare_batch``), driven by the spec: images are zero-padded
+by ``data.pad`` pixels per side (28 -> 32 for the binary datasets with pad 2), then
+binary data (MNIST, OMNIGLOT): grey level p in [0, 1] dynamically binarised b ~ Bernoulli(p)
+  for every training batch, fed as 2b - 1. The test split is binarised once with a fixed seed
+  (``BinarizedTestSet``) so that evaluations are comparable.
+8-bit data (CIFAR-10): uint8 -> x / 127.5 - 1, with the spec's random flips when training.
+The data dimension D of bits/dim is ``likelihood_dims`` (training and evaluation share it).
 
 All randomness goes through an explicit ``torch.Generator`` so that runs (and resumed runs) are
 reproducible. Draws are made on the generator's device and moved to the data's device, which
@@ -29,17 +32,24 @@ def to_unit(images) -> torch.Tensor:
     return x.to(torch.float32)
 
 
-def pad(images: torch.Tensor, amount: int = 2) -> torch.Tensor:
+def pad_images(images: torch.Tensor, amount: int) -> torch.Tensor:
     """Zero-pad ``amount`` pixels on every side of the last two (H, W) dimensions."""
-    return F.pad(images, (amount, amount, amount, amount), value=0)
+    return F.pad(images, (amount, amount, amount, amount), value=0) if amount else images
 
 
-def pad_to_32(images: torch.Tensor) -> torch.Tensor:
-    """Pad 28x28 binary-dataset images to the model's 32x32 grid; 32x32 passes through."""
-    extra = 32 - images.shape[-1]
-    if extra < 0 or extra % 2 or images.shape[-2] != images.shape[-1]:
-        raise ValueError(f"expected square images of side <= 32, got {tuple(images.shape)}")
-    return pad(images, extra // 2) if extra else images
+def data_kind(spec) -> str:
+    """"binary" for a Bernoulli likelihood, "cifar" for 8-bit images (the prepare_batch kinds)."""
+    from avi_spec.schema import Bernoulli
+    return "binary" if isinstance(spec.data.distribution, Bernoulli) else "cifar"
+
+
+def likelihood_dims(spec) -> int:
+    """D, the number of values the likelihood scores: C * side^2 with side the padded image
+    less the Bernoulli crop (image.size when crop == pad; the mixture scores the whole image,
+    which validation keeps unpadded). Bits/dim = nats / (D ln 2) in training and evaluation."""
+    d = spec.data
+    side = d.image.size + 2 * d.pad - 2 * getattr(d.distribution, "crop", 0)
+    return d.image.channels * side ** 2
 
 
 def binarize(p: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -75,15 +85,15 @@ def random_flip(x: torch.Tensor, generator: torch.Generator,
 
 
 class BinarizedTestSet:
-    """A test split padded to 32x32 and binarised once with a fixed seed.
+    """A test split padded by ``pad`` pixels per side and binarised once with a fixed seed.
 
-    Two constructions with the same images and seed hold identical bits, so test ELBOs of
+    Two constructions with the same images, pad and seed hold identical bits, so test ELBOs of
     different runs and evaluations are computed on the same binary images.
     """
 
-    def __init__(self, images, seed: int = 0):
+    def __init__(self, images, seed: int = 0, pad: int = 0):
         gen = torch.Generator().manual_seed(seed)
-        self.bits = binarize(pad_to_32(to_unit(images)), gen).to(torch.bool)  # [N, C, 32, 32]
+        self.bits = binarize(pad_images(to_unit(images), pad), gen).to(torch.bool)  # [N, C, S, S]
 
     def __len__(self) -> int:
         return self.bits.shape[0]
@@ -148,31 +158,37 @@ class EpochBatches:
 
 
 def prepare_batch(raw, dataset_kind: str, generator: torch.Generator | None, train: bool,
-                  flips: bool = True, device: torch.device | str | None = None) -> torch.Tensor:
-    """Raw batch [B, C, H, W] -> model input float32 [B, C, 32, 32] in [-1, 1].
+                  flips=None, pad: int = 0, device: torch.device | str | None = None) -> torch.Tensor:
+    """Raw batch [B, C, H, W] -> model input float32 [B, C, H + 2 pad, W + 2 pad] in [-1, 1].
 
-    binary: pad to 32, binarise with ``generator`` (a fresh draw per call: dynamic
-      binarisation). A bool batch (e.g. ``BinarizedTestSet.bits``) is already binary and is
-      only padded and mapped. For evaluation prefer ``BinarizedTestSet``; with ``train=False``
-      a non-bool batch is binarised with the generator the caller passes.
-    cifar: x / 127.5 - 1, then per-image left-right and up-down flips if ``train and flips``.
+    Padding pixels are 0 before the mapping, so they enter the encoder as -1.
+    binary: pad, then binarise with ``generator`` (a fresh draw per call: dynamic
+      binarisation). A bool batch is already binary and is only padded and mapped (the bits of
+      ``BinarizedTestSet`` are padded already: pass pad=0). For evaluation prefer
+      ``BinarizedTestSet``; with ``train=False`` a non-bool batch is binarised with the
+      generator the caller passes.
+    cifar: uint8, padded, then x / 127.5 - 1.
+    flips: the spec's ``data.flips`` (anything with ``horizontal`` and ``vertical``) or None;
+      applied per image with ``generator`` only when ``train``.
     """
     x = _tensor(raw)
     if device is not None:
         x = x.to(device)
     if dataset_kind == "binary":
         if x.dtype == torch.bool:
-            return model_input_binary(pad_to_32(x.to(torch.float32)))
-        if generator is None:
+            out = model_input_binary(pad_images(x.to(torch.float32), pad))
+        elif generator is None:
             raise ValueError("binary datasets need a generator to binarise the batch")
-        return model_input_binary(binarize(pad_to_32(to_unit(x)), generator))
-    if dataset_kind == "cifar":
+        else:
+            out = model_input_binary(binarize(pad_images(to_unit(x), pad), generator))
+    elif dataset_kind == "cifar":
         if x.dtype != torch.uint8:
             raise ValueError(f"cifar batches must be uint8 0..255, got {x.dtype}")
-        out = model_input_cifar(x)
-        if train and flips:
-            if generator is None:
-                raise ValueError("random flips need a generator")
-            out = random_flip(out, generator)
-        return out
-    raise ValueError(f"dataset_kind must be 'binary' or 'cifar', got {dataset_kind!r}")
+        out = model_input_cifar(pad_images(x, pad))
+    else:
+        raise ValueError(f"dataset_kind must be 'binary' or 'cifar', got {dataset_kind!r}")
+    if train and flips is not None:
+        if generator is None:
+            raise ValueError("random flips need a generator")
+        out = random_flip(out, generator, flips.horizontal, flips.vertical)
+    return out

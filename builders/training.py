@@ -10,13 +10,18 @@ run resumed from a checkpoint takes exactly the steps an uninterrupted run takes
 on the CPU). The RNG states are still saved in checkpoints and restored on resume.
 
 Run directory (only rank 0 writes): spec.yaml, metrics.jsonl, samples/epoch_XXXX.png,
-checkpoints/last.pt (every checkpoint_every steps and each epoch end, atomic; the previous
-one kept as last.prev.pt), checkpoints/best.pt (best test NELBO), TensorBoard events in
-tb/ when tensorboard is installed.
+checkpoints/last.pt (every checkpoint_every steps, each epoch end and on Ctrl-C, atomic; the
+previous one kept as last.prev.pt), checkpoints/best.pt (best test NELBO), TensorBoard events
+in tb/ when tensorboard is installed.
+
+A step whose loss or gradient is not finite (on any process) is skipped: no update, and the
+batch-norm running statistics of its forward pass are put back.
 
 Data parallel: launched under torchrun (RANK / WORLD_SIZE set), each process takes its
 share of every global batch; gradients are averaged by DistributedDataParallel; batch-norm
-statistics stay per process.
+statistics stay per process (broadcast_buffers=False; ARCHITECTURE.md section 7: not
+synchronised), so checkpoints hold rank 0's. A run resumes only with the number of processes
+it was trained with (the data order depends on it).
 """
 from __future__ import annotations
 
@@ -26,28 +31,33 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 from avi_spec import ResolvedSpec, dump_yaml
-from avi_spec.schema import Bernoulli
+from avi_spec.diff import IGNORED, _flatten_diff
 
 from .build import build_model
 from .checkpoint import (CheckpointError, load_with_fallback, rng_state, save_checkpoint,
                          set_rng_state)
-from .datasets import load_images
+from .datasets import load_spec_images
+from .devices import resolve_device
+from .evaluate import importance_sampled_nll
 from .images import save_grid
 from .optim import build_optimizer
-from .preprocess import BinarizedTestSet, EpochBatches, model_input_cifar, prepare_batch, random_flip
+from .preprocess import BinarizedTestSet, EpochBatches, data_kind, likelihood_dims, prepare_batch
 from .schedules import kl_beta, learning_rate
 
 TEST_BINARIZATION_SEED = 0
+TEST_NOISE_SEED = 0                 # posterior noise of the per-epoch test NELBO
 SAMPLES_PER_GRID = 64
 
 
@@ -63,37 +73,13 @@ def derive_seed(*parts: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def resolve_device(device: str | torch.device | None, local_rank: int = 0) -> torch.device:
-    name = str(device or "auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise TrainingError("--device cuda was asked for but no CUDA device is available")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device(name)
-
-
-def flatten_document(doc: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(doc, dict):
-        out: dict[str, Any] = {}
-        for k, v in doc.items():
-            out.update(flatten_document(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out if out or not prefix else {prefix: doc}
-    return {prefix: doc}
-
-
 def document_differences(old: dict, new: dict) -> list[str]:
-    """'path: old -> new' for every leaf field that differs between two documents."""
-    a, b = flatten_document(old), flatten_document(new)
-    missing = object()
-    lines = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key, missing), b.get(key, missing)
-        if va != vb:
-            show = lambda v: "(absent)" if v is missing else json.dumps(v)  # noqa: E731
-            lines.append(f"{key}: {show(va)} -> {show(vb)}")
-    return lines
+    """'path: old -> new' for every leaf field that differs between two resolved documents
+    (the flattening of `avi diff`, plus the name and description it leaves out)."""
+    rows: list[dict] = []
+    _flatten_diff([old, new], "", rows)
+    rows += [{"path": k, "values": [old.get(k), new.get(k)]} for k in IGNORED if old.get(k) != new.get(k)]
+    return [f"{r['path']}: {json.dumps(r['values'][0])} -> {json.dumps(r['values'][1])}" for r in rows]
 
 
 def tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
@@ -123,6 +109,23 @@ class Distributed:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+
+def all_processes_agree(flags: list[bool], ddp: Distributed, device: torch.device) -> list[bool]:
+    """Each flag stays true only if it is true in every process (all_reduce MIN), so that
+    decisions such as skipping a non-finite update are the same on all ranks."""
+    if ddp.world_size == 1:
+        return list(flags)
+    t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return [bool(v) for v in t.tolist()]
+
+
+def wrap_data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel with per-process batch-norm statistics (no buffer broadcast)."""
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=False)
 
 
 def setup_distributed(device_name: str | None) -> Distributed:
@@ -226,31 +229,25 @@ class TrainData:
 
     def __init__(self, spec, device: torch.device):
         d = spec.data
-        self.kind = "binary" if isinstance(d.distribution, Bernoulli) else "cifar"
-        self.flips = d.flips
+        self.kind, self.flips, self.pad = data_kind(spec), d.flips, d.pad
         self.device = device
-        self.train = torch.as_tensor(load_images(d.dataset, d.root, "train"))
-        test = load_images(d.dataset, d.root, "test")
+        self.train = torch.as_tensor(load_spec_images(d, "train"))
+        test = load_spec_images(d, "test")
         if self.kind == "binary":
-            self.test = BinarizedTestSet(test, seed=TEST_BINARIZATION_SEED)
+            self.test = BinarizedTestSet(test, seed=TEST_BINARIZATION_SEED, pad=self.pad)
             self.test_input = lambda idx: self.test[idx]
             self.n_test = len(self.test)
         else:
             self.test_raw = torch.as_tensor(test)
-            self.test_input = lambda idx: model_input_cifar(self.test_raw[idx])
+            self.test_input = lambda idx: prepare_batch(self.test_raw[idx], "cifar", None,
+                                                        train=False, pad=self.pad)
             self.n_test = len(self.test_raw)
-        c = spec.data.image.channels
-        self.dims = c * 32 * 32          # model input grid (bits/dim of 8-bit data)
+        self.dims = likelihood_dims(spec)          # D of bits/dim
 
     def prepare(self, raw: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Raw batch -> model input on the training device. Random draws are made on the CPU
         generator first, so the stream does not depend on the device."""
-        if self.kind == "binary":
-            x = prepare_batch(raw, "binary", generator, train=True)
-        else:
-            x = prepare_batch(raw, "cifar", None, train=False)
-            if self.flips is not None:
-                x = random_flip(x, generator, self.flips.horizontal, self.flips.vertical)
+        x = prepare_batch(raw, self.kind, generator, train=True, flips=self.flips, pad=self.pad)
         return x.to(self.device, non_blocking=True)
 
 
@@ -283,6 +280,39 @@ class EMA:
         torch._foreach_lerp_(ema_p, new_p, 1.0 - self.decay)
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
             b_ema.copy_(b)
+
+
+def batchnorm_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
+    """running_mean, running_var and num_batches_tracked of every batch norm of ``model``."""
+    return [b for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+            for b in m.buffers(recurse=False)]
+
+
+class StopOnInterrupt:
+    """Between start() and stop() (main thread only), Ctrl-C asks training to stop at the end
+    of the current step, where last.pt is written before KeyboardInterrupt is raised, so
+    --resume loses nothing. A second Ctrl-C interrupts at once (checkpoints are atomic)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def start(self) -> None:
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        sys.stderr.write("interrupt: stopping after this step to write checkpoints/last.pt "
+                         "(Ctrl-C again to stop now)\n")
+
+    def stop(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
 
 
 def _autocast(device: torch.device, precision: str):
@@ -332,6 +362,12 @@ def _train(resolved, spec, cfg, out_dir: Path, resume: bool, device, max_steps, 
         if not last_path.exists() and not (ckpt_dir / "last.prev.pt").exists():
             raise TrainingError(f"nothing to resume: {last_path} does not exist")
         payload, _ = load_with_fallback(last_path, warn if ddp.main else None)
+        old_world = payload.get("world_size", 1)
+        if old_world != ddp.world_size:
+            raise TrainingError(f"{out_dir} was trained with {old_world} process(es) and would resume "
+                                f"with {ddp.world_size}; the data order and the batches kept per epoch "
+                                f"depend on the number of processes, so resume it with --devices "
+                                f"{old_world}")
         old_doc = payload.get("spec", {})
         if payload.get("spec_hash") != resolved.hash:
             diffs = document_differences(old_doc, resolved.document)
@@ -375,10 +411,7 @@ def _train(resolved, spec, cfg, out_dir: Path, resume: bool, device, max_steps, 
     elif ddp.main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
 
-    net: torch.nn.Module = model
-    if ddp.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        net = DistributedDataParallel(model, device_ids=[dev.index] if cuda else None)
+    net = wrap_data_parallel(model, dev) if ddp.world_size > 1 else model
     forward = torch.compile(net) if cfg.compile else net
     autocast = _autocast(dev, cfg.precision)
     generator = torch.Generator()       # binarisation / flips (draws on the CPU: device-independent)
@@ -415,6 +448,8 @@ def _train(resolved, spec, cfg, out_dir: Path, resume: bool, device, max_steps, 
             save_checkpoint(last_path, payload_now())
 
     params = [p for p in model.parameters() if p.requires_grad]
+    bn_buffers = batchnorm_buffers(model)
+    bn_snapshot = [b.clone() for b in bn_buffers]      # taken before every forward pass
     max_norm = float(cfg.grad_clip) if cfg.grad_clip is not None else math.inf
     bits = data.kind == "cifar"
     stopped_early = False
@@ -423,7 +458,9 @@ def _train(resolved, spec, cfg, out_dir: Path, resume: bool, device, max_steps, 
     it_per_s = 0.0
     last_test = None
 
+    interrupt = StopOnInterrupt()
     try:
+        interrupt.start()
         while state.epoch < cfg.epochs:
             epoch = state.epoch
             beta = kl_beta(epoch, cfg.kl_warmup)
@@ -446,6 +483,7 @@ def _train(resolved, spec, cfg, out_dir: Path, resume: bool, device, max_steps, 
                 x = data.prepare(raw, generator)
                 if cuda:
                     x = x.contiguous(memory_format=torch.channels_last)
+                torch._foreach_copy_(bn_snapshot, bn_buffers)
                 with autocast():
                     out = forward(x)
                 nll = out.nll.float().mean()
@@ -456,13 +494,17 @@ def _train(resolved, spec, cfg, out_dir: Path, resume: bool, device, max_steps, 
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
                 loss_v, nll_v, kl_v, gn_v = torch.stack([loss.detach(), nll.detach(), kl.detach(),
                                                          grad_norm.float()]).tolist()
-                if math.isfinite(loss_v) and math.isfinite(gn_v):
+                finite, go_on = all_processes_agree(
+                    [math.isfinite(loss_v) and math.isfinite(gn_v), not interrupt.requested], ddp, dev)
+                if finite:
                     optimizer.step()
                     if ema is not None:
                         ema.update(model)
                     state.consecutive_skipped = 0
                 else:
                     optimizer.zero_grad(set_to_none=True)
+                    with torch.no_grad():                # the forward's BN updates are undone too
+                        torch._foreach_copy_(bn_buffers, bn_snapshot)
                     state.skipped += 1
                     state.consecutive_skipped += 1
                     reporter.message(f"step {state.step}: non-finite loss or gradient "
@@ -504,14 +546,16 @@ def _train(resolved, spec, cfg, out_dir: Path, resume: bool, device, max_steps, 
                         rec["bits_per_dim"] = (rec["nll"] + rec["kl"]) / (data.dims * math.log(2))
                     reporter.write(rec)
                     window, window_n, window_t0 = {}, 0, now
-                if state.step % cfg.checkpoint_every == 0:
+                if state.step % cfg.checkpoint_every == 0 or not go_on:
                     checkpoint()
+                if not go_on:                            # Ctrl-C: stop at this step boundary
+                    raise KeyboardInterrupt
             if stopped_early:
                 break
 
             # ----- epoch end: test NELBO, samples, checkpoints
             eval_model = ema.model if ema is not None else model
-            test_nelbo = evaluate(eval_model, data, cfg.batch_size, dev, autocast, ddp)
+            test_nelbo = mean_test_nelbo(eval_model, data, cfg.batch_size, dev, autocast, ddp)
             last_test = test_nelbo
             rec = {"step": state.step, "epoch": epoch, "test_nelbo": test_nelbo,
                    "train_loss": (state.counters.get("epoch_loss", 0.0) / state.counters["epoch_n"]
@@ -519,9 +563,9 @@ def _train(resolved, spec, cfg, out_dir: Path, resume: bool, device, max_steps, 
                    "beta": beta, "skipped": state.skipped,
                    "epoch_seconds": time.perf_counter() - epoch_t0}
             if bits:
-                rec["test_bits_per_dim"] = test_nelbo / (data.dims * math.log(2))
+                rec["test_nelbo_bits_per_dim"] = test_nelbo / (data.dims * math.log(2))
             reporter.write(rec)
-            unit = (f"{rec['test_bits_per_dim']:.4f} bits/dim" if bits else f"{test_nelbo:.2f} nats")
+            unit = (f"{rec['test_nelbo_bits_per_dim']:.4f} bits/dim" if bits else f"{test_nelbo:.2f} nats")
             if reporter.progress is None:
                 reporter.message(f"epoch {epoch + 1}/{cfg.epochs}  step {state.step}  "
                                  f"train loss {rec['train_loss']:.3f}  test NELBO {unit}  "
@@ -546,6 +590,7 @@ def _train(resolved, spec, cfg, out_dir: Path, resume: bool, device, max_steps, 
         if stopped_early or (max_steps is not None and state.step >= max_steps):
             checkpoint()
     finally:
+        interrupt.stop()
         reporter.close()
 
     test_dir = os.environ.get("AVI_TEST_WEIGHTS_HASH_DIR")
@@ -558,26 +603,19 @@ def _train(resolved, spec, cfg, out_dir: Path, resume: bool, device, max_steps, 
             "test_nelbo": last_test, "best_test_nelbo": state.best_test_nelbo}
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, data: TrainData, batch_size: int, dev: torch.device,
-             autocast: Callable, ddp: Distributed) -> float:
-    """Mean single-sample NELBO (nats, beta = 1) over the test set, model in eval mode.
-    Under data parallelism every process scores its share and the sums are reduced."""
-    was_training = model.training
-    model.eval()
+def mean_test_nelbo(model: torch.nn.Module, data: TrainData, batch_size: int, dev: torch.device,
+                    autocast: Callable, ddp: Distributed) -> float:
+    """Mean single-sample NELBO (nats, beta = 1) over the test set: builders.evaluate's
+    estimator with K = 1 (model in eval mode, fixed noise seed). Under data parallelism every
+    process scores its share and the sums are reduced."""
     idx = torch.arange(ddp.rank, data.n_test, ddp.world_size)
     total = torch.zeros(2, dtype=torch.float64, device=dev)
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        torch.manual_seed(TEST_BINARIZATION_SEED)
-        for start in range(0, len(idx), batch_size):
-            x = data.test_input(idx[start:start + batch_size]).to(dev)
-            if dev.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast():
-                out = model(x)
-            total[0] += out.nelbo.double().sum()
-            total[1] += x.shape[0]
+    if len(idx):
+        batches = (data.test_input(idx[s:s + batch_size]) for s in range(0, len(idx), batch_size))
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), autocast():
+            r = importance_sampled_nll(model, batches, 1, chunk=1, dims=0, seed=TEST_NOISE_SEED)
+        total += torch.tensor([r["nelbo_nats"] * r["examples"], r["examples"]],
+                              dtype=torch.float64, device=dev)
     if ddp.world_size > 1:
         dist.all_reduce(total)
-    model.train(was_training)
     return (total[0] / total[1].clamp_min(1)).item()

@@ -41,10 +41,11 @@ LimitOption = Annotated[Optional[int], typer.Option("--limit", min=1, metavar="N
 
 def load_model(path: str, device: Device | str = "auto", use_ema: bool = True):
     """builders.evaluate.load_trained, with the user's mistakes turned into UserError."""
+    from builders.devices import DeviceError
     from builders.evaluate import RunError, load_trained
     try:
         return load_trained(path, device.value if isinstance(device, Device) else device, use_ema)
-    except RunError as e:
+    except (DeviceError, RunError) as e:
         raise UserError(str(e)) from None
 
 

@@ -48,7 +48,8 @@ def register(app: typer.Typer) -> None:
 
         A progress bar shows on a terminal; otherwise one line per epoch goes to stderr.
         Resuming continues at the same step, schedule and data order; it is refused if
-        the spec changed.
+        the spec or the number of processes changed. Ctrl-C stops after the current step
+        and writes checkpoints/last.pt first, so --resume loses nothing.
 
         Example:
 
@@ -77,15 +78,16 @@ def register(app: typer.Typer) -> None:
 
         from builders.checkpoint import CheckpointError
         from builders.datasets import DatasetError
+        from builders.devices import DeviceError
         from builders.training import TrainingError, train as run_training
 
         mode = "quiet" if quiet else "jsonl" if jsonl else "auto"
         try:
             result = run_training(resolved, out, resume=resume, device=device, max_steps=max_steps,
                                   progress_mode=mode, devices=devices)
-        except (CheckpointError, DatasetError, TrainingError) as e:
+        except (CheckpointError, DatasetError, DeviceError, TrainingError) as e:
             raise UserError(str(e)) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:               # training wrote checkpoints/last.pt first
             sys.stderr.write(f"interrupted; continue with: avi train {spec} --out {out} --resume\n")
             raise typer.Exit(130) from None
         if os.environ.get("RANK", "0") != "0":

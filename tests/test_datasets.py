@@ -5,14 +5,18 @@ import gzip
 import io
 import pickle
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from builders.datasets import DatasetError, load_images, load_mnist5k_labels
-from builders.preprocess import (BinarizedTestSet, EpochBatches, binarize, model_input_binary,
-                                 model_input_cifar, pad, prepare_batch, random_flip, to_unit)
+from avi_spec import load_spec
+from avi_spec.schema import Flips
+from builders.datasets import DatasetError, load_images, load_mnist5k_labels, load_spec_images
+from builders.preprocess import (BinarizedTestSet, EpochBatches, binarize, likelihood_dims,
+                                 model_input_binary, model_input_cifar, pad_images, prepare_batch,
+                                 random_flip, to_unit)
 
 RNG = np.random.default_rng(123)
 
@@ -186,7 +190,7 @@ def test_unit_pad_and_inputs():
     raw = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
     u = to_unit(raw)
     assert u.dtype == torch.float32 and torch.allclose(u * 255, raw.float())
-    p = pad(u, 2)
+    p = pad_images(u, 2)
     assert p.shape == (4, 1, 32, 32)
     border = torch.ones(32, 32, dtype=torch.bool)
     border[2:30, 2:30] = False
@@ -199,14 +203,14 @@ def test_unit_pad_and_inputs():
 def test_binarisation_dynamic_train_fixed_test():
     raw = load_images("mnist5k", None, "test")[:64]
     gen = torch.Generator().manual_seed(0)
-    a = prepare_batch(raw, "binary", gen, train=True)
-    b = prepare_batch(raw, "binary", gen, train=True)
+    a = prepare_batch(raw, "binary", gen, train=True, pad=2)
+    b = prepare_batch(raw, "binary", gen, train=True, pad=2)
     assert a.shape == (64, 1, 32, 32) and set(a.unique().tolist()) == {-1.0, 1.0}
     assert not torch.equal(a, b)  # a fresh draw for every training batch
     assert (a[..., :2, :] == -1).all() and (a[..., :, -2:] == -1).all()  # padding enters as -1
-    t1, t2 = BinarizedTestSet(raw, seed=7), BinarizedTestSet(raw, seed=7)
+    t1, t2 = BinarizedTestSet(raw, seed=7, pad=2), BinarizedTestSet(raw, seed=7, pad=2)
     assert torch.equal(t1.bits, t2.bits) and torch.equal(t1[:], t2[:])
-    assert not torch.equal(t1.bits, BinarizedTestSet(raw, seed=8).bits)
+    assert not torch.equal(t1.bits, BinarizedTestSet(raw, seed=8, pad=2).bits)
     assert torch.equal(prepare_batch(t1.bits[:5], "binary", None, train=False), t1[:5])
     assert sum(len(x) for x in t1.batches(10)) == 64
     # Bernoulli draw follows p: mean of many draws approaches the grey level.
@@ -219,7 +223,7 @@ def test_cifar_prepare_and_flips():
     ev = prepare_batch(raw, "cifar", None, train=False)
     assert ev.dtype == torch.float32 and ev.min() >= -1 and ev.max() <= 1
     assert torch.allclose(ev, raw.float() / 127.5 - 1)
-    tr = prepare_batch(raw, "cifar", torch.Generator().manual_seed(3), train=True)
+    tr = prepare_batch(raw, "cifar", torch.Generator().manual_seed(3), train=True, flips=Flips())
     for i in range(16):  # every image is one of its four flips
         cands = [ev[i], ev[i].flip(-1), ev[i].flip(-2), ev[i].flip(-1).flip(-2)]
         assert any(torch.equal(tr[i], c) for c in cands)
@@ -227,6 +231,43 @@ def test_cifar_prepare_and_flips():
     only_h = random_flip(ev, torch.Generator().manual_seed(3), vertical=False)
     assert all(torch.equal(only_h[i], ev[i]) or torch.equal(only_h[i], ev[i].flip(-1))
                for i in range(16))
+    # The spec's switches go through prepare_batch: the same coins, only left-right flips.
+    h = prepare_batch(raw, "cifar", torch.Generator().manual_seed(3), train=True,
+                      flips=Flips(vertical=False))
+    assert torch.equal(h, only_h)
+    assert torch.equal(prepare_batch(raw, "cifar", None, train=True), ev)       # flips: null
+
+
+def test_padding_follows_the_spec_for_both_kinds():
+    raw = load_images("mnist5k", None, "test")[:8]
+    gen = torch.Generator().manual_seed(0)
+    for p in (0, 2, 3):
+        x = prepare_batch(raw, "binary", gen, train=True, pad=p)
+        assert x.shape == (8, 1, 28 + 2 * p, 28 + 2 * p)
+        assert BinarizedTestSet(raw, pad=p)[:].shape == x.shape
+    x = prepare_batch(raw, "binary", gen, train=True, pad=3)
+    assert (x[..., :3, :] == -1).all() and (x[..., -3:] == -1).all()
+    c = prepare_batch(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8), "cifar", None,
+                      train=False, pad=1)
+    assert c.shape == (2, 3, 34, 34) and (c[..., 0, :] == -1).all()     # zeros map to -1
+
+
+def test_likelihood_dims_is_the_scored_pixels():
+    specs = Path(__file__).resolve().parents[1] / "specs"
+    assert likelihood_dims(load_spec(specs / "quickstart.yaml").spec) == 28 * 28
+    assert likelihood_dims(load_spec(specs / "cifar10_l16.yaml").spec) == 3 * 32 * 32
+    padded = load_spec(specs / "quickstart.yaml", ["data.distribution.crop=1"]).spec
+    assert likelihood_dims(padded) == 30 * 30           # one padding pixel per side is scored
+
+
+def test_spec_images_must_have_the_spec_shape(tmp_path):
+    for split in ("train", "test"):
+        (tmp_path / split).mkdir()
+        np.save(tmp_path / split / "images.npy", np.zeros((4, 32, 32), np.uint8))
+    data = load_spec(Path(__file__).resolve().parents[1] / "specs" / "quickstart.yaml",
+                     ["data.dataset=folder", f"data.root={tmp_path}"]).spec.data
+    with pytest.raises(DatasetError, match=r"1 x 32x32 .*data.image: \{channels: 1, size: 28\}"):
+        load_spec_images(data, "train")
 
 
 def test_epoch_batches():

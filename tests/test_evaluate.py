@@ -294,3 +294,27 @@ def test_cli_bad_input(run_dir, tmp_path):
         assert "error:" in r.stderr and "Traceback" not in r.stderr
     r = _avi("eval", "--help", cwd=tmp_path)
     assert r.returncode == 0 and "avi eval runs/" in r.stdout
+
+
+def test_one_device_resolver_and_its_exit_code(run_dir, tmp_path):
+    from builders.devices import DeviceError, resolve_device
+    assert resolve_device("cpu") == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert resolve_device("cuda", local_rank=0).type == "cuda"
+        return
+    assert resolve_device("auto") == resolve_device(None) == torch.device("cpu")
+    with pytest.raises(DeviceError, match="no CUDA device"):
+        resolve_device("cuda")
+    for args in (["eval", str(run_dir), "--device", "cuda"],
+                 ["train", str(ROOT / "specs" / "quickstart.yaml"), "--device", "cuda",
+                  "--out", str(tmp_path / "run")]):
+        r = _avi(*args, cwd=tmp_path)
+        assert r.returncode == 2 and "no CUDA device" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_eval_images_are_padded_as_in_training():
+    unpadded = load_spec(ROOT / "specs" / "quickstart.yaml",
+                         ["data.pad=0", "data.distribution.crop=0", "hierarchy.latent.size=7"]).spec
+    from builders.evaluate import eval_images
+    assert eval_images(unpadded, "test", limit=3).shape == (3, 1, 28, 28)
+    assert data_dims(SimpleNamespace(spec=unpadded)) is None           # binary: nats only

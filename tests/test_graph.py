@@ -417,3 +417,55 @@ def test_diff_of_loaded_specs():
     assert r["names"] == ["cifar10_l16_nvae", "case13"]
     assert [f["path"] for f in r["fields"]] == ["attention.generative"]
     assert len(r["edges"]["added"]) == 16 * 15 // 2
+
+
+def test_logistic_mixture_cannot_be_padded():
+    r = load("""\
+        data:
+          dataset: cifar10
+          root: data/cifar10
+          image: {channels: 3, size: 32}
+          pad: 2
+          binarize: none
+          distribution: {kind: discretized_logistic_mixture}
+        cells: {preprocess: {scales: [-2]}, postprocess: {scales: [2]}}
+        hierarchy: {latent: {size: 18}}
+        """)
+    (p,) = validate(r)
+    assert p.path == "data.pad" and p.line == 5 and "padding included" in p.message
+    assert p.hint == "set data.pad: 0"
+
+
+def test_padded_size_must_fit_the_latent_grid():
+    # Unpadded 28x28 digits: two halvings give 7x7 latents, not the 8x8 of the padded 32.
+    assert {p.path for p in validate(spec(data__pad=0, data__distribution={"kind": "bernoulli", "crop": 0},
+                                         hierarchy__latent={"size": 8},
+                                         cells__preprocess={"scales": [-2, -2]},
+                                         cells__postprocess={"scales": [2, 2]}))} \
+        == {"hierarchy.latent.size"}
+    assert validate(spec(data__pad=0, data__distribution={"kind": "bernoulli", "crop": 0}, hierarchy__latent={"size": 7},
+                         cells__preprocess={"scales": [-2, -2]},
+                         cells__postprocess={"scales": [2, 2]})) == []
+
+
+def test_flips_are_for_8bit_images():
+    (p,) = validate(spec(data__flips={"horizontal": True}))
+    assert p.path == "data.flips" and "8-bit" in p.message and p.hint == "set data.flips: null"
+
+
+def test_min_lr_may_not_exceed_lr():
+    (p,) = validate(spec(train__optimizer={"lr": 1e-5}))
+    assert p.path == "train.schedule.min_lr" and "found min_lr: 0.0001" in p.message
+    # A constant schedule never reaches min_lr.
+    assert validate(spec(train__optimizer={"lr": 1e-5}, train__schedule={"name": "constant"})) == []
+
+
+def test_query_dim_defaults_to_key_dim():
+    from avi_spec.loader import load_spec
+    s = spec(attention__inference={"key_dim": 8}, cells__decoder={"nonlocal": {"key_dim": 4}})
+    assert s.attention.inference.query_dim == 8 and s.cells.decoder.nonlocal_.query_dim == 4
+    assert spec(attention__generative={"key_dim": 8, "query_dim": 4}).attention.generative.query_dim == 4
+    # Switching a null block on with its key size alone gives a valid spec that shows both.
+    r = load_spec(SPECS / "quickstart.yaml", ["cells.decoder.nonlocal.key_dim=8"])
+    assert r.document["cells"]["decoder"]["nonlocal"] == {"key_dim": 8, "query_dim": 8}
+    assert validate(r) == []

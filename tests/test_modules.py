@@ -1,5 +1,6 @@
 """Unit tests for the building blocks in builders/ (conv, non-local, cells, attention, heads)."""
 import math
+from typing import Sequence
 
 import pytest
 import torch
@@ -8,10 +9,35 @@ import torch.nn.functional as F
 from builders.cells import CellGroup, FactorizedReduce, Node, ResidualBlock
 from builders.conv import WNConv2d
 from builders.depthwise_attention import (ChannelLayerNorm, ResidualGeluNorm,
-                                          depthwise_attend, depthwise_attend_loop)
+                                          depthwise_attend)
 from builders.distributions import (BernoulliHead, DiscretizedLogisticMixtureHead, Gaussian,
                                     bound_asymmetric, bound_symmetric, kl)
 from builders.nonlocal_block import NonLocal
+
+
+def depthwise_attend_loop(query: torch.Tensor, keys_list: Sequence[torch.Tensor],
+                          values_list: Sequence[torch.Tensor],
+                          temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 3-4 written out pixel by pixel and candidate by candidate (the test reference)."""
+    b_, _, h_, w_ = query.shape
+    n = len(keys_list)
+    out = torch.zeros(b_, values_list[0].shape[1], h_, w_, dtype=torch.float64)
+    scores = torch.zeros(b_, n, h_, w_, dtype=torch.float64)
+    for b in range(b_):
+        for i in range(h_):
+            for j in range(w_):
+                q = query[b, :, i, j].double()
+                logits = [temperature * float(q @ keys_list[m][b, :, i, j].double())
+                          for m in range(n)]
+                top = max(logits)
+                weights = [torch.exp(torch.tensor(l - top, dtype=torch.float64)) for l in logits]
+                total = sum(weights)
+                for m in range(n):
+                    a = weights[m] / total
+                    scores[b, m, i, j] = a
+                    out[b, :, i, j] += a * values_list[m][b, :, i, j].double()
+    return out, scores
+
 
 
 def n_params(module):
@@ -318,3 +344,19 @@ def test_dlm_sample_range_and_concentration():
     params[:, 14] = 10.0                 # a = tanh(10) ~ 1 for component 0
     s = head.sample(params)
     assert torch.allclose(s[:, 1].mean(), torch.tensor((0.0 - 0.5 + 1) / 2), atol=0.02)
+
+
+def test_benchmark_layer_loop_reference_agrees_with_vectorised():
+    """bench/bench.py times the vectorised op against this per-layer loop: they must agree."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench.py"
+    spec = importlib.util.spec_from_file_location("avi_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    torch.manual_seed(3)
+    q = torch.randn(2, 5, 4, 4)
+    keys = [torch.randn(2, 5, 4, 4) for _ in range(7)]
+    vals = [torch.randn(2, 6, 4, 4) for _ in range(7)]
+    ref = bench.attend_layer_loop(q, keys, vals)
+    assert torch.allclose(depthwise_attend(q, keys, vals)[0], ref, atol=1e-5)

@@ -23,7 +23,7 @@ from avi_spec import load_spec
 from builders.build import build_model
 from builders.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from builders.datasets import load_images
-from builders.optim import attention_parameter_names, build_optimizer, parameter_groups
+from builders.optim import KerasAdamax, attention_parameter_names, build_optimizer, parameter_groups
 from builders.schedules import kl_beta, learning_rate
 from builders.training import tensors_hash
 
@@ -103,7 +103,7 @@ def test_parameter_groups_split_attention_parameters():
     assert not any(n.endswith("temperature") for n in names)   # non-local t: default group
     assert all(named[n] is not None for n in names)
     opt = build_optimizer(model, resolved.spec.train.optimizer)
-    assert isinstance(opt, torch.optim.Adamax) and len(opt.param_groups) == 2
+    assert isinstance(opt, KerasAdamax) and len(opt.param_groups) == 2     # eps_mode: keras
 
 
 # ------------------------------------------------------------------------ checkpoint files
@@ -295,3 +295,112 @@ def test_non_finite_updates_are_skipped_then_abort(tiny, tmp_path):
             "--set", "train.schedule.warmup_epochs=0", "--set", "train.max_skipped=2", check=2)
     assert "non-finite" in r.stderr and "train.max_skipped" in r.stderr and "Traceback" not in r.stderr
     assert any(row["skipped"] > 0 for row in metrics(run) if "skipped" in row)
+
+
+def test_epoch_test_nelbo_is_the_evaluation_estimator(tiny, reference):
+    """The per-epoch test NELBO is builders.evaluate's K = 1 estimate (one implementation)."""
+    from builders.evaluate import batched, eval_images, importance_sampled_nll, load_trained
+    model, resolved, _ = load_trained(reference, "cpu")
+    x = eval_images(resolved.spec, "test")
+    r = importance_sampled_nll(model, batched(x, resolved.spec.train.batch_size), 1, chunk=1, seed=0)
+    last = [row for row in metrics(reference) if "test_nelbo" in row][-1]
+    assert last["test_nelbo"] == pytest.approx(r["nelbo_nats"], rel=1e-9)
+    assert "test_nelbo_bits_per_dim" not in last          # binary data: nats only
+
+
+def test_unpadded_binary_data_trains_and_evaluates(tiny, tmp_path):
+    """data.pad drives the preprocessing: 28x28 digits unpadded, 7x7 latents."""
+    from builders.evaluate import eval_images, load_trained
+    from builders.training import train
+    resolved = load_spec(tiny.spec, ["data.pad=0", "data.distribution.crop=0", "hierarchy.latent.size=7"])
+    train(resolved, tmp_path / "run", device="cpu", max_steps=2, progress_mode="quiet")
+    model, resolved, _ = load_trained(tmp_path / "run", "cpu")
+    x = eval_images(resolved.spec, "test", limit=4)
+    assert x.shape == (4, 1, 28, 28)
+    assert torch.isfinite(model(x).nelbo).all()
+
+
+def test_skipped_update_keeps_batch_norm_statistics(tiny, tmp_path, monkeypatch):
+    import builders.training as training
+    real_build = training.build_model
+
+    def build_nan_loss(spec, device):
+        model = real_build(spec, device)
+        forward = model.forward
+
+        def nan_forward(x, **kw):
+            out = forward(x, **kw)             # updates the BN running statistics ...
+            out.nll = out.nll * math.nan       # ... of a step that will be skipped
+            return out
+        model.forward = nan_forward
+        return model
+
+    monkeypatch.setattr(training, "build_model", build_nan_loss)
+    resolved = load_spec(tiny.spec)
+    training.train(resolved, tmp_path / "run", device="cpu", max_steps=1, progress_mode="quiet")
+    payload = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert payload["state"]["skipped"] == 1
+    fresh = real_build(resolved.spec, "cpu").state_dict()
+    bn = [k for k in fresh if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert bn and all(torch.equal(payload["model"][k], fresh[k]) for k in bn)
+
+
+DDP_SCRIPT = """
+import json, sys, torch, torch.distributed as dist
+from builders.training import Distributed, all_processes_agree, batchnorm_buffers, wrap_data_parallel
+rank, store = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2)
+ddp, cpu = Distributed(rank, 2, 0, True), torch.device("cpu")
+flags = all_processes_agree([rank == 0, True], ddp, cpu)     # rank 1 saw a non-finite loss
+net = wrap_data_parallel(torch.nn.Sequential(torch.nn.BatchNorm1d(2)), cpu)
+net(torch.full((4, 2), float(rank + 1)) + torch.arange(4.0)[:, None])
+net(torch.zeros(4, 2))                                       # a buffer broadcast would happen here
+mean = batchnorm_buffers(net.module)[0].tolist()
+print(json.dumps({"flags": flags, "mean": mean}))
+dist.destroy_process_group()
+"""
+
+
+def test_data_parallel_agreement_and_per_process_batch_norm(tmp_path):
+    """All ranks take the same skip decision; BN statistics are not broadcast from rank 0."""
+    procs = [subprocess.Popen([sys.executable, "-c", DDP_SCRIPT, str(r), str(tmp_path / "store")],
+                              cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    r0, r1 = (json.loads(o.strip().splitlines()[-1]) for o, _ in outs)
+    assert r0["flags"] == r1["flags"] == [False, True]
+    assert r0["mean"] != r1["mean"]
+
+
+def test_resume_with_another_number_of_processes_is_refused(tiny, reference, tmp_path):
+    import shutil
+    run = tmp_path / "ddp_run"
+    shutil.copytree(reference, run)
+    last = run / "checkpoints" / "last.pt"
+    payload = load_checkpoint(last)
+    save_checkpoint(last, {**payload, "world_size": 2})
+    r = avi(tiny.spec, "--out", run, "--resume", check=2)
+    assert "trained with 2 process(es) and would resume with 1" in r.stderr
+    assert "--devices 2" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ctrl_c_writes_last_then_resume_matches_uninterrupted(tiny, reference):
+    """SIGINT stops at the end of a step with last.pt written, so nothing is lost."""
+    run = tiny.root / "interrupted"
+    extra = ["--set", "train.checkpoint_every=1000"]         # no periodic checkpoint to fall back on
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "train", str(tiny.spec), "--out", str(run),
+                             "--quiet", *extra], cwd=REPO, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline and not (
+            (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().strip()):
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    step = load_checkpoint(run / "checkpoints" / "last.pt")["state"]["step"]
+    assert step == max(r["step"] for r in metrics(run)) and step < 18
+    avi(tiny.spec, "--out", run, "--resume", "--quiet", *extra, check=0)
+    assert weights(run) == weights(reference)

@@ -1,0 +1,27 @@
+"""Which torch device a command runs on (`--device auto|cpu|cuda`), for training and evaluation."""
+from __future__ import annotations
+
+import torch
+
+
+class DeviceError(Exception):
+    """The device asked for is not available (the CLI turns it into exit 2)."""
+
+
+def resolve_device(device: str | torch.device | None = "auto", local_rank: int = 0) -> torch.device:
+    """"auto" (or None) -> cuda when available, else cpu. A bare "cuda" picks the GPU of this
+    data-parallel process (``local_rank``, modulo the GPUs present). Asking for cuda without a
+    CUDA device is a DeviceError."""
+    name = str(device or "auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise DeviceError(f"unknown device {name!r} ({e})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {name} was asked for, but no CUDA device is available")
+        if dev.index is None:
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return dev
