@@ -529,8 +529,8 @@ def _train(resolved, spec, cfg, out_dir: Path, resume: bool, device, max_steps, 
                 elapsed = time.perf_counter() - epoch_t0
                 it_per_s = (state.batch - batches.start_batch) / elapsed if elapsed > 0 else 0.0
                 if reporter.progress is not None:
-                    unit = (f"{(nll_v + kl_v) / (data.dims * math.log(2)):.3f} bits/dim" if bits
-                            else f"{nll_v + kl_v:.2f} nats")
+                    unit = (f"NELBO {(nll_v + kl_v) / (data.dims * math.log(2)):.3f} bits/dim" if bits
+                            else f"NELBO {nll_v + kl_v:.2f} nats")
                     reporter.step(f"loss {loss_v:.2f}  KL {kl_v:.2f}  {unit}  {it_per_s:.2f} it/s")
                 if state.step % cfg.log_every == 0:
                     n = max(window_n, 1)
