@@ -210,6 +210,9 @@ def _cell(v: Any) -> str:
         return "—"
     if isinstance(v, bool):
         return "yes" if v else "no"
+    if isinstance(v, dict) and "key_dim" in v:     # an attention or non-local block
+        extra = "".join(f", {k}={_cell(v[k])}" for k in ("layer_norm", "sources") if k in v)
+        return f"on k={v['key_dim']} q={v.get('query_dim', v['key_dim'])}{extra}"
     if isinstance(v, (dict, list)):
         text = json.dumps(v, separators=(", ", ": "), default=str)
         return text if len(text) <= 60 else text[:57] + "..."
