@@ -286,7 +286,7 @@ def bench_attention(args) -> None:
             pixel = f"{tp * 1000:.0f} ({tp / tv:.0f}x)"
         rows.append([batch, f"{tv * 1000:.2f}", f"{tl * 1000:.2f}", f"{tl / tv:.1f}x", pixel])
     report(f"depth-wise attention, L={L}, C={C}, d={d}, {S}x{S} (15 attending layers)",
-           ["batch", "vectorised ms", "layer-loop ms", "speed-up", "per-pixel loop ms"], rows,
+           ["batch", "avi op ms", "layer-loop ms", "speed-up", "per-pixel loop ms"], rows,
            {"bench": "attention", **context(args), "results": results})
 
 
