@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Sequence
 
 import torch
@@ -33,19 +34,23 @@ def depthwise_attend(query: torch.Tensor, keys: Maps, values: Maps,
     for its score and once for the weighted sum, which accumulates in place. Measured in
     bench/bench.py against a stacked single contraction, which is slower on the CPU.
     """
-    q = query.float()
+    # Scores in at least float32 (float64 stays float64); values summed in their widest dtype.
+    score_dtype = torch.promote_types(query.dtype, torch.float32)
+    q = query.to(score_dtype)
     with _full_precision(query.device):
         if isinstance(keys, torch.Tensor):                                        # [n,B,d,H,W]
-            logits = (q.unsqueeze(0) * keys.float()).sum(2)
+            logits = (q.unsqueeze(0) * keys.to(score_dtype)).sum(2)
         else:
-            logits = torch.stack([(q * k.float()).sum(1) for k in keys])          # [n,B,H,W]
+            logits = torch.stack([(q * k.to(score_dtype)).sum(1) for k in keys])  # [n,B,H,W]
         logits = logits * temperature
         if mask is not None:
             logits = logits.masked_fill(~mask.to(logits.device)[:, None, None, None],
                                         float("-inf"))
         scores = torch.softmax(logits, dim=0)
-    weights = scores.to(values[0].dtype).unsqueeze(2)                             # [n,B,1,H,W]
-    out = weights[0] * values[0]
+    value_dtype = values.dtype if isinstance(values, torch.Tensor) else \
+        functools.reduce(torch.promote_types, (v.dtype for v in values))
+    weights = scores.to(value_dtype).unsqueeze(2)                                 # [n,B,1,H,W]
+    out = weights[0] * values[0].to(value_dtype)
     for m in range(1, len(values)):
         out.addcmul_(weights[m], values[m])   # in place: backward needs only weights and values
     return out, scores.transpose(0, 1)

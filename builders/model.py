@@ -32,8 +32,11 @@ from .merge import BottomUpMerge, TopDownMerge
 def _fp32(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Run a distribution head outside autocast: the means and log-scales it produces set the
     likelihood, and bf16's 2^-8 spacing near 1 is about a bin of the 8-bit data (2/255)."""
-    with torch.autocast(x.device.type, enabled=False):
-        return module(x.to(torch.promote_types(x.dtype, torch.float32)))
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return module(x)
+    return module(x)
 
 
 def _key(cfg) -> int | None:

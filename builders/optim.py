@@ -55,10 +55,11 @@ class KerasAdamax(torch.optim.Optimizer):
             for p in params:
                 st = self.state[p]
                 if not st:
-                    st["step"] = torch.zeros((), dtype=torch.float32)
                     st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     st["exp_inf"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["step"] += 1
+            # One iteration count per group, as Keras keeps one per optimizer: a parameter that
+            # missed a step (no gradient) must not shift the bias correction of the others.
+            group["step"] = group.get("step", 0) + 1
             grads = [p.grad for p in params]
             if wd:
                 grads = torch._foreach_add(grads, params, alpha=wd)
@@ -67,7 +68,7 @@ class KerasAdamax(torch.optim.Optimizer):
             torch._foreach_lerp_(m, grads, 1 - b1)                      # m = b1 m + (1 - b1) g
             torch._foreach_mul_(u, b2)
             torch._foreach_maximum_(u, torch._foreach_abs(grads))         # u = max(b2 u, |g|)
-            t = float(self.state[params[0]]["step"])
+            t = group["step"]
             denom = torch._foreach_add(u, eps)
             torch._foreach_addcdiv_(params, m, denom, value=-lr / (1 - b1 ** t))
         return loss

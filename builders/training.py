@@ -99,6 +99,25 @@ def state_dict_hash(module: torch.nn.Module) -> str:
     return tensors_hash(module.state_dict())
 
 
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop the records a killed run wrote after its last checkpoint (step > `step`): the
+    resumed run writes them again, and metrics.jsonl must read as one uninterrupted run."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+            if line.strip() and _record_step(line) <= step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _record_step(line: str) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except (ValueError, AttributeError):
+        return math.inf                   # a half-written last line of a killed run
+
+
 @dataclass
 class Distributed:
     rank: int = 0
@@ -423,6 +442,8 @@ def _train(resolved, spec, cfg, out_dir: Path, resume: bool, device, max_steps, 
             (out_dir / "spec.yaml").write_text(
                 f"# resolved spec trained by avi; hash {resolved.hash}\n" + dump_yaml(resolved.document),
                 encoding="utf-8")
+    if payload is not None and ddp.main:
+        trim_metrics(out_dir / "metrics.jsonl", state.step)
     reporter = Reporter(out_dir, progress_mode, ddp.main, batches_per_epoch, cfg.epochs, state.step)
     if resume and ddp.main:
         reporter.message(f"resuming {out_dir} at step {state.step} (epoch {state.epoch + 1}, "
@@ -511,7 +532,7 @@ def _train(resolved, spec, cfg, out_dir: Path, resume: bool, device, max_steps, 
                                      f"(loss {loss_v}, grad norm {gn_v}); update skipped "
                                      f"({state.consecutive_skipped} in a row)")
                     if state.consecutive_skipped >= cfg.max_skipped:
-                        checkpoint()
+                        # No checkpoint here: last.pt stays the last good state to resume from.
                         raise TrainingError(
                             f"{state.consecutive_skipped} consecutive non-finite updates (train.max_skipped "
                             f"= {cfg.max_skipped}) at step {state.step}: training diverged. Try a lower "

@@ -360,3 +360,21 @@ def test_benchmark_layer_loop_reference_agrees_with_vectorised():
     vals = [torch.randn(2, 6, 4, 4) for _ in range(7)]
     ref = bench.attend_layer_loop(q, keys, vals)
     assert torch.allclose(depthwise_attend(q, keys, vals)[0], ref, atol=1e-5)
+
+
+def test_depthwise_attend_gradients_are_exact_in_float64():
+    torch.manual_seed(5)
+    q = torch.randn(1, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    ks = [torch.randn(1, 3, 2, 2, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    vs = [torch.randn(1, 2, 2, 2, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    fn = lambda q, *kv: depthwise_attend(q, list(kv[:3]), list(kv[3:]), 0.7)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, *ks, *vs))
+
+
+def test_depthwise_attend_sums_mixed_dtypes_in_the_widest():
+    """Under autocast a layer-normed map (fp32) can meet a conv output (bf16)."""
+    q = torch.randn(1, 2, 2, 2)
+    ks = [torch.randn(1, 2, 2, 2) for _ in range(2)]
+    vs = [torch.randn(1, 3, 2, 2).bfloat16(), torch.randn(1, 3, 2, 2)]
+    out, _ = depthwise_attend(q, ks, vs)
+    assert out.dtype == torch.float32

@@ -237,6 +237,9 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny, reference):
     ref = by_step(metrics(reference))
     got = by_step(metrics(run))
     assert got == ref
+    # records written after the last checkpoint were dropped on resume, not duplicated
+    keys = [(r["step"], "test_nelbo" in r) for r in metrics(run)]
+    assert len(keys) == len(set(keys)) == len(metrics(reference))
 
 
 def test_max_steps_and_resume_continue_exactly(tiny, reference):
@@ -404,3 +407,12 @@ def test_ctrl_c_writes_last_then_resume_matches_uninterrupted(tiny, reference):
     assert step == max(r["step"] for r in metrics(run)) and step < 18
     avi(tiny.spec, "--out", run, "--resume", "--quiet", *extra, check=0)
     assert weights(run) == weights(reference)
+
+
+def test_resume_drops_metrics_written_after_the_last_checkpoint(tmp_path):
+    from builders.training import trim_metrics
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": float(s)}) + "\n" for s in range(1, 11)]
+    path.write_text("".join(lines) + '{"step": 11, "lo')        # killed mid-write
+    trim_metrics(path, 5)
+    assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
