@@ -43,7 +43,15 @@ def _document_of(item: Any, spec: Spec) -> dict:
     return spec.model_dump(mode="json", by_alias=True)
 
 
-def _flatten_diff(values: list[Any], prefix: str, out: list[dict]) -> None:
+def changed_fields(documents: list[dict], every_field: bool = False) -> list[dict]:
+    """{"path", "values"} for every leaf that differs across resolved documents; `avi diff`
+    leaves out name and description (every_field=False), a resume check keeps them."""
+    out: list[dict] = []
+    _flatten_diff(documents, "", out, () if every_field else IGNORED)
+    return out
+
+
+def _flatten_diff(values: list[Any], prefix: str, out: list[dict], skip=IGNORED) -> None:
     """Append {"path", "values"} for every leaf below `prefix` that differs across `values`.
     Where some specs have a mapping and others do not (e.g. an attention switched off with
     null, or `sources: all` against `{last: 4}`), the whole field is one row."""
@@ -52,7 +60,7 @@ def _flatten_diff(values: list[Any], prefix: str, out: list[dict]) -> None:
         for v in values:
             keys.extend(k for k in v if k not in keys)
         for k in sorted(keys, key=lambda k: _natural(str(k))):
-            if not prefix and k in IGNORED:
+            if not prefix and k in skip:
                 continue
             sub = [v.get(k, _MISSING) for v in values]
             path = f"{prefix}.{k}" if prefix else str(k)
@@ -60,7 +68,7 @@ def _flatten_diff(values: list[Any], prefix: str, out: list[dict]) -> None:
                 if len({json.dumps(s if s is not _MISSING else "<missing>", sort_keys=True, default=str) for s in sub}) > 1:
                     out.append({"path": path, "values": [None if s is _MISSING else s for s in sub]})
                 continue
-            _flatten_diff(sub, path, out)
+            _flatten_diff(sub, path, out, skip)
         return
     canon = {json.dumps(v, sort_keys=True, default=str) for v in values}
     if len(canon) > 1:
@@ -90,8 +98,7 @@ def diff_specs(resolved_list: list[Any], extra_rows: dict[str, list] | None = No
             names[i] = f"{n} ({i + 1})"
         seen.setdefault(n, i)
     docs = [_document_of(r, s) for r, s in zip(resolved_list, specs)]
-    fields: list[dict] = []
-    _flatten_diff(docs, "", fields)
+    fields = changed_fields(docs)
 
     edge_sets = [set(attention_edges(build_graph(s))) for s in specs]
     key = lambda e: (e[2], _natural(e[1]), _natural(e[0]))  # noqa: E731

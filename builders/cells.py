@@ -1,8 +1,6 @@
 """Residual cells: nodes, blocks and cell groups (ARCHITECTURE 2.2, 2.3)."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -104,7 +102,6 @@ class CellGroup(nn.Module):
     def __init__(self, c_in: int, scales: list[int], nonlocal_key: int | None = None,
                  stem: tuple[int, int] | None = None, num_nodes: int = 2):
         super().__init__()
-        self.in_channels = c_in
         self.stem = None
         c = c_in
         if stem is not None:
@@ -118,10 +115,6 @@ class CellGroup(nn.Module):
             c = blocks[-1].out_channels
         self.blocks = nn.Sequential(*blocks)
         self.out_channels = c
-        self.scales = list(scales)
-        # Output side = input side * resolution_factor (each -2 halves, each +2 doubles).
-        self.resolution_factor = math.prod(0.5 if s == -2 else 2.0 if s == 2 else 1.0
-                                           for s in scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stem is not None:

@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from avi_spec import ResolvedSpec, dump_yaml
-from avi_spec.diff import IGNORED, _flatten_diff
+from avi_spec.diff import changed_fields
 
 from .build import build_model
 from .checkpoint import (CheckpointError, load_with_fallback, rng_state, save_checkpoint,
@@ -75,10 +75,8 @@ def derive_seed(*parts: int) -> int:
 
 def document_differences(old: dict, new: dict) -> list[str]:
     """'path: old -> new' for every leaf field that differs between two resolved documents
-    (the flattening of `avi diff`, plus the name and description it leaves out)."""
-    rows: list[dict] = []
-    _flatten_diff([old, new], "", rows)
-    rows += [{"path": k, "values": [old.get(k), new.get(k)]} for k in IGNORED if old.get(k) != new.get(k)]
+    (the flattening of `avi diff`, name and description included)."""
+    rows = changed_fields([old, new], every_field=True)
     return [f"{r['path']}: {json.dumps(r['values'][0])} -> {json.dumps(r['values'][1])}" for r in rows]
 
 
@@ -92,11 +90,6 @@ def tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
         h.update(str(tuple(t.shape)).encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def state_dict_hash(module: torch.nn.Module) -> str:
-    """sha256 over a module's state dict."""
-    return tensors_hash(module.state_dict())
 
 
 def trim_metrics(path: Path, step: int) -> None:

@@ -126,10 +126,11 @@ def test_block_shapes_and_group_attributes():
     assert ResidualBlock(8, 2, 4)(x).shape == (2, 4, 16, 16)
     assert FactorizedReduce(8, 10)(x).shape == (2, 10, 4, 4)
     g = CellGroup(3, [0, -2], 4, stem=(3, 6))
-    assert g.out_channels == 12 and g.resolution_factor == 0.5
+    assert g.out_channels == 12
     assert g(torch.randn(2, 3, 8, 8)).shape == (2, 12, 4, 4)
     up = CellGroup(12, [2, 0])
-    assert up.out_channels == 6 and up.resolution_factor == 2.0
+    assert up.out_channels == 6
+    assert up(torch.randn(2, 12, 4, 4)).shape == (2, 6, 8, 8)
     with pytest.raises(ValueError):
         CellGroup(4, [0], stem=(3, 6))
 
