@@ -1,0 +1,133 @@
+"""avi computes what the authors' TensorFlow code computes, number for number.
+
+Fixtures (tests/fixtures/davi/, made by tools/reference/make_fixtures.py with their code;
+see docs/reference.md): their weights keyed by attribute path, an input batch, the posterior
+noise of every layer, and every per-layer term their model produced with it, with batch
+norm on moving statistics (eval__) and on batch statistics (train__). The model is built
+from their run.py flags and loaded through the importer's converter; no TensorFlow needed.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from builders.davi.flags import parse_command
+from builders.davi.importer import build_imported
+from builders.davi.weights import ConversionError, convert, mixture_channel_order
+
+FIX = Path(__file__).parent / "fixtures" / "davi"
+RTOL = 1e-4
+TINY = ["tiny_attn", "tiny_nvae", "tiny_cifar"]
+
+
+def _flags(name: str) -> dict[str, str]:
+    if name.startswith("trained"):
+        return parse_command((FIX / name / "train.sh").read_text())
+    return json.loads((FIX / name / "config.json").read_text())["flags"]
+
+
+def _tensors(name: str) -> dict[str, np.ndarray]:
+    stem = "final_model" if name.startswith("trained") else "weights"
+    return dict(np.load(FIX / name / f"{stem}_by_path.npz"))
+
+
+def _nchw(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2)
+
+
+def _close(mine: torch.Tensor, theirs: np.ndarray, what: str) -> None:
+    """Within RTOL of the reference, relative to the tensor's largest magnitude (elementwise
+    relative error is meaningless for the entries near zero of a mean map)."""
+    mine = mine.detach().double().numpy()
+    theirs = theirs.astype(np.float64).reshape(mine.shape)
+    err = np.max(np.abs(mine - theirs)) / max(np.max(np.abs(theirs)), 1e-12)
+    assert err <= RTOL, f"{what}: relative difference {err:.2e} > {RTOL}"
+
+
+def _run(name: str, mode: str):
+    model, resolved, _ = build_imported(_flags(name), name, _tensors(name))
+    io = np.load(FIX / name / "io.npz")
+    x = _nchw(io["x"]).float()
+    # Their preprocess: binary images 2x - 1, 8-bit ones 2x/255 - 1 (avi's model input).
+    x = 2 * x - 1 if resolved.spec.data.distribution.kind == "bernoulli" else 2 * x / 255 - 1
+    noise = [_nchw(io[f"eps_{l}"][0]).float() for l in range(model.derived.layers)]
+    model.train(mode == "train")
+    with torch.no_grad():
+        out = model(x, posterior_noise=noise, record_latents=True)
+    return model, io, out
+
+
+def _compare(name: str, mode: str) -> None:
+    model, io, out = _run(name, mode)
+    for l, terms in enumerate(out.latents):
+        _close(out.kl[:, l], io[f"{mode}__kl_{l}"], f"{mode} KL of layer {l}")
+        for key in ("q_loc", "q_scale", "p_loc", "p_scale", "z"):
+            if terms[key] is None:                       # layer 0: N(0, I) prior, not recorded
+                assert f"{mode}__{key}_{l}" not in io.files
+                continue
+            _close(terms[key].permute(0, 2, 3, 1), io[f"{mode}__{key}_{l}"], f"{mode} {key} of layer {l}")
+    params = io[f"{mode}__data_dist_params"]
+    if hasattr(model.head, "m"):
+        params = params[..., mixture_channel_order(model.head.m, model.head.c)]
+    _close(out.params.permute(0, 2, 3, 1), params, f"{mode} data distribution parameters")
+    _close(-out.nll, io[f"{mode}__log_px_z"], f"{mode} log p(x|z)")
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("name", TINY + ["trained_tiny_attn"])
+def test_same_terms_as_the_reference(name, mode):
+    _compare(name, mode)
+
+
+def test_the_comparison_can_fail():
+    """A perturbed weight moves the terms far outside the tolerance (the check has teeth)."""
+    tensors = _tensors("tiny_attn")
+    key = "_latent_layer/1/_prior_network/_params_network/_conv2d_layers/0/layer/bias"
+    tensors[key] = tensors[key] + 1e-2
+    model, _, _ = build_imported(_flags("tiny_attn"), "tiny_attn", tensors)
+    io = np.load(FIX / "tiny_attn" / "io.npz")
+    x = 2 * _nchw(io["x"]).float() - 1
+    model.eval()
+    with torch.no_grad():
+        out = model(x, posterior_noise=[_nchw(io[f"eps_{l}"][0]).float() for l in range(3)],
+                    record_latents=True)
+    with pytest.raises(AssertionError, match="p_loc of layer 1"):
+        _close(out.latents[1]["p_loc"].permute(0, 2, 3, 1), io["eval__p_loc_1"], "eval p_loc of layer 1")
+
+
+def test_noise_is_what_the_posterior_sample_uses():
+    """z = loc + scale * eps exactly, and the same noise gives the same draw."""
+    model, io, out = _run("tiny_nvae", "eval")
+    eps = _nchw(io["eps_1"][0]).float()
+    t = out.latents[1]
+    torch.testing.assert_close(t["z"], t["q_loc"] + t["q_scale"] * eps)
+    with pytest.raises(ValueError, match="one tensor per layer"):
+        model(torch.zeros(1, 1, 32, 32), posterior_noise=[eps])
+
+
+def test_missing_tensor_is_named():
+    tensors = _tensors("tiny_nvae")
+    gone = "_latent_layer/2/_posterior_network/_params_network/_conv2d_layers/0/v"
+    del tensors[gone]
+    with pytest.raises(ConversionError, match=f"missing tensor {gone}"):
+        build_imported(_flags("tiny_nvae"), "tiny_nvae", tensors)
+
+
+def test_wrong_shape_is_named():
+    tensors = _tensors("tiny_nvae")
+    key = "_merge_decoder/_conv2d_layer/v"
+    tensors[key] = tensors[key][..., :5]
+    with pytest.raises(ConversionError, match=r"_merge_decoder/_conv2d_layer/v has shape \(1, 1, 20, 5\); "
+                                              r"the model needs \(1, 1, 20, 16\)"):
+        build_imported(_flags("tiny_nvae"), "tiny_nvae", tensors)
+
+
+def test_leftover_tensor_is_named():
+    """Weights of another configuration (attention) do not silently load into this one."""
+    model, _, _ = build_imported(_flags("tiny_nvae"), "tiny_nvae", _tensors("tiny_nvae"))
+    with pytest.raises(ConversionError, match="has no place in the model"):
+        convert(_tensors("tiny_attn") | _tensors("tiny_nvae"), model)
