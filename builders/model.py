@@ -13,6 +13,7 @@ model takes images already mapped to [-1, 1] ([B, C, S_in, S_in]; binary data as
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -134,7 +135,12 @@ class DeepAttentiveVAE(nn.Module):
             CellGroup(d.bottom_up_width, cells.encoder.scales, _key(cells.encoder),
                       num_nodes=cells.encoder.nodes) for _ in range(L))
         # Layer 0's context is learned: [ctx (C_D + q_E) | kD (k_D)], broadcast over the batch.
-        self.constant = nn.Parameter(torch.rand(1, d.stored_width(0), d.feature_size, d.feature_size))
+        # Initialised as the reference does (Keras variance scaling, scale 0.33, fan-in,
+        # uniform; the fan-in of their [1, S, S, C] variable is S * S): about +-0.06 at 16x16.
+        self.constant = nn.Parameter(torch.empty(1, d.stored_width(0), d.feature_size, d.feature_size))
+        if not self.constant.is_meta:
+            bound = math.sqrt(0.99 / d.feature_size ** 2)
+            nn.init.uniform_(self.constant, -bound, bound)
         gen_src, inf_src = sources.get("generative", {}), sources.get("inference", {})
         self.layers = nn.ModuleList(
             VariationalLayer(spec, d, l, gen_src.get(l, []), inf_src.get(l, [])) for l in range(L))

@@ -131,3 +131,16 @@ def test_leftover_tensor_is_named():
     model, _, _ = build_imported(_flags("tiny_nvae"), "tiny_nvae", _tensors("tiny_nvae"))
     with pytest.raises(ConversionError, match="has no place in the model"):
         convert(_tensors("tiny_attn") | _tensors("tiny_nvae"), model)
+
+
+def test_layer0_constant_initialised_as_the_reference():
+    """Their VariableLayer uses variance scaling (0.33, fan-in, uniform) on a [1, S, S, C]
+    variable: fan-in S * S, so U(-sqrt(0.99 / S^2), +sqrt(0.99 / S^2)), about +-0.062 at 16x16."""
+    from avi_spec.loader import load_document
+    from builders.build import build_model
+    from builders.davi.importer import spec_mapping
+    spec = load_document(spec_mapping(_flags("tiny_nvae"), "t").document).spec
+    c = build_model(spec).constant.detach()
+    bound = (0.99 / 16 ** 2) ** 0.5
+    assert c.abs().max() <= bound and c.abs().max() > 0.9 * bound
+    assert c.min() < 0 < c.max()
