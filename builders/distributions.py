@@ -32,6 +32,18 @@ def bound_log_scale(u: torch.Tensor, bounds: tuple[float, float]) -> torch.Tenso
     return bound_symmetric(u, hi) if lo == -hi else bound_asymmetric(u, lo, hi)
 
 
+def randn_as(t: torch.Tensor) -> torch.Tensor:
+    """N(0, 1) draws of t's shape, dtype and device, filled in logical (NCHW) order whatever
+    t's memory format: randn_like on a channels_last map would give each pixel other
+    numbers, so a seed would not reproduce a run across memory formats."""
+    return torch.randn(t.shape, dtype=t.dtype, device=t.device)
+
+
+def rand_as(t: torch.Tensor) -> torch.Tensor:
+    """U(0, 1) draws like randn_as."""
+    return torch.rand(t.shape, dtype=t.dtype, device=t.device)
+
+
 @dataclass
 class Gaussian:
     """Diagonal Gaussian given by its mean and standard deviation (same shapes)."""
@@ -53,7 +65,7 @@ class Gaussian:
     def sample(self, temperature: float = 1.0, eps: torch.Tensor | None = None) -> torch.Tensor:
         """mean + temperature * sigma * eps; eps ~ N(0, I) unless given (same shape)."""
         if eps is None:
-            eps = torch.randn_like(self.mean)
+            eps = randn_as(self.mean)
         elif eps.shape != self.mean.shape:
             raise ValueError(f"noise of shape {list(eps.shape)} for a latent of shape {list(self.mean.shape)}")
         return self.mean + temperature * self.sigma * eps.to(self.mean.dtype)
@@ -99,7 +111,7 @@ class BernoulliHead(nn.Module):
         return torch.sigmoid(self._crop(logits))
 
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.bernoulli(self.mean(logits))
+        return torch.bernoulli(self.mean(logits).contiguous())   # draws in logical order
 
 
 class DiscretizedLogisticMixtureHead(nn.Module):
@@ -175,12 +187,12 @@ class DiscretizedLogisticMixtureHead(nn.Module):
         `temperature` scales the logistic noise. Returns images in [0, 1].
         """
         logit_pi, loc, log_s, coef = self._split(params.float())
-        u = torch.rand_like(logit_pi).clamp(1e-5, 1 - 1e-5)
+        u = rand_as(logit_pi).clamp(1e-5, 1 - 1e-5)
         pick = (logit_pi - torch.log(-torch.log(u))).argmax(dim=1, keepdim=True)
         one_hot = F.one_hot(pick, self.m).movedim(-1, 1).float()   # [B,M,1,H,W]
         loc, log_s = (loc * one_hot).sum(1), (log_s * one_hot).sum(1)
         coef = (coef * one_hot).sum(1) if self.k else None
-        u = torch.rand_like(loc).clamp(1e-5, 1 - 1e-5)
+        u = rand_as(loc).clamp(1e-5, 1 - 1e-5)
         raw = loc + temperature * log_s.exp() * (u.log() - (-u).log1p())
         out, idx = [], 0
         for ch in range(self.c):

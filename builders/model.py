@@ -26,7 +26,7 @@ from .attention_paths import GenerativeAttention, InferenceAttention
 from .cells import CellGroup
 from .conv import WNConv2d
 from .depthwise_attention import ContextLayerNorm
-from .distributions import BernoulliHead, DiscretizedLogisticMixtureHead, Gaussian
+from .distributions import BernoulliHead, DiscretizedLogisticMixtureHead, Gaussian, randn_as
 from .merge import BottomUpMerge, TopDownMerge
 
 
@@ -177,7 +177,7 @@ class DeepAttentiveVAE(nn.Module):
     def _prior(self, layer: VariationalLayer, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu, s = _fp32(layer.prior_head, condition).chunk(2, dim=1)
         if self.training and self.prior_noise > 0:
-            s = s + self.prior_noise * torch.randn_like(s)
+            s = s + self.prior_noise * randn_as(s)
         return mu, s
 
     def top_down(self, e: list[torch.Tensor] | None, n: int, temperature: float = 1.0,
@@ -251,7 +251,7 @@ class DeepAttentiveVAE(nn.Module):
                 merged = torch.cat([h_own, k_own], 1) if d.k_e else h_own
             dmu, ds = _fp32(layer.posterior_head, merged).chunk(2, dim=1)
             if self.training and self.post_noise > 0:
-                ds = ds + self.post_noise * torch.randn_like(ds)
+                ds = ds + self.post_noise * randn_as(ds)
             if l >= 1 and self.residual:
                 dmu, ds = mu_p + dmu, s_p + ds
             q = Gaussian.from_raw(dmu, ds, self.post_bounds)
