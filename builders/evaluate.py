@@ -363,7 +363,7 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", use_ema: 
             model.load_state_dict(ema, strict=False)
     except RuntimeError as e:
         raise RunError(f"{ckpt}: the weights do not fit the model of its spec: {e}") from None
-    model.to(dev).eval()
+    model.to(dev, memory_format=torch.channels_last).eval()   # the layout training used
     state_info = ck.get("state") if isinstance(ck.get("state"), dict) else {}
     model.avi_checkpoint = {"path": str(ckpt), "ema": bool(use_ema and ema is not None),
                             "step": state_info.get("step"), "epoch": state_info.get("epoch")}

@@ -402,10 +402,8 @@ def _train(resolved, spec, cfg, out_dir: Path, resume: bool, device, max_steps, 
                                      ddp.rank, ddp.world_size).num_batches
     steps_per_epoch = max(1, n_train // cfg.batch_size)   # schedule bookkeeping (ARCH 7)
 
-    model = build_model(spec, dev)
+    model = build_model(spec, dev).to(memory_format=torch.channels_last)  # oneDNN and cuDNN prefer it
     cuda = dev.type == "cuda"
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.optimizer)
     ema = EMA(model, cfg.ema.decay) if cfg.ema is not None else None
     state = State()
@@ -495,8 +493,7 @@ def _train(resolved, spec, cfg, out_dir: Path, resume: bool, device, max_steps, 
                 generator.manual_seed(derive_seed(cfg.seed, 1, state.step, ddp.rank))
                 torch.manual_seed(derive_seed(cfg.seed, 2, state.step, ddp.rank))
                 x = data.prepare(raw, generator)
-                if cuda:
-                    x = x.contiguous(memory_format=torch.channels_last)
+                x = x.contiguous(memory_format=torch.channels_last)
                 torch._foreach_copy_(bn_snapshot, bn_buffers)
                 with autocast():
                     out = forward(x)
