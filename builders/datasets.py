@@ -143,7 +143,8 @@ def parse_idx_images(raw: bytes, path: Path | str = "<bytes>") -> np.ndarray:
 # --------------------------------------------------------------------------------- omniglot
 
 def _load_omniglot(root: Path, split: str) -> np.ndarray:
-    path = root / "chardata.mat"
+    # data.root may name the .mat file itself (the authors' run.py takes --dataset_path=FILE).
+    path = root if root.suffix == ".mat" else root / "chardata.mat"
     if not path.is_file():
         raise DatasetError(f"OMNIGLOT file not found in {root}: expected chardata.mat. "
                            f"Download it from {OMNIGLOT_URL} and pass data.root=...")

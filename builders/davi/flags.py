@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import shlex
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 
@@ -304,7 +303,7 @@ def _dataset(m: Mapping, name: str, path: str | None, transform: str | None) -> 
     m.put("data.flips", {"horizontal": True, "vertical": True} if name == "cifar10" else None,
           "dataset", f"{name} (their default transform)")
     if path:
-        m.put("data.root", str(Path(path).parent) if Path(path).suffix else path, "dataset_path", path)
+        m.put("data.root", path, "dataset_path", path)
     if transform:
         raise FlagError(f"--dataset_transform={transform}: avi imports runs with their default transform only")
 
