@@ -69,6 +69,7 @@ class Data(_Strict):
     binarize: Literal["dynamic", "none"] = Field(
         "dynamic", description="dynamic: resample every training pixel as Bernoulli(grey level) at every draw (test set: once, fixed seed); none: keep 8-bit values.")
     flips: Optional[Flips] = Field(None, description="Training-time flips (augmentation); null for none.")
+    transpose: bool = Field(False, description="Swap rows and columns of every image after loading. The authors' code reads OMNIGLOT's chardata.mat row-major, so their models saw every character transposed; avi import-davi sets this for their OMNIGLOT runs.")
     distribution: Distribution = Field(default_factory=Bernoulli, description="The data distribution p(x | z).")
 
 

@@ -59,6 +59,8 @@ def load_spec_images(data, split: str = "train") -> np.ndarray:
         raise DatasetError(f"the {split} images of {data.dataset} are {c} x {h}x{w} (channels x "
                            f"height x width), but the spec says data.image: {{channels: {want[0]}, "
                            f"size: {want[1]}}}; set data.image to the images' shape")
+    if data.transpose:
+        images = np.ascontiguousarray(images.swapaxes(-1, -2))
     return images
 
 

@@ -302,6 +302,8 @@ def _dataset(m: Mapping, name: str, path: str | None, transform: str | None) -> 
     m.put("data.binarize", binarize, "dataset", name)
     m.put("data.flips", {"horizontal": True, "vertical": True} if name == "cifar10" else None,
           "dataset", f"{name} (their default transform)")
+    if name == "omniglot":     # their loader reshapes each 784-column row-major: transposed
+        m.put("data.transpose", True, "dataset", "omniglot (their .mat reader's orientation)")
     if path:
         m.put("data.root", path, "dataset_path", path)
     if transform:
