@@ -23,7 +23,7 @@ def import_davi(
     flag of their run.py to a spec field, convert their Keras weights, and write DIR/spec.yaml
     and DIR/checkpoints/last.pt, so that `avi eval / sample / reconstruct / plot DIR` work.
     A flag avi cannot express, or a tensor missing or of the wrong shape, is an error (exit 2)
-    and nothing is written. Reading .h5 files needs h5py (pip install 'avi[import]').
+    and nothing is written. Reading .h5 files needs h5py (pip install -e '.\\[import]').
 
     Example:
 

@@ -135,3 +135,18 @@ def test_existing_output_is_not_overwritten(trained_run, tmp_path):
     r = _import(FIX / "readme_commands" / "omniglot_l15.sh", "--flags-only", "--out", out)
     assert r.exit_code == 2 and "exists" in r.stderr
     assert (out / "spec.yaml").read_text() == "keep me"
+
+
+def test_their_defaults_where_avi_s_differ():
+    """An unstated flag means their default, which is written out where avi's differs."""
+    from builders.davi.flags import FlagError, parse_command, to_spec
+    flags = parse_command((FIX / "readme_commands" / "omniglot_l15.sh").read_text())
+    del flags["train_hparams"]
+    assert to_spec(flags, "x").document["train"]["batch_size"] == 256     # 1 GPU x 256
+    flags["train_hparams"] = "learning_rate_schedule=cosine_restart_warmup,lr_min_learning_rate=0.001"
+    sched = to_spec(flags, "x").document["train"]["schedule"]
+    assert sched == {"name": "cosine_restart", "min_lr": 0.001, "warmup_start_lr": 0.001,
+                     "first_cycle_epochs": 100.0}
+    del flags["decoder_hparams"]
+    with pytest.raises(FlagError, match="--decoder_hparams is not given"):
+        to_spec(flags, "x")
