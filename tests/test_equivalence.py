@@ -163,3 +163,32 @@ def test_layer0_constant_initialised_as_the_reference():
     bound = (0.99 / 16 ** 2) ** 0.5
     assert c.abs().max() <= bound and c.abs().max() > 0.9 * bound
     assert c.min() < 0 < c.max()
+
+
+def test_h5_without_attention_scales_loads(tmp_path):
+    """Files written by Keras before TF 2.5 lack the depth-wise attention-score scales (it did
+    not track them): they load, with fixed temperatures, and every other tensor in place."""
+    h5py = pytest.importorskip("h5py", reason="reading .h5 files needs h5py (the [import] extra)")
+    from avi_spec.loader import load_document
+    from builders.build import build_model
+    from builders.davi.h5 import read_h5
+    from builders.davi.importer import spec_mapping
+    path = tmp_path / "old.h5"
+    import shutil
+    shutil.copy(FIX / "live_omniglot" / "weights.h5", path)
+    dropped = 0
+    with h5py.File(path, "r+") as f:
+        for name in f.attrs["layer_names"]:
+            g = f[name]
+            names = [n.decode() if isinstance(n, bytes) else n for n in g.attrs["weight_names"]]
+            keep = [n for n in names if not (n.split("/")[-1] == "scale:0" and "nonlocal" not in n)]
+            dropped += len(names) - len(keep)
+            g.attrs["weight_names"] = [n.encode() for n in keep]
+    assert dropped == 5                        # 2 generative + 3 inference attentions
+    flags = _flags("live_omniglot")
+    tensors = read_h5(path, build_model(load_document(spec_mapping(flags, "x").document).spec, "meta"))
+    want = _tensors("live_omniglot")
+    assert set(want) - set(tensors) == {k for k in want if k.endswith("_attention/_alignment_function/scale")}
+    model, resolved, _ = build_imported(flags, "x", tensors)
+    assert not resolved.spec.attention.generative.learn_temperature
+    assert float(model.layers[1].gen_attention.temperature) == 1.0
