@@ -201,9 +201,10 @@ def _data_dist(m: Mapping, flag: str, raw: str, kind: str) -> None:
             m.put(f"{where}.mixtures", int(_num(flag, k, v)), flag, f"{k}={v}")
         elif kind == "discretized_logistic_mixture" and k == "log_scale_low_bound":
             m.put(f"{where}.min_log_scale", _num(flag, k, v), flag, f"{k}={v}")
-        elif (k, v) in (("high", "255"), ("low", "0"), ("log_scale_upper_bound", "7.0"),
-                        ("log_scale_upper_bound", "7")):
+        elif (k, v) in (("high", "255"), ("low", "0")):
             m.note(flag, f"{k}={v}", "their default; avi's only value")
+        elif k == "log_scale_upper_bound":
+            m.note(flag, f"{k}={v}", "read nowhere in their code (only the lower bound clamps)")
         else:
             raise FlagError(f"--{flag}: {k}={v} cannot be expressed in avi's {kind} distribution")
 
