@@ -78,7 +78,7 @@ def test_import_trained_run_reproduces_their_terms(trained_run, tmp_path):
         assert_same_terms(model, io, mode)
 
 
-def test_imported_run_works_with_eval_and_sample(trained_run, tmp_path):
+def test_imported_run_works_with_eval_sample_reconstruct_plot(trained_run, tmp_path):
     pytest.importorskip("h5py", reason="reading final_model.h5 needs h5py (the [import] extra)")
     out = tmp_path / "tiny"
     assert _import(trained_run, "--out", out).exit_code == 0
@@ -88,7 +88,12 @@ def test_imported_run_works_with_eval_and_sample(trained_run, tmp_path):
     assert 400 < nll < 900                       # 2 x 784 random bits: about 600 nats each
     s = runner.invoke(app, ["sample", str(out), "-n", "4", "--device", "cpu", "--out", str(tmp_path / "s.png")])
     assert s.exit_code == 0, s.output
-    assert (tmp_path / "s.png").stat().st_size > 0
+    for cmd in (["reconstruct", str(out), "-n", "2", "--device", "cpu", "--out", str(tmp_path / "r.png")],
+                ["plot", "attention", str(out), "--out", str(tmp_path / "a.png")]):
+        r = runner.invoke(app, cmd)
+        assert r.exit_code == 0, (cmd, r.output)
+    for png in ("s.png", "r.png", "a.png"):
+        assert (tmp_path / png).stat().st_size > 0
 
 
 def test_npz_weights_need_no_h5py(trained_run, tmp_path):
