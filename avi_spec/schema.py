@@ -163,7 +163,7 @@ class DepthwiseAttention(_KeysAndQueries):
     key_dim: int = Field(20, ge=1, le=4096, description="Channels of the keys the cells emit.")
     query_dim: int = Field(20, ge=1, le=4096, description="Channels of the queries; must equal key_dim (default: key_dim).")
     layer_norm: bool = Field(True, description="Normalise with x + GELU(LayerNorm(x)) (Eq. 5-6).")
-    learn_temperature: bool = Field(False, description="Learn the softmax temperature (the reference keeps it fixed at 1).")
+    learn_temperature: bool = Field(False, description="Learn the softmax temperature. The paper's models kept it at 1 (the Keras of their time did not track it); their code on TF >= 2.5 learns it, and avi import-davi sets this for such runs.")
     sources: Sources = Field("all", description="Which layers each layer may attend to: all (the paper), {last: k}, or {explicit: {layer: [layers]}}.")
 
 
