@@ -242,3 +242,20 @@ class Spec(_Strict):
         if self.version > SPEC_VERSION:
             raise ValueError(f"spec version {self.version} is newer than this avi supports ({SPEC_VERSION}); upgrade avi")
         return self
+
+
+# ----------------------------------------------------------------- JSON Schema
+
+def json_schema() -> dict:
+    """The JSON Schema of a spec *file* (what `avi schema` prints, for editors): the Spec
+    fields, plus the keys the loader reads before validation: `extends` (the parent spec,
+    merged under this file) and `version` (files of older versions are upgraded). Every field
+    has a default, so the partial files that `extends` makes possible validate as well."""
+    schema = Spec.model_json_schema(by_alias=True)
+    schema["properties"] = {
+        "extends": {"type": "string", "minLength": 1, "title": "Extends",
+                    "description": "Path of the spec this one derives from, relative to this file; "
+                                   "its fields are merged under this file's (this file wins)."},
+        **schema["properties"],
+    }
+    return schema
