@@ -1,5 +1,5 @@
 """`avi sample` (images from the prior) and `avi reconstruct` (test images through the
-posterior), both written as PNG grids."""
+posterior), both written as image grids (PNG, or the format of --out's extension)."""
 from __future__ import annotations
 
 from enum import Enum
@@ -109,6 +109,8 @@ def _save(save, path: Path, images) -> Path:
         return save(path, images)
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    except ValueError as e:                       # an extension Pillow cannot write
+        raise UserError(str(e)) from None
 
 
 def register(app: typer.Typer) -> None:
