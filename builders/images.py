@@ -23,9 +23,8 @@ def grid(images, columns: int | None = None, pad: int = 2) -> np.ndarray:
     return out[..., 0] if c == 1 else out
 
 
-def save_image(path: str | Path, pixels: np.ndarray) -> Path:
-    """uint8 [H, W] (grey) or [H, W, 3] (RGB) pixels -> an image file, written atomically (a
-    reader never sees half a file). Raises ValueError for an extension Pillow cannot write."""
+def image_format(path: str | Path) -> str:
+    """Pillow's format for the path's extension; ValueError when Pillow cannot write it."""
     from PIL import Image
 
     path = Path(path)
@@ -33,6 +32,16 @@ def save_image(path: str | Path, pixels: np.ndarray) -> Path:
     if fmt is None or fmt not in Image.SAVE:
         raise ValueError(f"cannot write images as {path.suffix or 'a file without extension'} "
                          f"({path}); use .png, .jpg or .webp")
+    return fmt
+
+
+def save_image(path: str | Path, pixels: np.ndarray) -> Path:
+    """uint8 [H, W] (grey) or [H, W, 3] (RGB) pixels -> an image file, written atomically (a
+    reader never sees half a file). Raises ValueError for an extension Pillow cannot write."""
+    from PIL import Image
+
+    path = Path(path)
+    fmt = image_format(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8)).save(tmp, format=fmt)

@@ -53,6 +53,7 @@ def sample_command(
     """
     from builders.images import save_grid
 
+    _check_format(output)
     model, _, run_dir = load_model(run, device, not no_ema)
     dev = next(model.parameters()).device
     _seed(seed, dev)
@@ -84,6 +85,7 @@ def reconstruct_command(
 
     from builders.images import save_grid
 
+    _check_format(output)
     model, resolved, run_dir = load_model(run, device, not no_ema)
     dev = next(model.parameters()).device
     x = images(resolved, split.value, n).to(dev)
@@ -104,13 +106,21 @@ def _center_crop(x, size: int):
     return x[..., a:a + size, a:a + size]
 
 
+def _check_format(output: Optional[Path]) -> None:
+    """Refuse an --out that Pillow cannot write before any model is loaded."""
+    from builders.images import image_format
+    if output is not None:
+        try:
+            image_format(output)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+
+
 def _save(save, path: Path, images) -> Path:
     try:
         return save(path, images)
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-    except ValueError as e:                       # an extension Pillow cannot write
-        raise UserError(str(e)) from None
 
 
 def register(app: typer.Typer) -> None:

@@ -117,6 +117,8 @@ def test_avi_plot_bad_input_exits_2(tmp_path):
         ("plot", "curves", str(a), "--out", str(tmp_path / "c.gif")): "extension must be",
         ("plot", "curves", str(tmp_path / "missing")): "not found",
         ("plot", "kl", str(a), "--out", str(tmp_path / "kl.bmp")): "extension must be",
+        ("sample", str(a), "--out", str(tmp_path / "s.xyz")): "cannot write images as .xyz",
+        ("reconstruct", str(a), "--out", str(tmp_path / "r")): "cannot write images as a file",
     }
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "metrics.jsonl").write_text('{"step": 1, "loss": 2}\n{"step": 2, "lo\n')
