@@ -21,7 +21,7 @@ OutOption = Annotated[Optional[Path], typer.Option(
     "--out", "-o", metavar="FILE", help="Where to write the figure; its extension picks the format "
                                         "(.png, .svg, .pdf).")]
 RunsArgument = Annotated[list[str], typer.Argument(
-    metavar="RUN...", help="Run directories of `avi train` (or .pt checkpoint files).")]
+    metavar="RUN...", help="Run directories of `avi train` (or .pt checkpoints, .safetensors exports).")]
 SplitOption = Annotated[Split, typer.Option("--split", help="Which images to average over.")]
 BatchOption = Annotated[Optional[int], typer.Option(
     "--batch-size", min=1, metavar="B", help="Images per batch (default: the spec's eval.batch_size).")]
