@@ -194,14 +194,14 @@ def curves_figure(runs: dict[str, Curves], axis: str = "step") -> Figure:
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    _zoom_past_warmup(loss_ax, runs, axis)
+    _zoom_past_warmup(loss_ax, runs)
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     handles, labels = loss_ax.get_legend_handles_labels()
     fig.legend(handles, labels, title="run", loc="outside right center", fontsize=8)
     return fig
 
 
-def _zoom_past_warmup(ax, runs: dict[str, Curves], axis: str) -> None:
+def _zoom_past_warmup(ax, runs: dict[str, Curves]) -> None:
     """The first steps' loss is an order of magnitude above the rest: cap the y range at the
     highest loss after the first tenth of the run so the part worth comparing is readable."""
     tops, bottoms = [], []
