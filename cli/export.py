@@ -15,7 +15,7 @@ def export_command(
     run: RunArgument,
     output: Annotated[Optional[Path], typer.Option(
         "--out", "-o", metavar="FILE.safetensors",
-        help="Where to write (default: RUN/<name>.safetensors, or ./<name>.safetensors for a checkpoint file).")] = None,
+        help="Where to write (default: RUN/<name>.safetensors; ./<name>.safetensors for a checkpoint outside a run).")] = None,
     no_ema: NoEmaOption = False,
     as_json: JsonOption = False,
 ) -> None:
