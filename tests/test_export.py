@@ -87,5 +87,9 @@ def test_two_line_python_api(run):
     assert not torch.equal(a, exported.sample(4, seed=2))
     assert torch.equal(torch.random.get_rng_state(), state)    # a seeded draw leaves torch's RNG alone
     assert exported.spec.name == "quickstart" and exported.document["hierarchy"]["layers"] == 4
+    grid = run / "from_export.png"                               # the commands read it too
+    r = runner.invoke(app, ["sample", str(run / "quickstart.safetensors"), "--n", "4",
+                            "--device", "cpu", "--out", str(grid)])
+    assert r.exit_code == 0 and grid.is_file(), r.output
     readme = (ROOT / "README.md").read_text()
     assert "from builders import load_run" in readme and 'load_run("runs/quickstart").sample(16)' in readme
