@@ -15,7 +15,9 @@ SPEC_VERSION = 1
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # allow_inf_nan=False: every float field refuses .inf and .nan (a learning rate of .inf
+    # trains NaN weights); subclasses that set their own model_config inherit it.
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class _KeysAndQueries(_Strict):
@@ -236,6 +238,16 @@ class Spec(_Strict):
     attention: Attention = Field(default_factory=Attention, description="Depth-wise attention of the prior and the posterior.")
     train: Train = Field(default_factory=Train, description="Training recipe.")
     eval: Eval = Field(default_factory=Eval, description="Evaluation settings.")
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, v: str) -> str:
+        """The name becomes runs/<name>: the pattern keeps it one path component of safe
+        characters, and "." or ".." would name the runs folder or its parent."""
+        if v in (".", ".."):
+            raise ValueError(f"'{v}' cannot be a run name (the name becomes a run directory); "
+                             f"use letters, digits, '_', '.' or '-'")
+        return v
 
     @model_validator(mode="after")
     def _version_supported(self) -> "Spec":

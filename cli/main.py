@@ -269,8 +269,8 @@ def diff(
 # ------------------------------------------------------------ other commands
 
 def _esc(text: str) -> str:
-    from rich.markup import escape
-    return escape(str(text))
+    from .common import _escape
+    return _escape(text)
 
 
 def _register_commands() -> None:
