@@ -435,8 +435,9 @@ def _problems(err: ValidationError, positions: dict[Key, Pos]) -> list[Problem]:
             out.append(Problem(format_path(path), "required field missing", *where))
         elif kind == "extra_forbidden":
             word = str(path[-1])
+            guess = did_you_mean(word, names) if len(out) < 1000 else None   # difflib is slow; few are read
             out.append(Problem(format_path(path), f"unknown field '{word}'", *where,
-                               hint=did_you_mean(word, names) or (f"fields: {', '.join(names)}" if names else None)))
+                               hint=guess or (f"fields: {', '.join(names)}" if names else None)))
         elif kind == "union_tag_invalid":
             tags = " or ".join(str(e.get("ctx", {}).get("expected_tags", "")).rsplit(", ", 1))
             tag_path = path + (str(e.get("ctx", {}).get("discriminator", "kind")).strip("'"),)

@@ -404,6 +404,18 @@ def test_control_characters_in_keys_are_printed_escaped(tmp_path):
     assert "\\x1b[31mred" in r.stderr
 
 
+def test_avi_diff_survives_a_run_whose_eval_json_nests_too_deep(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        run = tmp_path / name
+        run.mkdir()
+        shutil.copy(QUICKSTART, run / "spec.yaml")
+        (run / "eval.json").write_text("[" * 100_000 + "]" * 100_000)
+        runs.append(str(run))
+    r = runner.invoke(app, ["diff", *runs, "--no-params"])
+    assert r.exit_code == 0 and "not readable JSON" in r.stderr and "Traceback" not in r.output, r.output
+
+
 # ------------------------------------------------------------------------ fuzzing
 
 FUZZ_DIR = Path(tempfile.mkdtemp(prefix="avi-fuzz-"))
