@@ -198,9 +198,13 @@ def _load_layers(text: str, source: str, base_dir: Path, chain: tuple[Path, ...]
         return data, positions, own
     ext = data.pop("extends")
     here = _locate(positions, ("extends",))
-    if not isinstance(ext, str) or not ext.strip():
+    if not isinstance(ext, str) or not ext.strip() or "\0" in ext:
         raise SpecError(Problem("extends", f"expected a relative path to a spec file, found {_show(ext)}", *here))
-    parent = (base_dir / Path(ext).expanduser()).resolve()
+    try:
+        parent = (base_dir / Path(ext).expanduser()).resolve()
+    except (OSError, RuntimeError) as e:       # a name too long, a symlink loop
+        raise SpecError(Problem("extends", f"cannot follow {_show(ext)}: {getattr(e, 'strerror', None) or e}",
+                                *here)) from None
     if parent in chain:
         loop = chain[chain.index(parent):] + (parent,)
         root = os.path.commonpath([str(p.parent) for p in loop])   # short names for the chain

@@ -73,6 +73,13 @@ class Data(_Strict):
     flips: Optional[Flips] = Field(None, description="Training-time flips (augmentation); null for none.")
     distribution: Distribution = Field(default_factory=Bernoulli, description="The data distribution p(x | z).")
 
+    @field_validator("root")
+    @classmethod
+    def _a_path(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and "\0" in v:
+            raise ValueError("data.root must be a folder path, without NUL characters")
+        return v
+
 
 # ------------------------------------------------------------------------ hierarchy
 
