@@ -126,7 +126,7 @@ def render_markdown() -> str:
         "key, anything else (lists, scalars, `null`) replaces. `--set a.b.c=value` overrides any field",
         "from the command line. `avi schema` prints the same information as JSON Schema.",
         "",
-        f"A spec file is a regular file of at most {MAX_FILE_BYTES >> 20} MiB holding one non-empty YAML mapping; floats",
+        f"A spec file is a regular file of at most {MAX_FILE_BYTES >> 10} KiB holding one non-empty YAML mapping; floats",
         f"must be finite (no `.inf`, `.nan`); one document may nest at most {MAX_DEPTH} levels and expand,",
         f"through YAML aliases, to at most {MAX_VALUES:,} values (these bounds keep a hostile file harmless).",
         "",

@@ -32,8 +32,10 @@ class Problem:
                 if self.column is not None:
                     where += f":{self.column}"
             where += ": "
-        text = f"{where}{self.path}: {self.message}" if self.path else f"{where}{self.message}"
-        return f"{text} ({self.hint})" if self.hint else text
+        # A key can be a whole multi-line block of some file: print a line's worth of it.
+        path, message = _brief(self.path, 100), _brief(self.message, 400)
+        text = f"{where}{path}: {message}" if path else f"{where}{message}"
+        return literal(f"{text} ({self.hint})" if self.hint else text)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,6 +53,13 @@ class SpecError(Exception):
 
     def __str__(self) -> str:
         return "\n".join(format_problems(self.problems))
+
+
+def _brief(text: str, limit: int) -> str:
+    """The first line of `text`, at most `limit` characters (avi's own messages are one line;
+    a second one can only come from a key or value of the user's file)."""
+    first, newline, _ = text.partition("\n")
+    return first[:limit - 3] + "..." if newline or len(first) > limit else first
 
 
 def format_problems(problems: list[Problem], limit: int = MAX_SHOWN) -> list[str]:

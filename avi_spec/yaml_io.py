@@ -25,9 +25,13 @@ from .errors import Problem, SpecError, format_path
 Key = tuple                                   # a path into the document: ("cells", "encoder", "scales", 1)
 Pos = tuple[str, "int | None", "int | None"]  # (file or "--set a.b=c", line, column), 1-based
 
-MAX_FILE_BYTES = 1 << 20      # a spec is a few KB; the largest sensible one (explicit sources
-MAX_DEPTH = 64                # for 256 layers) is about 0.3 MB, 200k values and depth 6
-MAX_VALUES = 200_000
+# A shipped spec is 2 KB and 60 values, 4 levels deep; the largest sensible one (explicit
+# sources of every layer pair for 100 layers) is 20 KB and 5,200 values. PyYAML composes a few
+# tens of thousands of values a second, about 1 KB each, so MAX_VALUES also bounds the time
+# (a second or two) and memory (50 MB) one document can cost.
+MAX_FILE_BYTES = 512 << 10
+MAX_DEPTH = 64
+MAX_VALUES = 50_000
 MAX_CHARS = 4 << 20
 
 
@@ -94,9 +98,11 @@ def read_spec_text(path: Path, via: Problem | None) -> str:
                                 *where)) from None
     except _TooLarge as e:
         raise SpecError(Problem(key, f"{shown} is {e.args[0]:,} bytes; a spec file is at most "
-                                     f"{MAX_FILE_BYTES >> 20} MiB", *where)) from None
+                                     f"{MAX_FILE_BYTES >> 10} KiB", *where)) from None
     except OSError as e:
         raise SpecError(Problem(key, f"cannot read {shown}: {e.strerror}", *where)) from None
+    except ValueError:                          # a NUL in the name
+        raise SpecError(Problem(key, f"cannot read {shown}: not a valid file name", *where)) from None
 
 
 # ------------------------------------------------------------------------ YAML
@@ -107,19 +113,23 @@ class _Limit(yaml.MarkedYAMLError):
 
 class _Loader(yaml.SafeLoader):
     """SafeLoader subclass (nothing we do touches the global SafeLoader) whose composer stops
-    at MAX_DEPTH: PyYAML composes recursively, so deeper brackets end in a RecursionError."""
+    at MAX_DEPTH (PyYAML composes recursively: deeper brackets end in a RecursionError) and at
+    MAX_VALUES nodes (each costs about 1 KB before it is built into data)."""
 
     def __init__(self, stream):
         super().__init__(stream)
-        self._depth = 0
+        self._depth = self._nodes = 0
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             return super().compose_node(parent, index)
         self._depth += 1
+        self._nodes += 1
         try:
             if self._depth > MAX_DEPTH:
                 raise _Limit(None, None, f"values nested deeper than {MAX_DEPTH} levels", self.peek_event().start_mark)
+            if self._nodes > MAX_VALUES:
+                raise _Limit(None, None, f"this YAML holds more than {MAX_VALUES:,} values", self.peek_event().start_mark)
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
@@ -155,7 +165,7 @@ def _measure(root) -> None:
                     values, chars, height = values + v, chars + c, max(height, h)
                     if values > MAX_VALUES or chars > MAX_CHARS:
                         what = f"{MAX_VALUES:,} values" if values > MAX_VALUES else f"{MAX_CHARS:,} characters"
-                        raise _Limit(None, None, f"this YAML expands to more than {what} (through its aliases)",
+                        raise _Limit(None, None, f"this YAML holds more than {what} (an alias counts as what it repeats)",
                                      node.start_mark)
                 done[key] = (values, chars, height + 1)
             open_.discard(key)
