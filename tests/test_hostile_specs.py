@@ -10,7 +10,6 @@ import pickle
 import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 from typing import Annotated, Union, get_args, get_origin
@@ -440,17 +439,23 @@ def test_avi_diff_survives_a_run_whose_eval_json_nests_too_deep(tmp_path):
 
 # ------------------------------------------------------------------------ fuzzing
 
-FUZZ_DIR = Path(tempfile.mkdtemp(prefix="avi-fuzz-"))
-shutil.copytree(REPO / "specs", FUZZ_DIR / "specs")
 SPEC_TEXTS = [p.read_text() for p in sorted((REPO / "specs").rglob("*.yaml"))]
 HOSTILE_VALUES = [".inf", ".nan", "-1", "0", "1e400", "99999999999999999999", "null", "[]", "{}", "~",
                   "*undefined", "&a x", "!!python/object:os.system", "'..'", "true", "\"\\x00\"", "!!binary aGk=",
                   "[1, [2, [3]]]", "{kind: nope}", "extends: ../quickstart.yaml", "<<: {}", "-.inf"]
 
 
-def _outcome(raw: bytes) -> str:
+@pytest.fixture(scope="module")
+def fuzz_dir(tmp_path_factory) -> Path:
+    """A copy of specs/, so that a mutated ablation's `extends: ../x.yaml` finds its parent."""
+    root = tmp_path_factory.mktemp("fuzz")
+    shutil.copytree(REPO / "specs", root / "specs")
+    return root / "specs" / "ablations"
+
+
+def _outcome(raw: bytes, folder: Path) -> str:
     """Load and graph-check `raw` as a spec file: "ok" or "error"; anything else raises."""
-    path = FUZZ_DIR / "specs" / "ablations" / "fuzz.yaml"
+    path = folder / "fuzz.yaml"
     path.write_bytes(raw)
     try:
         problems = check_graph(load_spec(path))
@@ -489,15 +494,15 @@ FUZZ = settings(max_examples=120, deadline=None, derandomize=True,
 
 
 @FUZZ
-@given(st.binary(max_size=300))
-def test_fuzz_arbitrary_bytes_are_loaded_or_refused(raw):
-    _outcome(raw)
+@given(raw=st.binary(max_size=300))
+def test_fuzz_arbitrary_bytes_are_loaded_or_refused(fuzz_dir, raw):
+    _outcome(raw, fuzz_dir)
 
 
 @FUZZ
-@given(mutated_specs())
-def test_fuzz_mutated_specs_are_loaded_or_refused(raw):
-    _outcome(raw)
+@given(raw=mutated_specs())
+def test_fuzz_mutated_specs_are_loaded_or_refused(fuzz_dir, raw):
+    assert _outcome(raw, fuzz_dir) in ("ok", "error")
 
 
 SET_KEYS = [p for p, _, _ in FLOAT_FIELDS] + [
