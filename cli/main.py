@@ -271,7 +271,7 @@ def _run_results(arg: str, resolved) -> dict | None:
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:       # RecursionError: brackets nested too deep
         err.print(f"[yellow]warning:[/] {_esc(str(path))} is not readable JSON ({_esc(str(e))}); its results are left out")
         return None
     if not isinstance(data, dict):
@@ -337,8 +337,8 @@ def diff(
 # ------------------------------------------------------------ other commands
 
 def _esc(text: str) -> str:
-    from rich.markup import escape
-    return escape(str(text))
+    from .common import _escape
+    return _escape(text)
 
 
 def _register_commands() -> None:
