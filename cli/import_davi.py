@@ -19,9 +19,11 @@ def import_davi(
     flags_only: Annotated[bool, typer.Option("--flags-only", help="Write only DIR/spec.yaml from the flags; no weights.")] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Import a model trained with the authors' code (ifiaposto/Deep_Attentive_VI): map every
-    flag of their run.py to a spec field, convert their Keras weights, and write DIR/spec.yaml
-    and DIR/checkpoints/last.pt, so that `avi eval / sample / reconstruct / plot DIR` work.
+    """Import a model trained with the authors' TensorFlow code as an avi run directory.
+
+    Maps every flag of their run.py (ifiaposto/Deep_Attentive_VI) to a spec field, converts
+    their Keras weights, and writes DIR/spec.yaml and DIR/checkpoints/last.pt, so that
+    `avi eval / sample / reconstruct / plot DIR` work.
     A flag avi cannot express, or a tensor missing or of the wrong shape, is an error (exit 2)
     and nothing is written. Reading .h5 files needs h5py (pip install -e '.\\[import]').
 
