@@ -15,7 +15,9 @@ SPEC_VERSION = 1
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # allow_inf_nan=False: every float field refuses .inf and .nan (a learning rate of .inf
+    # trains NaN weights); subclasses that set their own model_config inherit it.
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class _KeysAndQueries(_Strict):
@@ -63,13 +65,21 @@ class Flips(_Strict):
 class Data(_Strict):
     dataset: Literal["mnist5k", "mnist", "omniglot", "cifar10", "folder"] = Field(
         "mnist5k", description="Which data: mnist5k (5,000 digits shipped with avi), mnist (IDX files), omniglot (chardata.mat), cifar10 (python batches) or a folder of .npy/.png.")
-    root: Optional[str] = Field(None, description="Folder holding the dataset's standard files (relative to the working directory); not needed for mnist5k.")
+    root: Optional[str] = Field(None, description="Folder holding the dataset's standard files (relative to the working directory), or for omniglot the .mat file itself; not needed for mnist5k.")
     image: ImageShape = Field(default_factory=ImageShape, description="Shape of the raw images.")
     pad: int = Field(2, ge=0, le=64, description="Zero pixels added on every side before the encoder (28 -> 32 for the binary datasets).")
     binarize: Literal["dynamic", "none"] = Field(
         "dynamic", description="dynamic: resample every training pixel as Bernoulli(grey level) at every draw (test set: once, fixed seed); none: keep 8-bit values.")
     flips: Optional[Flips] = Field(None, description="Training-time flips (augmentation); null for none.")
+    transpose: bool = Field(False, description="Swap rows and columns of every image after loading. The authors' code reads OMNIGLOT's chardata.mat row-major, so their models saw every character transposed; avi import-davi sets this for their OMNIGLOT runs.")
     distribution: Distribution = Field(default_factory=Bernoulli, description="The data distribution p(x | z).")
+
+    @field_validator("root")
+    @classmethod
+    def _a_path(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and "\0" in v:
+            raise ValueError("data.root must be a folder path, without NUL characters")
+        return v
 
 
 # ------------------------------------------------------------------------ hierarchy
@@ -162,7 +172,7 @@ class DepthwiseAttention(_KeysAndQueries):
     key_dim: int = Field(20, ge=1, le=4096, description="Channels of the keys the cells emit.")
     query_dim: int = Field(20, ge=1, le=4096, description="Channels of the queries; must equal key_dim (default: key_dim).")
     layer_norm: bool = Field(True, description="Normalise with x + GELU(LayerNorm(x)) (Eq. 5-6).")
-    learn_temperature: bool = Field(False, description="Learn the softmax temperature (the reference keeps it fixed at 1).")
+    learn_temperature: bool = Field(False, description="Learn the softmax temperature. The paper's models kept it at 1 (the Keras of their time did not track it); their code on TF >= 2.5 learns it, and avi import-davi sets this for such runs.")
     sources: Sources = Field("all", description="Which layers each layer may attend to: all (the paper), {last: k}, or {explicit: {layer: [layers]}}.")
 
 
@@ -237,8 +247,35 @@ class Spec(_Strict):
     train: Train = Field(default_factory=Train, description="Training recipe.")
     eval: Eval = Field(default_factory=Eval, description="Evaluation settings.")
 
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, v: str) -> str:
+        """The name becomes runs/<name>: the pattern keeps it one path component of safe
+        characters, and "." or ".." would name the runs folder or its parent."""
+        if v in (".", ".."):
+            raise ValueError(f"'{v}' cannot be a run name (the name becomes a run directory); "
+                             f"use letters, digits, '_', '.' or '-'")
+        return v
+
     @model_validator(mode="after")
     def _version_supported(self) -> "Spec":
         if self.version > SPEC_VERSION:
             raise ValueError(f"spec version {self.version} is newer than this avi supports ({SPEC_VERSION}); upgrade avi")
         return self
+
+
+# ----------------------------------------------------------------- JSON Schema
+
+def json_schema() -> dict:
+    """The JSON Schema of a spec *file* (what `avi schema` prints, for editors): the Spec
+    fields, plus the keys the loader reads before validation: `extends` (the parent spec,
+    merged under this file) and `version` (files of older versions are upgraded). Every field
+    has a default, so the partial files that `extends` makes possible validate as well."""
+    schema = Spec.model_json_schema(by_alias=True)
+    schema["properties"] = {
+        "extends": {"type": "string", "minLength": 1, "title": "Extends",
+                    "description": "Path of the spec this one derives from, relative to this file; "
+                                   "its fields are merged under this file's (this file wins)."},
+        **schema["properties"],
+    }
+    return schema

@@ -325,16 +325,19 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", use_ema: 
 
     ``path`` is a run directory (checkpoints/best.pt if present, else checkpoints/last.pt;
     see find_checkpoint) or a .pt checkpoint of `avi train` (builders.training's payload:
-    "spec", "model", "ema", "state"). The spec is the resolved document saved in the
-    checkpoint (else the run directory's spec.yaml). With ``use_ema`` and EMA weights in the
-    checkpoint, those replace the trained weights. Raises RunError on bad input and
-    builders.devices.DeviceError for an unavailable device.
+    "spec", "model", "ema", "state"), or a .safetensors file of `avi export`. The spec is
+    the resolved document saved in the checkpoint (else the run directory's spec.yaml). With
+    ``use_ema`` and EMA weights in the checkpoint, those replace the trained weights. Raises
+    RunError on bad input and builders.devices.DeviceError for an unavailable device.
     """
     from avi_spec import SpecError, load_document, load_spec
 
     from .build import build_model
     from .devices import resolve_device
 
+    if Path(path).suffix == ".safetensors":           # a file of `avi export`
+        from .export import load_exported
+        return load_exported(path, device)
     dev = resolve_device(device)
     ckpt, run = find_checkpoint(path)
     ck = _read_checkpoint(ckpt)

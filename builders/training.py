@@ -182,7 +182,7 @@ class Reporter:
             self.progress = Progress(TextColumn("epoch {task.fields[epoch]}/" + str(epochs)),
                                      BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                                      TextColumn("{task.fields[info]}"),
-                                     console=Console(stderr=True), transient=False)
+                                     console=Console(stderr=True, emoji=False), transient=False)
             self.progress.start()
 
     def start_epoch(self, epoch: int, total: int, done: int) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import shlex
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 
@@ -202,9 +201,10 @@ def _data_dist(m: Mapping, flag: str, raw: str, kind: str) -> None:
             m.put(f"{where}.mixtures", int(_num(flag, k, v)), flag, f"{k}={v}")
         elif kind == "discretized_logistic_mixture" and k == "log_scale_low_bound":
             m.put(f"{where}.min_log_scale", _num(flag, k, v), flag, f"{k}={v}")
-        elif (k, v) in (("high", "255"), ("low", "0"), ("log_scale_upper_bound", "7.0"),
-                        ("log_scale_upper_bound", "7")):
+        elif (k, v) in (("high", "255"), ("low", "0")):
             m.note(flag, f"{k}={v}", "their default; avi's only value")
+        elif k == "log_scale_upper_bound":
+            m.note(flag, f"{k}={v}", "read nowhere in their code (only the lower bound clamps)")
         else:
             raise FlagError(f"--{flag}: {k}={v} cannot be expressed in avi's {kind} distribution")
 
@@ -252,7 +252,7 @@ def _train(m: Mapping, raw: str) -> None:
     m.put("train.batch_size", gpus * per, "train_hparams", f"num_gpus={gpus} x batch_size={per}")
     simple = {"epochs": ("train.epochs", int), "learning_rate": ("train.optimizer.lr", float),
               "lr_warmup_epochs": ("train.schedule.warmup_epochs", float),
-              "lr_min_learning_rate": ("train.schedule.min_lr", float),
+              "lr_min_learning_rate": ("train.schedule.min_lr", float),   # also the warm-up start
               "lr_first_decay_epochs": ("train.schedule.first_cycle_epochs", float),
               "lr_t_mul": ("train.schedule.cycle_mult", float),
               "keras_lr_epsilon": ("train.optimizer.eps", float)}
@@ -261,6 +261,8 @@ def _train(m: Mapping, raw: str) -> None:
         if k in simple:
             path, cast = simple[k]
             m.put(path, cast(_num("train_hparams", k, v)), "train_hparams", f"{k}={v}")
+            if k == "lr_min_learning_rate":      # their warm-up rises from the minimum
+                m.put("train.schedule.warmup_start_lr", float(v), "train_hparams", f"{k}={v}")
         elif k == "learning_rate_schedule":
             if v not in _SCHEDULES:
                 raise FlagError(f"--train_hparams: learning_rate_schedule={v} has no avi equivalent")
@@ -281,6 +283,9 @@ def _train(m: Mapping, raw: str) -> None:
             m.note("train_hparams", f"{k}={v}", "no effect here (derived from the data, unused, or avi's only value)")
         else:
             raise FlagError(f"--train_hparams: {k}={v} cannot be expressed in avi's training recipe")
+    if hp.get("learning_rate_schedule") == "cosine_restart_warmup" and "lr_first_decay_epochs" not in hp:
+        m.put("train.schedule.first_cycle_epochs", 100.0, "train_hparams",
+              "lr_first_decay_epochs (their default, 100)")
 
 
 def _eval(m: Mapping, raw: str) -> None:
@@ -303,8 +308,10 @@ def _dataset(m: Mapping, name: str, path: str | None, transform: str | None) -> 
     m.put("data.binarize", binarize, "dataset", name)
     m.put("data.flips", {"horizontal": True, "vertical": True} if name == "cifar10" else None,
           "dataset", f"{name} (their default transform)")
+    if name == "omniglot":     # their loader reshapes each 784-column row-major: transposed
+        m.put("data.transpose", True, "dataset", "omniglot (their .mat reader's orientation)")
     if path:
-        m.put("data.root", str(Path(path).parent) if Path(path).suffix else path, "dataset_path", path)
+        m.put("data.root", path, "dataset_path", path)
     if transform:
         raise FlagError(f"--dataset_transform={transform}: avi imports runs with their default transform only")
 
@@ -338,9 +345,13 @@ def to_spec(flags: dict[str, str], name: str) -> Mapping:
               "merge_decoder_hparams", "posterior_hparams", "prior_hparams"):
         handlers[f](flags.get(f, ""))
     for f in ("decoder_hparams", "encoder_hparams", "preproc_encoder_hparams",
-              "postproc_decoder_hparams", "train_hparams", "eval_hparams"):
+              "postproc_decoder_hparams", "eval_hparams"):
         if f in flags:
             handlers[f](flags[f])
+        elif f != "eval_hparams":
+            raise FlagError(f"--{f} is not given: their default cell (scale=-2, 16 filters) is not "
+                            "one avi imports; give their command with the flag stated")
+    handlers["train_hparams"](flags.get("train_hparams", ""))   # their defaults differ from avi's
     _data_dist(m, "data_dist_hparams", flags.get("data_dist_hparams", ""), kind)
     for f in BOOKKEEPING & flags.keys():
         m.note(f, flags[f], "run bookkeeping (paths, mode): not part of the spec")

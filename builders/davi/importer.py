@@ -22,8 +22,8 @@ def spec_mapping(flags: dict[str, str], name: str,
     if tensors is not None and learned_scales(tensors):
         for part in ("generative", "inference"):
             if m.document.get("attention", {}).get(part):
-                m.put(f"attention.{part}.learn_temperature", True, "(weights)",
-                      "their attention-score scales differ from 1")
+                m.put(f"attention.{part}.learn_temperature", True, "(their weights)",
+                      "attention-score scales != 1")
     return m
 
 
