@@ -9,6 +9,8 @@ Run by hand (never as a timed test):
     python bench/bench.py build                     # avi validate / avi build wall time
     python bench/bench.py attention                 # vectorised vs loop depth-wise attention
     python bench/bench.py step --device cuda --dtype bf16 --batch 32
+    python bench/bench.py reference --davi-src PATH/src --tf-python PATH/bin/python
+                                                    # avi vs the authors' TF code (not in "all")
 
 Each benchmark prints a table and one JSON line (prefix "BENCH "), the median of --repeats
 timed runs after --warmup untimed ones, and the device, dtype, batch and threads it used.
@@ -94,17 +96,19 @@ def peak_memory_mb(args) -> float | None:
 def model_for(spec_path: str, args, overrides=()):
     spec = load_spec(ROOT / spec_path, list(overrides)).spec
     model = build_model(spec, args.device)
-    if args.device == "cuda":
+    if args.memory_format == "channels_last":          # what `avi train` uses
         model = model.to(memory_format=torch.channels_last)
     return model, spec
 
 
-def batch_for(spec, n: int, device: str) -> torch.Tensor:
+def batch_for(spec, n: int, device: str, memory_format: str = "channels_last") -> torch.Tensor:
     side = spec.data.image.size + 2 * spec.data.pad
     x = torch.rand(n, spec.data.image.channels, side, side, device=device)
     if spec.data.distribution.kind == "bernoulli":
-        return torch.bernoulli(x) * 2 - 1
-    return torch.round(x * 255) / 127.5 - 1
+        x = torch.bernoulli(x) * 2 - 1
+    else:
+        x = torch.round(x * 255) / 127.5 - 1
+    return x.contiguous(memory_format=getattr(torch, memory_format.replace("contiguous", "contiguous_format")))
 
 
 def train_step_fn(model, spec, x, args):
@@ -144,7 +148,7 @@ def bench_step(args) -> None:
     rows, results = [], {}
     for case in ("specs/ablations/case09.yaml", "specs/ablations/case16.yaml"):
         model, spec = model_for(case, args)
-        x = batch_for(spec, args.batch, args.device)
+        x = batch_for(spec, args.batch, args.device, args.memory_format)
         peak_memory_reset(args)
         seconds = timed(train_step_fn(model, spec, x, args), args)
         params = sum(p.numel() for p in model.parameters())
@@ -168,7 +172,7 @@ def bench_depth(args) -> None:
     for layers in args.depths:
         model, spec = model_for("specs/ablations/case16.yaml", args,
                                 [f"hierarchy.layers={layers}"] + args.depth_overrides)
-        x = batch_for(spec, args.batch, args.device)
+        x = batch_for(spec, args.batch, args.device, args.memory_format)
         peak_memory_reset(args)
         seconds = timed(train_step_fn(model, spec, x, args), args)
         mem = peak_memory_mb(args)
@@ -187,7 +191,7 @@ def bench_eval(args) -> None:
     forward passes a naive estimator would need."""
     model, spec = model_for(args.eval_spec, args)
     model.eval()
-    x = batch_for(spec, args.batch, args.device)
+    x = batch_for(spec, args.batch, args.device, args.memory_format)
     rows, results = [], {}
     with torch.no_grad(), autocast(args):
         t_fwd = timed(lambda: model(x), args)
@@ -290,8 +294,64 @@ def bench_attention(args) -> None:
            {"bench": "attention", **context(args), "results": results})
 
 
+def reference_run(args) -> dict:
+    """One run of bench/reference_step.py under the TensorFlow interpreter (its own process:
+    TF and torch do not share one)."""
+    cmd = [args.tf_python, str(ROOT / "bench" / "reference_step.py"), "--davi-src", args.davi_src,
+           "--batch", str(args.batch), "--threads", str(torch.get_num_threads()),
+           "--repeats", str(args.repeats), "--warmup", str(args.warmup + 1)]
+    env = {**os.environ, "TF_USE_LEGACY_KERAS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    line = next((l for l in r.stdout.splitlines() if l.startswith("REFERENCE ")), None)
+    if r.returncode or line is None:
+        sys.exit(f"reference run failed (rc {r.returncode}):\n{r.stderr[-3000:]}")
+    return json.loads(line[len("REFERENCE "):])
+
+
+def timed_cpu(fn, args) -> tuple[float, float]:
+    """Medians of wall and process CPU seconds (all threads) of fn(): on a shared machine the
+    CPU time is what another process's load does not inflate (much)."""
+    for _ in range(args.warmup):
+        fn()
+    wall, cpu = [], []
+    for _ in range(args.repeats):
+        t, c = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def bench_reference(args) -> None:
+    """A training step of the authors' TF code vs avi's, OMNIGLOT configuration of the paper
+    (specs/omniglot_l15.yaml), same batch and threads, in one run: avi, TF, avi again."""
+    if not (args.davi_src and args.tf_python):
+        sys.exit("reference needs --davi-src (the authors' src/, patched) and --tf-python")
+    model, spec = model_for("specs/omniglot_l15.yaml", args)
+    x = batch_for(spec, args.batch, args.device, args.memory_format)
+    step = train_step_fn(model, spec, x, args)
+    peak_memory_reset(args)
+    avi = [timed_cpu(step, args)]
+    mem = peak_memory_mb(args)
+    tf = reference_run(args)
+    avi.append(timed_cpu(step, args))
+    seconds, cpu = statistics.median(w for w, _ in avi), statistics.median(c for _, c in avi)
+    params = sum(p.numel() for p in model.parameters())
+    rows = [["authors' TF " + tf["tf"], f"{tf['parameters'] / 1e6:.2f}M", f"{tf['seconds'] * 1000:.0f}",
+             f"{tf['cpu_seconds'] * 1000:.0f}", f"{tf['peak_mb']:.0f}" if tf["peak_mb"] else "-"],
+            ["avi", f"{params / 1e6:.2f}M", f"{seconds * 1000:.0f}", f"{cpu * 1000:.0f}",
+             f"{mem:.0f}" if mem else "-"],
+            ["TF / avi", "", f"{tf['seconds'] / seconds:.2f}", f"{tf['cpu_seconds'] / cpu:.2f}", ""]]
+    report(f"training step, OMNIGLOT L=15, batch {args.batch}",
+           ["code", "params", "wall ms/step", "CPU ms/step", "peak MB"], rows,
+           {"bench": "reference", "batch": args.batch, **context(args), "reference": tf,
+            "avi": {"seconds": seconds, "cpu_seconds": cpu, "runs": avi, "peak_mb": mem,
+                    "parameters": params},
+            "speedup": tf["seconds"] / seconds, "cpu_speedup": tf["cpu_seconds"] / cpu})
+
+
 BENCHES = {"step": bench_step, "depth": bench_depth, "eval": bench_eval, "build": bench_build,
-           "attention": bench_attention}
+           "attention": bench_attention, "reference": bench_reference}
 
 
 def main() -> None:
@@ -310,11 +370,15 @@ def main() -> None:
     p.add_argument("--samples", type=int, nargs="+", default=[1, 50, 500])
     p.add_argument("--chunk", type=int, default=50, help="importance samples per image per pass")
     p.add_argument("--attention-batches", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--memory-format", choices=["channels_last", "contiguous"], default="channels_last",
+                   help="of the model's weights and inputs (avi train uses channels_last)")
+    p.add_argument("--davi-src", help="reference: the src/ folder of the authors' code (patched)")
+    p.add_argument("--tf-python", help="reference: a Python with TensorFlow 2.21 + tf_keras + TFP")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    for name in (BENCHES if args.which == "all" else [args.which]):
+    for name in ([n for n in BENCHES if n != "reference"] if args.which == "all" else [args.which]):
         BENCHES[name](args)
 
 
