@@ -25,3 +25,10 @@ def resolve_device(device: str | torch.device | None = "auto", local_rank: int =
         if dev.index is None:
             return torch.device("cuda", local_rank % torch.cuda.device_count())
     return dev
+
+
+def place(model: torch.nn.Module, device: str | torch.device) -> torch.nn.Module:
+    """The model on `device` in the memory format avi trains and evaluates in: channels_last
+    (oneDNN and cuDNN convolve it without re-ordering; docs/benchmarks.md section 6). One
+    layout everywhere, so that a run, its evaluation and its export compute the same bits."""
+    return model.to(device, memory_format=torch.channels_last)

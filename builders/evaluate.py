@@ -333,7 +333,7 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", use_ema: 
     from avi_spec import SpecError, load_document, load_spec
 
     from .build import build_model
-    from .devices import resolve_device
+    from .devices import place, resolve_device
 
     if Path(path).suffix == ".safetensors":           # a file of `avi export`
         from .export import load_exported
@@ -366,7 +366,7 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", use_ema: 
             model.load_state_dict(ema, strict=False)
     except RuntimeError as e:
         raise RunError(f"{ckpt}: the weights do not fit the model of its spec: {e}") from None
-    model.to(dev, memory_format=torch.channels_last).eval()   # the layout training used
+    place(model, dev).eval()
     state_info = ck.get("state") if isinstance(ck.get("state"), dict) else {}
     model.avi_checkpoint = {"path": str(ckpt), "ema": bool(use_ema and ema is not None),
                             "step": state_info.get("step"), "epoch": state_info.get("epoch")}

@@ -66,7 +66,7 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu"):
     from avi_spec import SpecError, load_document
 
     from .build import build_model
-    from .devices import resolve_device
+    from .devices import place, resolve_device
 
     dev = resolve_device(device)
     path = Path(path).expanduser()
@@ -89,7 +89,7 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu"):
         model.load_state_dict(weights)
     except RuntimeError as e:
         raise RunError(f"{path}: the weights do not fit the model of its spec: {e}") from None
-    model.to(dev).eval()
+    place(model, dev).eval()
     model.avi_checkpoint = {"path": str(path), "ema": json.loads(metadata.get("avi.ema", "false")),
                             "step": json.loads(metadata.get("avi.step", "null")),
                             "epoch": json.loads(metadata.get("avi.epoch", "null"))}

@@ -49,7 +49,7 @@ from .build import build_model
 from .checkpoint import (CheckpointError, load_with_fallback, rng_state, save_checkpoint,
                          set_rng_state)
 from .datasets import load_spec_images
-from .devices import resolve_device
+from .devices import place, resolve_device
 from .evaluate import importance_sampled_nll
 from .images import save_grid
 from .optim import build_optimizer
@@ -402,7 +402,7 @@ def _train(resolved, spec, cfg, out_dir: Path, resume: bool, device, max_steps, 
                                      ddp.rank, ddp.world_size).num_batches
     steps_per_epoch = max(1, n_train // cfg.batch_size)   # schedule bookkeeping (ARCH 7)
 
-    model = build_model(spec, dev).to(memory_format=torch.channels_last)  # oneDNN and cuDNN prefer it
+    model = place(build_model(spec, dev), dev)
     cuda = dev.type == "cuda"
     optimizer = build_optimizer(model, cfg.optimizer)
     ema = EMA(model, cfg.ema.decay) if cfg.ema is not None else None
