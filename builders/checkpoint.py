@@ -18,6 +18,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .faults import fault_point
+
 FORMAT = "avi-checkpoint"
 FORMAT_VERSION = 1
 
@@ -45,33 +47,64 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def temporary_name(path: Path, kind: str = "tmp") -> Path:
+    """The temporary file a write of ``path`` goes through: .<name>.<kind>.<pid>, hidden and
+    unique per process (remove_stale_temporaries finds them by the TEMP_GLOB pattern)."""
+    return path.with_name(f".{path.name}.{kind}.{os.getpid()}")
+
+
+TEMP_GLOB = ".*.tmp.*"
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files killed writers left in ``folder``. Only call this while
+    holding the run directory's lock: then no live writer owns any of them."""
+    removed = []
+    for tmp in folder.glob(TEMP_GLOB) if folder.is_dir() else ():
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 def save_checkpoint(path: str | Path, payload: dict, keep_previous: bool = True) -> Path:
     """Write ``payload`` to ``path`` atomically. With ``keep_previous`` an existing file at
     ``path`` is first preserved as ``<stem>.prev<suffix>`` (``path`` itself never disappears)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **payload}
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp = temporary_name(path)
     try:
+        fault_point(f"write {tmp.name}")
         with open(tmp, "wb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
         if keep_previous and path.exists() and _looks_complete(path):
-            prev, prev_tmp = previous_path(path), path.with_name(f".{path.name}.prev.tmp.{os.getpid()}")
-            try:
-                if prev_tmp.exists():
-                    prev_tmp.unlink()
-                os.link(path, prev_tmp)          # a second name for the current file: no copy
-            except OSError:
-                shutil.copy2(path, prev_tmp)
-            os.replace(prev_tmp, prev)
+            _keep_previous(path)
+        fault_point(f"rename {tmp.name} -> {path.name}")
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _keep_previous(path: Path) -> None:
+    """last.pt -> last.prev.pt without a moment where either name is missing or partial."""
+    prev, prev_tmp = previous_path(path), temporary_name(path, "prev.tmp")
+    if prev_tmp.exists():
+        prev_tmp.unlink()
+    fault_point(f"link {path.name} -> {prev_tmp.name}")
+    try:
+        os.link(path, prev_tmp)          # a second name for the current file: no copy
+    except OSError:
+        shutil.copy2(path, prev_tmp)
+    fault_point(f"rename {prev_tmp.name} -> {prev.name}")
+    os.replace(prev_tmp, prev)
 
 
 def _looks_complete(path: Path) -> bool:
