@@ -96,6 +96,8 @@ def save_checkpoint(path: str | Path, payload: dict, keep_previous: bool = True)
 def _keep_previous(path: Path) -> None:
     """last.pt -> last.prev.pt without a moment where either name is missing or partial."""
     prev, prev_tmp = previous_path(path), temporary_name(path, "prev.tmp")
+    if prev.exists() and os.path.samefile(prev, path):
+        return        # a killed writer linked it already (rename() would leave prev_tmp behind)
     if prev_tmp.exists():
         prev_tmp.unlink()
     fault_point(f"link {path.name} -> {prev_tmp.name}")

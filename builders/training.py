@@ -100,7 +100,8 @@ def resume_payload(resolved: ResolvedSpec, out_dir: Path, resume: bool, world_si
         return None
     if not last.exists() and not previous_path(last).exists():
         if not (out_dir / "spec.yaml").is_file():
-            raise TrainingError(f"nothing to resume: {last} does not exist")
+            raise TrainingError(f"nothing to resume: {out_dir} holds no run yet (no spec.yaml, no "
+                                f"checkpoint); start it without --resume")
         if _spec_yaml_hash(out_dir) != resolved.hash:
             _refuse_other_spec(resolved, out_dir, None)
         return None
