@@ -49,18 +49,19 @@ def _fsync_dir(folder: Path) -> None:
 
 def temporary_name(path: Path, kind: str = "tmp") -> Path:
     """The temporary file a write of ``path`` goes through: .<name>.<kind>.<pid>, hidden and
-    unique per process (remove_stale_temporaries finds them by the TEMP_GLOB pattern)."""
+    unique per process (remove_stale_temporaries finds them by TEMP_GLOBS)."""
     return path.with_name(f".{path.name}.{kind}.{os.getpid()}")
 
 
-TEMP_GLOB = ".*.tmp.*"
+TEMP_GLOBS = (".*.tmp.*", "*.tmp")      # ours, and builders.images' <name>.png.tmp
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
     """Delete the temporary files killed writers left in ``folder``. Only call this while
     holding the run directory's lock: then no live writer owns any of them."""
     removed = []
-    for tmp in folder.glob(TEMP_GLOB) if folder.is_dir() else ():
+    found = {p for pattern in TEMP_GLOBS for p in folder.glob(pattern)} if folder.is_dir() else set()
+    for tmp in sorted(found):
         try:
             tmp.unlink()
             removed.append(tmp)

@@ -4,6 +4,7 @@ norm statistics."""
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -33,10 +34,16 @@ def all_processes_agree(flags: list[bool], ddp: Distributed, device: torch.devic
 
 
 def wrap_data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """DistributedDataParallel with per-process batch-norm statistics (no buffer broadcast)."""
+    """DistributedDataParallel with per-process batch-norm statistics (no buffer broadcast).
+
+    Newer torch deprecates broadcast_buffers (a FutureWarning in every process) for
+    forward_sync_buffers, which still syncs buffers at init; its own advice is to keep
+    broadcast_buffers=False for rank-local buffers, so that one warning is silenced."""
     from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                   broadcast_buffers=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                       broadcast_buffers=False)
 
 
 def setup_distributed(device_name: str | None) -> Distributed:

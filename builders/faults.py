@@ -3,11 +3,13 @@
 
 With AVI_FAULT_LOG=<file> each label is appended to that file (to count a run's fault
 points); with AVI_FAULT_KILL_AT=<n> the process SIGKILLs itself at its n-th fault point
-(1-based), so tests can kill a real run at every write and rename in turn. Both unset (always,
-outside tests): a dictionary lookup per call.
+(1-based), so tests can kill a real run at every write and rename in turn; with
+AVI_FAULT_RAISE_AT=<n>:<ERRNO name> (e.g. 7:EROFS) it raises that OSError there instead (a
+read-only folder, a full disk). All unset (always, outside tests): dictionary lookups per call.
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
@@ -17,7 +19,8 @@ _count = 0
 def fault_point(label: str) -> None:
     global _count
     log, kill_at = os.environ.get("AVI_FAULT_LOG"), os.environ.get("AVI_FAULT_KILL_AT")
-    if log is None and kill_at is None:
+    raise_at = os.environ.get("AVI_FAULT_RAISE_AT")
+    if log is None and kill_at is None and raise_at is None:
         return
     _count += 1
     if log is not None:
@@ -25,6 +28,9 @@ def fault_point(label: str) -> None:
             f.write(f"{_count} {label}\n")
     if kill_at is not None and _count == int(kill_at):
         os.kill(os.getpid(), signal.SIGKILL)
+    if raise_at is not None and _count == int(raise_at.split(":")[0]):
+        code = getattr(errno, raise_at.split(":")[1])
+        raise OSError(code, os.strerror(code), label.split()[-1])
 
 
 def reset() -> None:
