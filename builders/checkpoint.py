@@ -134,16 +134,27 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:                       # truncated zip, bad pickle, unsafe content ...
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        unpickler = [ln for ln in lines if ln.startswith("WeightsUnpickler error:")]
-        reason = (unpickler or lines or [type(e).__name__])[0]
-        raise CheckpointError(f"{_display(path)} is corrupt ({reason[:200]})") from None
+        raise CheckpointError(_load_failure(path, e)) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{_display(path)} is not an avi checkpoint")
     if payload.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{_display(path)} was written by a newer avi (format "
                               f"{payload['format_version']}); upgrade avi")
     return payload
+
+
+def _load_failure(path: Path, e: Exception) -> str:
+    """Why torch.load refused a file: code it would have run, or damage."""
+    text = str(e)
+    if "Weights only load failed" in text or "Unsupported global" in text or "GLOBAL" in text:
+        what = [ln.strip() for ln in text.splitlines()
+                if "GLOBAL" in ln or "Unsupported global" in ln or "WeightsUnpickler error" in ln]
+        detail = f" ({what[0][:160]})" if what else ""
+        return (f"refused to load {_display(path)}: it holds Python objects whose loading could run "
+                f"code{detail}. avi checkpoints hold tensors and plain values only; do not load this "
+                f"file unless you know where it came from")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return f"{_display(path)} is corrupt ({(lines or [type(e).__name__])[0][:200]})"
 
 
 def load_with_fallback(path: str | Path, warn: Callable[[str], None] | None = None) -> tuple[dict, Path]:

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
-from .common import JsonOption, UserError, out
+from .common import JsonOption, SetOption, UserError, out
 from .eval import (Device, DeviceOption, LimitOption, NoEmaOption, RunArgument, SeedOption,
                    Split, default_output, images, load_model, print_json)
 
@@ -143,6 +143,7 @@ def kl_command(
     device: DeviceOption = Device.auto,
     seed: SeedOption = 0,
     no_ema: NoEmaOption = False,
+    overrides: SetOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Bar chart of the mean KL of every stochastic layer (nats per image; layer 0 on the left
@@ -154,7 +155,7 @@ def kl_command(
     """
     from builders.evaluate import kl_per_layer
 
-    model, resolved, run_dir = load_model(run, device, not no_ema)
+    model, resolved, run_dir = load_model(run, device, not no_ema, overrides)
     _seed(seed)
     kl = kl_per_layer(model, _batches(resolved, split, limit, batch_size))
     path = _save(output or default_output(run_dir, "plots", "kl.png"), bar_chart(kl))
@@ -174,6 +175,7 @@ def attention_command(
     device: DeviceOption = Device.auto,
     seed: SeedOption = 0,
     no_ema: NoEmaOption = False,
+    overrides: SetOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Mean depth-wise attention scores as two heatmaps side by side: the priors (generative
@@ -188,7 +190,7 @@ def attention_command(
     """
     from builders.evaluate import attention_maps
 
-    model, resolved, run_dir = load_model(run, device, not no_ema)
+    model, resolved, run_dir = load_model(run, device, not no_ema, overrides)
     _seed(seed)
     maps = attention_maps(model, _batches(resolved, split, limit, batch_size))
     picture = side_by_side([labelled_heatmap(maps["generative"]), labelled_heatmap(maps["inference"])])
