@@ -8,6 +8,7 @@ before replacing ``last.pt`` the previous one is kept as ``last.prev.pt``.
 """
 from __future__ import annotations
 
+import io
 import os
 import random
 import shutil
@@ -79,8 +80,10 @@ def save_checkpoint(path: str | Path, payload: dict, keep_previous: bool = True)
     tmp = temporary_name(path)
     try:
         fault_point(f"write {tmp.name}")
+        buffer = io.BytesIO()          # serialised first: a failed write is a plain OSError
+        torch.save(payload, buffer)    # (ENOSPC, EROFS ...), not torch's RuntimeError
         with open(tmp, "wb") as f:
-            torch.save(payload, f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         if keep_previous and path.exists() and _looks_complete(path):
@@ -88,6 +91,9 @@ def save_checkpoint(path: str | Path, payload: dict, keep_previous: bool = True)
         fault_point(f"rename {tmp.name} -> {path.name}")
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as e:
+        e.filename = e.filename or str(path)       # name the file the message is about
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -146,7 +152,7 @@ def load_checkpoint(path: str | Path) -> dict:
 def _load_failure(path: Path, e: Exception) -> str:
     """Why torch.load refused a file: code it would have run, or damage."""
     text = str(e)
-    if "Weights only load failed" in text or "Unsupported global" in text or "GLOBAL" in text:
+    if "GLOBAL" in text or "Unsupported global" in text:      # the unpickler met a class/function
         what = [ln.strip() for ln in text.splitlines()
                 if "GLOBAL" in ln or "Unsupported global" in ln or "WeightsUnpickler error" in ln]
         detail = f" ({what[0][:160]})" if what else ""

@@ -52,36 +52,35 @@ class Reporter:
             self.task = self.progress.add_task("train", total=total, completed=done,
                                                epoch=epoch + 1, info="")
 
-    def step(self, info: str) -> None:
+    def step(self, info: str, epoch: int, step: int) -> None:
+        """After every step: the bar advances; without a terminal, a line at the first step
+        and then at least every LINE_SECONDS (epoch lines can be hours apart)."""
         if self.progress is not None and self.task is not None:
             self.progress.update(self.task, advance=1, info=info)
+        elif self.display == "lines":
+            now = time.monotonic()
+            if now - self.last_line >= LINE_SECONDS:
+                self.last_line = now
+                self.message(f"epoch {epoch + 1}/{self.epochs}  step {step}  {info}")
 
     def write(self, record: dict) -> None:
         if not self.active:
             return
         line = json.dumps(strict(record), allow_nan=False)
-        fault_point(f"append {self.metrics_path.name}")
-        self.metrics.write(line + "\n")
-        self.metrics.flush()
+        try:
+            fault_point(f"append {self.metrics_path.name}")
+            self.metrics.write(line + "\n")
+            self.metrics.flush()
+        except OSError as e:
+            e.filename = e.filename or str(self.metrics_path)
+            raise
         if self.display == "jsonl":
             sys.stdout.write(line + "\n")
             sys.stdout.flush()
-        elif self.display == "lines" and "loss" in record:
-            self._progress_line(record)
         if self.tb is not None:
             for k, v in record.items():
                 if k not in ("step", "epoch") and isinstance(v, (int, float)) and v is not None:
                     self.tb.add_scalar(f"{'test' if k.startswith('test') else 'train'}/{k}", v, record["step"])
-
-    def _progress_line(self, rec: dict) -> None:
-        """Without a terminal the epoch lines can be hours apart: the first step record and
-        then one at least every LINE_SECONDS show the run is alive."""
-        now = time.monotonic()
-        if now - self.last_line < LINE_SECONDS:
-            return
-        self.last_line = now
-        self.message(f"epoch {rec['epoch'] + 1}/{self.epochs}  step {rec['step']}  "
-                     f"loss {rec['loss']:.3f}  {rec.get('it_per_s', 0.0):.2f} it/s")
 
     def message(self, text: str) -> None:
         """A line on stderr (above the bar if one is shown); nothing in quiet/jsonl modes."""
@@ -97,7 +96,10 @@ class Reporter:
         if self.progress is not None:
             self.progress.stop()
         if self.metrics is not None:
-            self.metrics.close()
+            try:
+                self.metrics.close()
+            except OSError:
+                pass           # a failed write is reported already; nothing more to save
         if self.tb is not None:
             self.tb.close()
 

@@ -94,8 +94,6 @@ def _read_holder(fd: int) -> str:
 
 def check_out_dir(out_dir: Path) -> None:
     """Refuse an --out that cannot become a run directory, before any work is done."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise TrainingError(f"--out {out_dir} is a file, not a folder; give a folder for the run")
     for part in out_dir.absolute().parts:
         if len(part.encode()) > 255:
             raise TrainingError(f"--out {str(out_dir)[:80]}...: a path component is "
@@ -103,6 +101,12 @@ def check_out_dir(out_dir: Path) -> None:
     if len(str(out_dir.absolute()).encode()) >= 4000:
         raise TrainingError(f"--out {str(out_dir)[:80]}... is {len(str(out_dir.absolute()))} characters "
                             f"long (the system allows about 4096); use a shorter path")
+    for folder in (out_dir, *out_dir.parents):
+        if folder.exists() and not folder.is_dir():
+            raise TrainingError(f"--out {out_dir}: {folder} is a file, not a folder; give a folder "
+                                f"for the run")
+        if folder.exists():
+            break
 
 
 def open_run_dir(out_dir: Path) -> RunLock:

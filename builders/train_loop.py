@@ -174,7 +174,7 @@ class Trainer:
         finite, go_on = all_processes_agree(
             [all(math.isfinite(v) for v in values[::3]), not self.interrupt.requested], self.ddp, self.dev)
         if finite:
-            self.optimizer.step()
+            self._optimizer_step()
             if self.ema is not None:
                 self.ema.update(self.model)
             state.consecutive_skipped = 0
@@ -185,6 +185,16 @@ class Trainer:
         self._accumulate(dict(zip(WINDOW, values)))
         self._show_step(values)
         return go_on
+
+    def _optimizer_step(self) -> None:
+        try:
+            self.optimizer.step()
+        except RuntimeError as e:          # e.g. lr = 1e300: the update is not a float32
+            if "overflow" not in str(e):
+                raise
+            raise TrainingError(f"the update of step {self.state.step + 1} overflows float32 "
+                                f"(train.optimizer.lr = {self.cfg.optimizer.lr:g}); use a smaller "
+                                f"learning rate. {self._saved_text()}") from None
 
     def _skip(self, values: list[float]) -> None:
         state, cfg = self.state, self.cfg
@@ -216,12 +226,13 @@ class Trainer:
         c["epoch_n"] = c.get("epoch_n", 0) + 1
 
     def _show_step(self, values: list[float]) -> None:
-        if self.reporter.progress is None:
+        if self.reporter.display not in ("bar", "lines"):
             return
         loss, nll, kl, _ = values
         unit = (f"NELBO {(nll + kl) / (self.data.dims * math.log(2)):.3f} bits/dim" if self.bits
                 else f"NELBO {nll + kl:.2f} nats")
-        self.reporter.step(f"loss {loss:.2f}  KL {kl:.2f}  {unit}  {getattr(self, 'it_per_s', 0.0):.2f} it/s")
+        self.reporter.step(f"loss {loss:.2f}  KL {kl:.2f}  {unit}  {getattr(self, 'it_per_s', 0.0):.2f} it/s",
+                           self.state.epoch, self.state.step)
 
     def _record_window(self, epoch: int, lr: float, beta: float) -> None:
         """The step record: means over the steps since the previous one (skipped steps left
