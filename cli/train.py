@@ -80,7 +80,9 @@ def register(app: typer.Typer) -> None:
         A progress bar shows on a terminal; otherwise one line per epoch goes to stderr.
         Resuming continues at the same step, schedule and data order; it is refused if
         the spec or the number of processes changed. Ctrl-C stops after the current step
-        and writes checkpoints/last.pt first, so --resume loses nothing.
+        and writes checkpoints/last.pt first, so --resume loses nothing; a run killed at any
+        point resumes to the files an uninterrupted run writes. One `avi train` writes a run
+        directory at a time (a second one is refused, naming the first).
 
         Example:
 

@@ -4,7 +4,8 @@ builders.faults) and continues it as a user would (`--resume`, or a fresh start 
 run directory holds no spec.yaml yet). Prints one JSON summary per run on stdout.
 
 Runs as its own process so that it can fork: each run is a fork of this interpreter with
-torch already imported (a second instead of an interpreter start), through the CLI's app.
+torch already imported (a second instead of an interpreter start), through the CLI's app;
+one kill point per CPU core (up to 4) at a time.
 
     python tests/kill_points.py SPEC WORKDIR
 """
@@ -25,10 +26,11 @@ from builders.train_state import tensors_hash  # noqa: E402
 from cli.main import app  # noqa: E402
 
 TIMING = ("it_per_s", "epoch_seconds")
+WORKERS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2))
 
 
-def avi(args: list[str], env: dict[str, str]) -> int:
-    """Run `avi ARGS` in a forked child; its exit code, or -signal."""
+def start(args: list[str], env: dict[str, str]) -> int:
+    """Start `avi ARGS` in a forked child; its pid."""
     pid = os.fork()
     if pid == 0:
         code = 1
@@ -41,8 +43,17 @@ def avi(args: list[str], env: dict[str, str]) -> int:
             code = e.code if isinstance(e.code, int) else 1
         finally:
             os._exit(code)
+    return pid
+
+
+def wait(pid: int) -> int:
+    """The child's exit code, or -signal."""
     _, status = os.waitpid(pid, 0)
     return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def avi(args: list[str], env: dict[str, str]) -> int:
+    return wait(start(args, env))
 
 
 def summary(run: Path) -> dict:
@@ -64,14 +75,16 @@ def main(spec: str, work: str) -> None:
     assert avi([*train, str(ref)], {"AVI_FAULT_LOG": str(log)}) == 0
     points = log.read_text().splitlines()
     print(json.dumps({"reference": summary(ref), "points": points}), flush=True)
-    for n in range(1, len(points) + 1):
-        run = work_dir / f"kill{n}"
-        killed = avi([*train, str(run)], {"AVI_FAULT_KILL_AT": str(n)})
-        again = ["--resume"] if (run / "spec.yaml").exists() else []
-        code = avi([*train, str(run), *again], {})
-        print(json.dumps({"n": n, "point": points[n - 1], "killed": killed, "resumed": code,
-                          "summary": summary(run) if code == 0 else None}), flush=True)
-
+    for first in range(1, len(points) + 1, WORKERS):     # WORKERS kill points at a time
+        ns = range(first, min(first + WORKERS, len(points) + 1))
+        runs = {n: work_dir / f"kill{n}" for n in ns}
+        killed = {n: wait(pid) for n, pid in
+                  [(n, start([*train, str(runs[n])], {"AVI_FAULT_KILL_AT": str(n)})) for n in ns]}
+        again = {n: ["--resume"] if (runs[n] / "spec.yaml").exists() else [] for n in ns}
+        resumed = {n: wait(pid) for n, pid in [(n, start([*train, str(runs[n]), *again[n]], {})) for n in ns]}
+        for n in ns:
+            print(json.dumps({"n": n, "point": points[n - 1], "killed": killed[n], "resumed": resumed[n],
+                              "summary": summary(runs[n]) if resumed[n] == 0 else None}), flush=True)
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
