@@ -231,7 +231,8 @@ class Trainer:
         loss, nll, kl, _ = values
         unit = (f"NELBO {(nll + kl) / (self.data.dims * math.log(2)):.3f} bits/dim" if self.bits
                 else f"NELBO {nll + kl:.2f} nats")
-        self.reporter.step(f"loss {loss:.2f}  KL {kl:.2f}  {unit}  {getattr(self, 'it_per_s', 0.0):.2f} it/s",
+        speed = getattr(self, "it_per_s", 0.0)          # of the steps before this one
+        self.reporter.step(f"loss {loss:.2f}  KL {kl:.2f}  {unit}" + (f"  {speed:.2f} it/s" if speed else ""),
                            self.state.epoch, self.state.step)
 
     def _record_window(self, epoch: int, lr: float, beta: float) -> None:

@@ -198,9 +198,14 @@ def _run(resolved, out_dir: Path, ddp: Distributed, dev: torch.device, data: Tra
             raise write_error(e, out_dir, "Nothing was trained.") from None
     reporter = Reporter(out_dir, progress_mode, ddp.main, batches_per_epoch, cfg.epochs, state.step)
     if resume and ddp.main:
-        where = (f"at step {state.step} (epoch {state.epoch + 1}/{cfg.epochs}, batch {state.batch})"
-                 if payload is not None else "from step 0 (it had no checkpoint yet)")
-        reporter.message(f"resuming {out_dir} {where}")
+        if payload is None:
+            reporter.message(f"resuming {out_dir} from step 0 (it had no checkpoint yet)")
+        elif state.epoch >= cfg.epochs:
+            reporter.message(f"{out_dir} has finished its {cfg.epochs} epochs (step {state.step}); "
+                             f"nothing to train")
+        else:
+            reporter.message(f"resuming {out_dir} at step {state.step} (epoch {state.epoch + 1}/"
+                             f"{cfg.epochs}, batch {state.batch})")
     trainer = Trainer(resolved, out_dir, ddp, dev, data, model, optimizer, ema, state, forward,
                       reporter, max_steps)
     try:
