@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .errors import literal
 from .graph import _natural, attention_edges, build_graph
 from .schema import Spec
 
@@ -223,7 +224,7 @@ def _cell(v: Any) -> str:
     if isinstance(v, (dict, list)):
         text = json.dumps(v, separators=(", ", ": "), default=str)
         return text if len(text) <= 60 else text[:57] + "..."
-    return str(v)
+    return literal(str(v))
 
 
 def render(result: dict, console: Any = None, extra_rows: dict[str, list] | None = None,
@@ -236,10 +237,10 @@ def render(result: dict, console: Any = None, extra_rows: dict[str, list] | None
 
     console = console or Console()
     names = result["names"]
-    table = Table(title="spec diff" if len(names) > 1 else names[0], show_lines=False)
+    table = Table(title="spec diff" if len(names) > 1 else Text(literal(names[0])), show_lines=False)
     table.add_column("field", style="bold", no_wrap=True)
     for n in names:
-        table.add_column(Text(n), overflow="fold")
+        table.add_column(Text(literal(n)), overflow="fold")
 
     for row in result["fields"]:
         table.add_row(Text(row["path"]), *[Text(_cell(v)) for v in row["values"]])

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from .schema import SPEC_VERSION, Spec
+from .yaml_io import MAX_DEPTH, MAX_FILE_BYTES, MAX_VALUES
 
 _SCALARS = {int: "int", float: "float", bool: "bool", str: "str"}
 _BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"),
@@ -124,6 +125,10 @@ def render_markdown() -> str:
         "with `extends: <path>` (relative to the file) to inherit another spec: mappings merge key by",
         "key, anything else (lists, scalars, `null`) replaces. `--set a.b.c=value` overrides any field",
         "from the command line. `avi schema` prints the same information as JSON Schema.",
+        "",
+        f"A spec file is a regular file of at most {MAX_FILE_BYTES >> 10} KiB holding one non-empty YAML mapping; floats",
+        f"must be finite (no `.inf`, `.nan`); one document may nest at most {MAX_DEPTH} levels and expand,",
+        f"through YAML aliases, to at most {MAX_VALUES:,} values (these bounds keep a hostile file harmless).",
         "",
         "## Top level",
         "",

@@ -7,8 +7,11 @@ column like a compiler message, so loaders and validators collect `Problem`s and
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import asdict, dataclass
 from typing import Iterable
+
+MAX_SHOWN = 50     # problems printed; a file that is not a spec can have thousands
 
 
 @dataclass
@@ -29,8 +32,10 @@ class Problem:
                 if self.column is not None:
                     where += f":{self.column}"
             where += ": "
-        text = f"{where}{self.path}: {self.message}" if self.path else f"{where}{self.message}"
-        return f"{text} ({self.hint})" if self.hint else text
+        # A key can be a whole multi-line block of some file: print a line's worth of it.
+        path, message = _brief(self.path, 100), _brief(self.message, 400)
+        text = f"{where}{path}: {message}" if path else f"{where}{message}"
+        return literal(f"{text} ({self.hint})" if self.hint else text)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,10 +52,45 @@ class SpecError(Exception):
         super().__init__(self.__str__())
 
     def __str__(self) -> str:
-        return "\n".join(p.format() for p in self.problems)
+        return "\n".join(format_problems(self.problems))
+
+
+def _brief(text: str, limit: int) -> str:
+    """The first line of `text`, at most `limit` characters (avi's own messages are one line;
+    a second one can only come from a key or value of the user's file)."""
+    first, newline, _ = text.partition("\n")
+    return first[:limit - 3] + "..." if newline or len(first) > limit else first
+
+
+def format_problems(problems: list[Problem], limit: int = MAX_SHOWN) -> list[str]:
+    """One line per problem, the first `limit` of them, then how many more there are."""
+    lines = [p.format() for p in problems[:limit]]
+    if len(problems) > limit:
+        lines.append(f"... and {len(problems) - limit:,} more problems (the first {limit} are shown)")
+    return lines
+
+
+def format_path(path: Iterable) -> str:
+    """("cells", "encoder", "scales", 1) -> "cells.encoder.scales[1]"."""
+    out = ""
+    for seg in path:
+        out += f"[{seg}]" if isinstance(seg, int) and not isinstance(seg, bool) else (f".{seg}" if out else str(seg))
+    return out
 
 
 def did_you_mean(word: str, candidates: Iterable[str]) -> str | None:
     """A "did you mean 'x'?" hint for a misspelt name, or None when nothing is close."""
     close = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.6)
     return f"did you mean '{close[0]}'?" if close else None
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def literal(text: str, keep_newlines: bool = False) -> str:
+    """`text` with control characters written as escapes (\\x1b, \\n), so that a key or file
+    name cannot colour the terminal, move its cursor or fake a line of output."""
+    def esc(m: re.Match) -> str:
+        c = m.group()
+        return c if keep_newlines and c == "\n" else repr(c)[1:-1]
+    return _CONTROL.sub(esc, text)

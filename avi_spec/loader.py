@@ -6,6 +6,7 @@
 
 Every key and value keeps the file, line and column it came from, so that any later
 problem (pydantic's or the graph validator's) can point at the line a user must edit.
+Reading files and YAML within bounds is `yaml_io`'s job.
 """
 from __future__ import annotations
 
@@ -13,29 +14,22 @@ import copy
 import datetime
 import hashlib
 import json
+import math
 import os
 import re
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterable, Union, get_args, get_origin
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
-from .errors import Problem, SpecError, did_you_mean
+from .errors import Problem, SpecError, did_you_mean, format_path
 from .schema import SPEC_VERSION, Spec
+from .yaml_io import Key, Pos, display_path as _display, dump_yaml, parse_yaml, read_spec_text as _read
 
-Key = tuple                                   # a path into the document: ("cells", "encoder", "scales", 1)
-Pos = tuple[str, "int | None", "int | None"]  # (file or "--set a.b=c", line, column), 1-based
-
-
-def format_path(path: Iterable) -> str:
-    """("cells", "encoder", "scales", 1) -> "cells.encoder.scales[1]"."""
-    out = ""
-    for seg in path:
-        out += f"[{seg}]" if isinstance(seg, int) and not isinstance(seg, bool) else (f".{seg}" if out else str(seg))
-    return out
+__all__ = ["ResolvedSpec", "load_spec", "load_text", "load_document", "format_path", "dump_yaml", "parse_yaml",
+           "merge", "upgrade", "apply_override", "document_hash", "UPGRADES"]
 
 
 def document_hash(document: dict) -> str:
@@ -53,6 +47,7 @@ class ResolvedSpec:
     path: Path | None              # the spec file (None for a document loaded from memory)
     positions: dict[Key, Pos]      # where every key the user wrote came from
     hash: str                      # document_hash(document)
+    _index: dict | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def short_hash(self) -> str:
@@ -60,7 +55,9 @@ class ResolvedSpec:
 
     def locate(self, path: Iterable) -> Pos:
         """(file, line, column) of `path`, or of its nearest ancestor the user wrote."""
-        return _locate(self.positions, tuple(path))
+        if self._index is None:
+            self._index = _index(self.positions)
+        return _find(self._index, tuple(path))
 
     def problem(self, path: Iterable, message: str, hint: str | None = None) -> Problem:
         """A Problem at `path`, located in the files (for graph-level validators)."""
@@ -69,158 +66,22 @@ class ResolvedSpec:
         return Problem(format_path(path), message, file, line, col, hint)
 
 
-def _locate(positions: dict[Key, Pos], path: Key) -> Pos:
+def _index(positions: dict[Key, Pos]) -> dict[Key, Pos]:
     # pydantic reports dict keys as strings ("3") where YAML gave ints (3): compare as text.
-    norm = {tuple(map(str, k)): v for k, v in positions.items()}
+    # Built once per batch of lookups: rebuilding it per problem made 10,000 problems take 50 s.
+    return {tuple(map(str, k)): v for k, v in positions.items()}
+
+
+def _find(index: dict[Key, Pos], path: Key) -> Pos:
     for i in range(len(path), -1, -1):
-        hit = norm.get(tuple(map(str, path[:i])))
+        hit = index.get(tuple(map(str, path[:i])))
         if hit:
             return hit
     return ("<spec>", None, None)
 
 
-# ------------------------------------------------------------------- YAML layer
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader subclass, so that nothing we do touches the global SafeLoader."""
-
-
-# PyYAML follows YAML 1.1, where `1e-3` and `3e4` are strings (a float needs a dot). Every
-# researcher writes learning rates that way, so also read YAML 1.2 exponent floats as floats.
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
-                              re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-                              list("-+0123456789"))
-
-
-_MAP, _SEQ, _MERGE = "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq", "tag:yaml.org,2002:merge"
-
-
-class _Builder:
-    """Turns a composed YAML node tree into Python data, recording positions and
-    reporting every duplicate key (PyYAML silently keeps the last one)."""
-
-    def __init__(self, loader: _Loader, source: str):
-        self.loader, self.source = loader, source
-        self.positions: dict[Key, Pos] = {}
-        self.problems: list[Problem] = []
-        self._stack: set[int] = set()
-
-    def pos(self, mark) -> Pos:
-        return (self.source, mark.line + 1, mark.column + 1)
-
-    def build(self, node, path: Key) -> Any:
-        if id(node) in self._stack:        # an alias that contains itself
-            self.problems.append(Problem(format_path(path), "recursive YAML alias", *self.pos(node.start_mark)))
-            return None
-        self._stack.add(id(node))
-        try:
-            if isinstance(node, yaml.MappingNode) and node.tag == _MAP:
-                return self._mapping(node, path)
-            if isinstance(node, yaml.SequenceNode) and node.tag == _SEQ:
-                return [self._item(child, path + (i,)) for i, child in enumerate(node.value)]
-            return self.loader.construct_object(node, deep=True)   # scalars, !!set, !!binary, ...
-        finally:
-            self._stack.discard(id(node))
-
-    def _item(self, node, path: Key) -> Any:
-        self.positions[path] = self.pos(node.start_mark)
-        return self.build(node, path)
-
-    def _mapping(self, node, path: Key) -> dict:
-        out: dict = {}
-        first: dict = {}
-        merges = []
-        for key_node, value_node in node.value:
-            if key_node.tag == _MERGE:
-                merges.append(value_node)
-                continue
-            key = self.loader.construct_object(key_node, deep=True)
-            kpos = self.pos(key_node.start_mark)
-            try:
-                hash(key)
-            except TypeError:
-                self.problems.append(Problem(format_path(path), "mapping keys must be plain scalars", *kpos))
-                continue
-            if key in first:
-                self.problems.append(Problem(format_path(path + (key,)),
-                                             f"duplicate key '{key}' (line {kpos[1]}; first at line {first[key]})", *kpos))
-                continue
-            first[key] = kpos[1]
-            # Point at the value when it sits on the key's line (`epochs: abc`), else at the key.
-            same_line = value_node.start_mark.line == key_node.start_mark.line and \
-                value_node.start_mark.index != value_node.end_mark.index
-            self.positions[path + (key,)] = self.pos(value_node.start_mark) if same_line else kpos
-            out[key] = self.build(value_node, path + (key,))
-        # YAML merge keys (`<<: *base`): the mapping's own keys win.
-        for value_node in merges:
-            sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
-            for src in sources:
-                merged = self.build(src, path) if isinstance(src, yaml.MappingNode) else None
-                if not isinstance(merged, dict):
-                    self.problems.append(Problem(format_path(path), "'<<' must merge mappings", *self.pos(src.start_mark)))
-                    continue
-                for k, v in merged.items():
-                    out.setdefault(k, v)
-        return out
-
-
-def parse_yaml(text: str, source: str) -> tuple[Any, dict[Key, Pos]]:
-    """Safe-load one YAML document, returning (data, positions); SpecError on bad YAML."""
-    loader = None
-    try:
-        loader = _Loader(text)        # the reader already rejects control characters
-        node = loader.get_single_node()
-        if node is None:
-            return None, {}
-        builder = _Builder(loader, source)
-        data = builder.build(node, ())
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        message = " ".join(x for x in (e.context, e.problem) if x) or "invalid YAML"
-        ctx = e.context_mark
-        if e.context and ctx is not None and mark is not None and ctx.line != mark.line:
-            # The parser notices an unclosed bracket or quote lines later: say where it opened.
-            message = f"{e.problem or 'invalid YAML'} ({e.context} that starts at line {ctx.line + 1}, column {ctx.column + 1})"
-        hint = None
-        if "'\\t'" in (e.problem or ""):
-            hint = "YAML does not allow tabs for indentation; indent with spaces"
-        raise SpecError(Problem("", f"YAML syntax error: {message}", source,
-                                mark.line + 1 if mark else None, mark.column + 1 if mark else None,
-                                hint=hint)) from None
-    except yaml.reader.ReaderError as e:
-        line = text.count("\n", 0, e.position) + 1
-        column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
-        raise SpecError(Problem("", f"YAML error: character #x{e.character:04x} is not allowed", source,
-                                line, column, hint="write it escaped in a double-quoted string")) from None
-    except yaml.YAMLError as e:
-        raise SpecError(Problem("", f"YAML error: {e}", source)) from None
-    finally:
-        if loader is not None:
-            loader.dispose()
-    if builder.problems:
-        raise SpecError(builder.problems)
-    builder.positions[()] = builder.pos(node.start_mark)     # where the document starts (after comments)
-    return data, builder.positions
-
-
-class _Dumper(yaml.SafeDumper):
-    """SafeDumper that keeps unicode readable yet round-trips every string."""
-
-
-def _represent_str(dumper: yaml.SafeDumper, value: str):
-    # PyYAML may emit NEL and the unicode line/paragraph separators raw in plain or quoted
-    # scalars, where a reader folds them into spaces; double quotes escape them.
-    style = '"' if any(c in value for c in "\x85\u2028\u2029") else None
-    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
-
-
-_Dumper.add_representer(str, _represent_str)
-
-
-def dump_yaml(document: dict) -> str:
-    """Block YAML of a resolved document; parse_yaml/load_document read it back unchanged."""
-    return yaml.dump(document, Dumper=_Dumper, sort_keys=False, default_flow_style=None,
-                     allow_unicode=True, width=100)
+def _locate(positions: dict[Key, Pos], path: Key) -> Pos:
+    return _find(_index(positions), path)
 
 
 # ----------------------------------------------------------------- versions
@@ -259,7 +120,7 @@ def merge(base: dict, over: dict, base_pos: dict[Key, Pos] | None = None,
     (a new distribution `kind`, `sources: {explicit: ...}` over `{last: 4}`) replaces too: the
     fields of the parent's alternative mean nothing to the child's. Positions follow the value
     that won."""
-    replaced: list[Key] = []
+    replaced: set[Key] = set()
 
     def go(b: dict, o: dict, path: Key, anns: list) -> dict:
         out = dict(b)
@@ -269,12 +130,11 @@ def merge(base: dict, over: dict, base_pos: dict[Key, Pos] | None = None,
                 out[k] = go(out[k], v, path + (k,), sub)
             else:
                 out[k] = copy.deepcopy(v)
-                replaced.append(path + (k,))
+                replaced.add(path + (k,))
         return out
 
     doc = go(base, over, (), [Spec])
-    pos = {p: q for p, q in (base_pos or {}).items()
-           if not any(p[:len(r)] == r and len(p) > len(r) for r in replaced)}
+    pos = {p: q for p, q in (base_pos or {}).items() if not any(p[:i] in replaced for i in range(1, len(p)))}
     pos.update(over_pos or {})
     return doc, pos
 
@@ -297,33 +157,32 @@ def _switches_variant(anns: list, base: dict, over: dict) -> bool:
     return a is not None and b is not None and a is not b
 
 
-def _display(path: Path) -> str:
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
+def _kind(v: Any) -> str:
+    for types_, name in ((bool, "true/false"), ((int, float), "a number"), (str, "text"), (list, "a list")):
+        if isinstance(v, types_):
+            return name
+    return type(v).__name__
 
 
-def _read(path: Path, via: Problem | None) -> str:
-    """File text, or a SpecError located at the `extends:` that named it."""
-    where = (via.file, via.line, via.column) if via else (_display(path), None, None)
-    key = "extends" if via else ""
-    try:
-        raw = path.read_bytes()
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        if not via:       # point at the line and column of the bad byte
-            line = raw.count(b"\n", 0, e.start) + 1
-            column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
-            where = (where[0], line, column)
-        raise SpecError(Problem(key, f"not UTF-8 text ({e.reason} at byte {e.start}): {_display(path)}", *where,
-                                hint="save the file as UTF-8")) from None
-    except FileNotFoundError:
-        raise SpecError(Problem(key, f"file not found: {_display(path)}", *where)) from None
-    except IsADirectoryError:
-        raise SpecError(Problem(key, f"is a directory, not a spec file: {_display(path)}", *where)) from None
-    except OSError as e:
-        raise SpecError(Problem(key, f"cannot read {_display(path)}: {e.strerror}", *where)) from None
+def _check_is_spec(data: Any, positions: dict[Key, Pos], source: str, via: Problem | None) -> None:
+    """A spec file holds a mapping with at least one spec field (or a near miss of one). Any
+    other file may be anything, e.g. /etc/shadow named by a hostile `extends:`, so none of
+    its text is quoted: only what kind of document it is."""
+    if via is not None:     # the line to edit is the extends that names a non-spec
+        key, where, subject = "extends", (via.file, via.line, via.column), f"{source} is "
+    else:
+        key, where, subject = "", positions.get((), (source, 1, 1)), "this file is "
+    fields = _field_names([Spec]) + ["extends"]
+    if data is None:
+        raise SpecError(Problem(key, f"{subject}empty: a spec must set at least one field", *where,
+                                hint=f"fields: {', '.join(fields)}"))
+    if not isinstance(data, dict):
+        lead = f"{subject}not a spec: " if via is not None else ""
+        raise SpecError(Problem(key, f"{lead}a spec must be a mapping of fields, found {_kind(data)}", *where))
+    keys = [str(k) for k in list(data)[:1000]]
+    if keys and not any(k in fields or did_you_mean(k, fields) for k in keys):
+        raise SpecError(Problem(key, f"{subject}not an avi spec: none of its {len(data):,} top-level keys is "
+                                     f"a spec field", *where, hint=f"fields: {', '.join(fields)}"))
 
 
 def _load_layers(text: str, source: str, base_dir: Path, chain: tuple[Path, ...],
@@ -331,14 +190,7 @@ def _load_layers(text: str, source: str, base_dir: Path, chain: tuple[Path, ...]
     """One file (already read) and everything it extends, merged; plus the keys the file itself
     sets. `via` is the `extends:` that named this file (None for the file the user gave)."""
     data, positions = parse_yaml(text, source)
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        if via is not None:     # the line to edit is the extends that names a non-spec
-            raise SpecError(Problem("extends", f"{source} is not a spec: a spec must be a mapping of fields, "
-                                    f"found {_show(data)}", via.file, via.line, via.column))
-        raise SpecError(Problem("", f"a spec must be a mapping of fields, found {_show(data)}",
-                                *positions.get((), (source, 1, 1))))
+    _check_is_spec(data, positions, source, via)
     data = upgrade(data)
     _check_version(data, positions)
     own = set(data)
@@ -346,9 +198,13 @@ def _load_layers(text: str, source: str, base_dir: Path, chain: tuple[Path, ...]
         return data, positions, own
     ext = data.pop("extends")
     here = _locate(positions, ("extends",))
-    if not isinstance(ext, str) or not ext.strip():
+    if not isinstance(ext, str) or not ext.strip() or "\0" in ext:
         raise SpecError(Problem("extends", f"expected a relative path to a spec file, found {_show(ext)}", *here))
-    parent = (base_dir / Path(ext).expanduser()).resolve()
+    try:
+        parent = (base_dir / Path(ext).expanduser()).resolve()
+    except (OSError, RuntimeError) as e:       # a name too long, a symlink loop
+        raise SpecError(Problem("extends", f"cannot follow {_show(ext)}: {getattr(e, 'strerror', None) or e}",
+                                *here)) from None
     if parent in chain:
         loop = chain[chain.index(parent):] + (parent,)
         root = os.path.commonpath([str(p.parent) for p in loop])   # short names for the chain
@@ -427,7 +283,7 @@ def _default_at(path: list) -> Any:
 
 def apply_override(doc: dict, positions: dict[Key, Pos], item: str) -> Problem | None:
     """Apply one `a.b.c=value` to `doc` in place; a Problem (not raised) if it cannot be."""
-    label = f"--set {item}"
+    label = f"--set {item}" if len(item) <= 80 else f"--set {item[:77]}..."
     key, eq, raw = item.partition("=")
     key = key.strip()
     if not eq or not key:
@@ -498,6 +354,8 @@ def _show(v: Any) -> str:
         return "null"
     if isinstance(v, bool):
         return "true" if v else "false"
+    if isinstance(v, float) and not math.isfinite(v):
+        return ".nan" if math.isnan(v) else ".inf" if v > 0 else "-.inf"      # as YAML spells them
     if isinstance(v, str):
         text = json.dumps(v, ensure_ascii=False)
     elif isinstance(v, dict):
@@ -548,6 +406,7 @@ def _expected(msg: str) -> str:
 
 def _problems(err: ValidationError, positions: dict[Key, Pos]) -> list[Problem]:
     entries = [(e, *_clean_loc(e["loc"])) for e in err.errors(include_url=False)]
+    index = _index(positions)
 
     # A value that fits no alternative of a union produces one error per alternative. Keep
     # the alternative the user evidently meant (the one that got furthest with fewest
@@ -571,22 +430,23 @@ def _problems(err: ValidationError, positions: dict[Key, Pos]) -> list[Problem]:
                         else _expected(es[0][0]["msg"]).removeprefix("expected "))
         found = by_tag[next(iter(by_tag))][0][0].get("input")
         combined.append(Problem(format_path(prefix), f"expected {' or '.join(alts)}, found {_show(found)}",
-                                *_locate(positions, prefix)))
+                                *_find(index, prefix)))
 
     out: list[Problem] = []
     for e, path, _, names in keep:
-        kind, where = e["type"], _locate(positions, path)
+        kind, where = e["type"], _find(index, path)
         if kind == "missing":
             out.append(Problem(format_path(path), "required field missing", *where))
         elif kind == "extra_forbidden":
             word = str(path[-1])
+            guess = did_you_mean(word, names) if len(out) < 1000 else None   # difflib is slow; few are read
             out.append(Problem(format_path(path), f"unknown field '{word}'", *where,
-                               hint=did_you_mean(word, names) or (f"fields: {', '.join(names)}" if names else None)))
+                               hint=guess or (f"fields: {', '.join(names)}" if names else None)))
         elif kind == "union_tag_invalid":
             tags = " or ".join(str(e.get("ctx", {}).get("expected_tags", "")).rsplit(", ", 1))
             tag_path = path + (str(e.get("ctx", {}).get("discriminator", "kind")).strip("'"),)
             out.append(Problem(format_path(tag_path), f"expected {tags}, found {_show(e.get('ctx', {}).get('tag'))}",
-                               *_locate(positions, tag_path)))
+                               *_find(index, tag_path)))
         elif kind == "union_tag_not_found":
             field = str(e.get("ctx", {}).get("discriminator", "kind")).strip("'")
             out.append(Problem(format_path(path), f"'{field}' is required here, found {_show(e.get('input'))}", *where,
@@ -629,7 +489,8 @@ def _finish(doc: dict, positions: dict[Key, Pos], overrides: Iterable[str], path
 
 
 def _stem_name(path: Path) -> str:
-    return re.sub(r"[^A-Za-z0-9_.\-]", "_", path.stem)[:128] or "model"
+    name = re.sub(r"[^A-Za-z0-9_.\-]", "_", path.stem)[:128]
+    return "model" if name in ("", ".", "..") else name
 
 
 # ------------------------------------------------------------------ public API

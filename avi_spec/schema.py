@@ -15,7 +15,9 @@ SPEC_VERSION = 1
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # allow_inf_nan=False: every float field refuses .inf and .nan (a learning rate of .inf
+    # trains NaN weights); subclasses that set their own model_config inherit it.
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class _KeysAndQueries(_Strict):
@@ -70,6 +72,13 @@ class Data(_Strict):
         "dynamic", description="dynamic: resample every training pixel as Bernoulli(grey level) at every draw (test set: once, fixed seed); none: keep 8-bit values.")
     flips: Optional[Flips] = Field(None, description="Training-time flips (augmentation); null for none.")
     distribution: Distribution = Field(default_factory=Bernoulli, description="The data distribution p(x | z).")
+
+    @field_validator("root")
+    @classmethod
+    def _a_path(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and "\0" in v:
+            raise ValueError("data.root must be a folder path, without NUL characters")
+        return v
 
 
 # ------------------------------------------------------------------------ hierarchy
@@ -237,8 +246,35 @@ class Spec(_Strict):
     train: Train = Field(default_factory=Train, description="Training recipe.")
     eval: Eval = Field(default_factory=Eval, description="Evaluation settings.")
 
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, v: str) -> str:
+        """The name becomes runs/<name>: the pattern keeps it one path component of safe
+        characters, and "." or ".." would name the runs folder or its parent."""
+        if v in (".", ".."):
+            raise ValueError(f"'{v}' cannot be a run name (the name becomes a run directory); "
+                             f"use letters, digits, '_', '.' or '-'")
+        return v
+
     @model_validator(mode="after")
     def _version_supported(self) -> "Spec":
         if self.version > SPEC_VERSION:
             raise ValueError(f"spec version {self.version} is newer than this avi supports ({SPEC_VERSION}); upgrade avi")
         return self
+
+
+# ----------------------------------------------------------------- JSON Schema
+
+def json_schema() -> dict:
+    """The JSON Schema of a spec *file* (what `avi schema` prints, for editors): the Spec
+    fields, plus the keys the loader reads before validation: `extends` (the parent spec,
+    merged under this file) and `version` (files of older versions are upgraded). Every field
+    has a default, so the partial files that `extends` makes possible validate as well."""
+    schema = Spec.model_json_schema(by_alias=True)
+    schema["properties"] = {
+        "extends": {"type": "string", "minLength": 1, "title": "Extends",
+                    "description": "Path of the spec this one derives from, relative to this file; "
+                                   "its fields are merged under this file's (this file wins)."},
+        **schema["properties"],
+    }
+    return schema

@@ -1,0 +1,15 @@
+"""builders: avi spec -> torch modules, data, training and evaluation.
+
+`from builders import load_run` is the Python API (builders.api); it is imported lazily so
+that importing a single builders module does not pull in the others.
+"""
+
+
+def __getattr__(name: str):
+    if name in ("load_run", "TrainedRun"):
+        from . import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'builders' has no attribute {name!r}")
+
+
+__all__ = ["load_run", "TrainedRun"]

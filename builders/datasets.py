@@ -5,10 +5,16 @@ and uint8 folders; float32 in [0, 1] for omniglot (chardata.mat stores grey leve
 Nothing here needs torch; turning images into model input is ``builders.preprocess``'s job.
 
 Any missing, truncated or malformed file raises ``DatasetError`` with a message that names the
-files expected, the folder searched and where to obtain them, never a raw traceback.
+files expected, the folder searched and where to obtain them, never a raw traceback. So do
+values a model cannot use (NaN, grey levels outside [0, 1], bytes outside 0..255).
+
+Nothing here runs code from a data file: ``data.root`` comes from a spec, and a spec can come
+from a run directory someone sent you. CIFAR-10 batches are pickles, so they are read by an
+unpickler that admits only what those files hold; .npy files are read without pickles.
 """
 from __future__ import annotations
 
+import codecs
 import gzip
 import io
 import pickle
@@ -71,7 +77,7 @@ MNIST5K_TEST_PER_CLASS = 50
 def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
     # Cached: the file is small and the split is asked for twice (train and test).
     with resources.files("builders").joinpath("data/mnist5k.npz").open("rb") as f:
-        with np.load(f) as npz:
+        with np.load(f, allow_pickle=False) as npz:
             return npz["images"], npz["labels"]
 
 
@@ -161,18 +167,30 @@ def _load_omniglot(root: Path, split: str) -> np.ndarray:
         raise DatasetError(f"OMNIGLOT file {path} has no variable {key!r}; "
                            f"expected the IWAE chardata.mat from {OMNIGLOT_URL}")
     data = np.asarray(mat[key])
-    if data.ndim != 2 or data.shape[0] != 784:
-        raise DatasetError(f"OMNIGLOT variable {key!r} in {path} has shape {data.shape}, "
-                           f"expected [784, N]")
+    if data.ndim != 2 or data.shape[0] != 784 or not np.issubdtype(data.dtype, np.number):
+        raise DatasetError(f"OMNIGLOT variable {key!r} in {path} is {data.dtype} of shape {data.shape}, "
+                           f"expected numbers of shape [784, N]")
     # One image per column, each column a 28x28 image flattened in column-major (MATLAB) order,
     # so the upright image is column.reshape(28, 28, order="F") = its C-order reshape transposed.
     # This equals what the IWAE loader feeds its models: data.T.reshape(-1, 28, 28) followed by
     # reshape((-1, 784), order="F"), later viewed row-major as 28x28 for plotting.
     images = data.T.reshape(-1, 28, 28).transpose(0, 2, 1)
     images = np.ascontiguousarray(images, dtype=np.float32)
-    if images.size and (images.min() < 0 or images.max() > 1):
-        raise DatasetError(f"OMNIGLOT variable {key!r} in {path} has values outside [0, 1]")
+    _check_grey_levels(images, f"OMNIGLOT variable {key!r} in {path}")
     return images[:, None]
+
+
+def _check_grey_levels(values: np.ndarray, where: str) -> None:
+    """Float grey levels must be finite and in [0, 1]: a NaN would reach torch.bernoulli as a
+    crash (or the loss as NaN), a value outside as a wrong likelihood."""
+    bad = ~np.isfinite(values)
+    if bad.any():
+        at = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise DatasetError(f"{where} holds {int(bad.sum()):,} values that are not finite (NaN or inf; "
+                           f"the first at index {at}); grey levels must be numbers in [0, 1]")
+    if values.size and (values.min() < 0 or values.max() > 1):
+        raise DatasetError(f"{where} has values outside [0, 1] (min {values.min():g}, max {values.max():g}); "
+                           f"float grey levels must be in [0, 1] (or save 8-bit images as uint8)")
 
 
 # ---------------------------------------------------------------------------------- cifar10
@@ -216,20 +234,59 @@ def _cifar_stack(batches: list[tuple[object, bytes]]) -> np.ndarray:
     return np.concatenate([_parse_cifar_batch(raw, where) for where, raw in batches])
 
 
+def _numpy_core():
+    return getattr(np, "_core", None) or np.core        # numpy 2 renamed numpy.core
+
+
+# Every global a CIFAR-10 batch refers to: the numpy array reconstruction of each pickle
+# protocol (the official files: protocol 2, numpy.core.multiarray) and _codecs.encode, which
+# is how protocol 2 spells bytes when Python 3 writes it. Nothing here can run code.
+_CIFAR_GLOBALS = {
+    **{(f"{core}.multiarray", "_reconstruct"): lambda: _numpy_core().multiarray._reconstruct
+       for core in ("numpy.core", "numpy._core")},
+    **{(f"{core}.numeric", "_frombuffer"): lambda: _numpy_core().numeric._frombuffer
+       for core in ("numpy.core", "numpy._core")},
+    ("numpy", "ndarray"): lambda: np.ndarray,
+    ("numpy", "dtype"): lambda: np.dtype,
+    ("_codecs", "encode"): lambda: codecs.encode,
+}
+
+
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, bytes, numbers and numpy arrays; refuses any other global (the
+    way a pickle runs code: `open`, `os.system`, ...) before it is called."""
+
+    def find_class(self, module: str, name: str):
+        get = _CIFAR_GLOBALS.get((module, name))
+        if get is None:
+            raise _Refused(f"{module}.{name}")
+        return get()
+
+
 def _parse_cifar_batch(raw: bytes, where: object) -> np.ndarray:
-    # Only the official CIFAR-10 batch files, which the user downloaded and pointed us at, are
-    # unpickled here; pickle can run code, so never point data.root at files you do not trust.
     try:
-        batch = pickle.load(io.BytesIO(raw), encoding="bytes")
+        batch = _CifarUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except _Refused as e:
+        raise DatasetError(f"CIFAR-10 batch {where} was refused: unpickling it would call {e}, which "
+                           f"CIFAR-10 batches never do (a pickle can run code, so only dicts, lists, bytes "
+                           f"and numpy arrays are read); download it again from {CIFAR_URL}") from None
     except Exception as e:  # truncated pickles raise EOFError, UnpicklingError, ValueError...
         raise DatasetError(f"CIFAR-10 batch {where} is not a valid pickle ({e!r}); "
                            f"download it again from {CIFAR_URL}") from e
     data = batch.get(b"data") if isinstance(batch, dict) else None
-    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3072:
-        raise DatasetError(f"CIFAR-10 batch {where} has no b'data' array of shape [N, 3072]; "
+    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3072 or data.dtype.kind not in "ui":
+        raise DatasetError(f"CIFAR-10 batch {where} has no b'data' array of integers of shape [N, 3072]; "
                            f"expected the python version from {CIFAR_URL}")
-    if len(batch.get(b"labels", ())) != len(data):
-        raise DatasetError(f"CIFAR-10 batch {where}: b'labels' does not match b'data' in length")
+    labels = batch.get(b"labels")
+    if not isinstance(labels, (list, np.ndarray)) or len(labels) != len(data):
+        raise DatasetError(f"CIFAR-10 batch {where}: b'labels' is not a list as long as b'data'")
+    if data.dtype != np.uint8 and data.size and (data.min() < 0 or data.max() > 255):
+        raise DatasetError(f"CIFAR-10 batch {where} has pixel values outside 0..255 "
+                           f"(min {data.min()}, max {data.max()})")
     # Each row is 1024 red, then 1024 green, then 1024 blue values, each plane row-major.
     return data.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32)
 
@@ -250,6 +307,11 @@ def _load_folder(root: Path, split: str) -> np.ndarray:
         raise DatasetError(f"image folder not found or empty: expected .npy or .png files in "
                            f"{folder} (make {root}/train/ and {root}/test/ and pass data.root=...)")
     arrays = [_read_image_file(p) for p in files]
+    for path, a in zip(files, arrays):
+        if np.issubdtype(a.dtype, np.floating):
+            _check_grey_levels(a, str(path))
+        elif a.dtype != np.uint8:
+            raise DatasetError(f"{path} holds {a.dtype} values; images must be uint8 or floats in [0, 1]")
     if len(arrays) == 1 and (arrays[0].ndim == 4 or
                              (arrays[0].ndim == 3 and arrays[0].shape[-1] not in (1, 3, 4))):
         stacked = arrays[0]
@@ -262,13 +324,7 @@ def _load_folder(root: Path, split: str) -> np.ndarray:
         stacked = np.stack(arrays)
     if stacked.ndim == 3:
         stacked = stacked[..., None]
-    if stacked.dtype == np.uint8:
-        out = stacked
-    elif np.issubdtype(stacked.dtype, np.floating) and stacked.min() >= 0 and stacked.max() <= 1:
-        out = stacked.astype(np.float32)
-    else:
-        raise DatasetError(f"images in {folder} must be uint8 or floats in [0, 1], "
-                           f"got {stacked.dtype}")
+    out = stacked if stacked.dtype == np.uint8 else stacked.astype(np.float32)
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2))  # NHWC -> NCHW
 
 

@@ -356,18 +356,22 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", use_ema: 
     """Load a trained model for evaluation -> (model in eval mode, ResolvedSpec, run dir|None).
 
     ``path`` is a run directory (checkpoints/best.pt if present and readable, else
-    checkpoints/last.pt, else last.prev.pt; ``warn`` hears of a fallback) or a .pt checkpoint
-    of `avi train` (builders.training's payload: "spec", "model", "ema", "state"). The spec is
-    the resolved document saved in the checkpoint (else the run directory's spec.yaml), with
-    ``overrides`` (--set) applied. With ``use_ema`` and EMA weights in the checkpoint, those
-    replace the trained weights. Raises RunError on bad input (non-finite weights included)
-    and builders.devices.DeviceError for an unavailable device.
+    checkpoints/last.pt, else last.prev.pt; ``warn`` hears of a fallback), a .pt checkpoint
+    of `avi train` (builders.training's payload: "spec", "model", "ema", "state"), or a
+    .safetensors file of `avi export`. The spec is the resolved document saved in the
+    checkpoint (else the run directory's spec.yaml), with ``overrides`` (--set) applied. With
+    ``use_ema`` and EMA weights in the checkpoint, those replace the trained weights. Raises
+    RunError on bad input (non-finite weights included) and builders.devices.DeviceError for
+    an unavailable device.
     """
     from avi_spec import SpecError, load_document, load_spec
 
     from .build import build_model
     from .devices import resolve_device
 
+    if Path(path).suffix == ".safetensors":           # a file of `avi export`
+        from .export import load_exported
+        return load_exported(path, device)
     dev = resolve_device(device)
     candidates, run = _checkpoint_candidates(path)
     ckpt, ck = _read_first_good(candidates, warn)

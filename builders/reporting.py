@@ -117,4 +117,4 @@ def _progress_bar(epochs: int):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     return Progress(TextColumn("epoch {task.fields[epoch]}/" + str(epochs)), BarColumn(),
                     MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                    console=Console(stderr=True), transient=False)
+                    console=Console(stderr=True, emoji=False), transient=False)

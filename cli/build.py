@@ -32,8 +32,10 @@ def build(
     device: Annotated[BuildDevice, typer.Option(help="meta builds shapes only: no memory, seconds for 119M parameters.")] = BuildDevice.meta,
     as_json: JsonOption = False,
 ) -> None:
-    """Validate a spec, build its PyTorch model and print its parameters by module group,
-    the attention wiring of every layer, latent sizes and the total.
+    """Build a spec's PyTorch model and print its parameters by module group.
+
+    The spec is validated first; the attention wiring of every layer, the latent sizes and
+    the total follow the parameter table.
 
     Example:
 

@@ -13,9 +13,12 @@ import typer
 from rich.console import Console
 
 from avi_spec import Problem, ResolvedSpec, load_spec
+from avi_spec.errors import format_problems, literal
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# emoji=False: rich would turn ":x:" in a file name or value into an emoji even with markup
+# off. User text in markup strings goes through _escape; elsewhere print with markup=False.
+out = Console(highlight=False, soft_wrap=True, emoji=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 
 class UserError(Exception):
@@ -33,7 +36,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JS
 
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print `error: message` on stderr and exit (2: the user's input was wrong)."""
-    err.print(f"[bold red]error:[/] {_escape(message)}")
+    err.print(f"[bold red]error:[/] {_escape(message, keep_newlines=True)}")
     raise typer.Exit(code)
 
 
@@ -51,10 +54,12 @@ def load(path: str | Path, overrides: Iterable[str] | None = None) -> ResolvedSp
 
 
 def print_problems(problems: Iterable[Problem], console: Console | None = None) -> None:
-    for p in problems:
-        (console or err).print(p.format(), markup=False)
+    """One line per problem (at most errors.MAX_SHOWN, then how many more)."""
+    for line in format_problems(list(problems)):
+        (console or err).print(literal(line), markup=False)
 
 
-def _escape(text: str) -> str:
+def _escape(text: str, keep_newlines: bool = False) -> str:
+    """User text made safe for a rich markup string: printed literally, control characters escaped."""
     from rich.markup import escape
-    return escape(text)
+    return escape(literal(str(text), keep_newlines))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import json
 import sys
 import traceback
@@ -22,7 +23,7 @@ from avi_spec import SpecError
 
 from .common import JsonOption, SetOption, UserError, err, fail, load, out, print_problems
 
-COMMAND_MODULES = ["cli.build", "cli.train", "cli.eval", "cli.sample", "cli.plot"]
+COMMAND_MODULES = ["cli.build", "cli.train", "cli.eval", "cli.sample", "cli.plot", "cli.export"]
 
 BUG_HINT = "this is a bug in avi; please report it with the command and spec"
 
@@ -32,7 +33,12 @@ _ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "C
 
 
 class AviGroup(TyperGroup):
-    """Maps exceptions to exit codes in one place, for every command (also under CliRunner)."""
+    """Maps exceptions to exit codes in one place, for every command (also under CliRunner),
+    and tidies every command's help once it is built (see _tidy_help)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _tidy_help(self)
 
     def invoke(self, ctx: typer.Context):
         try:
@@ -52,6 +58,28 @@ class AviGroup(TyperGroup):
             raise typer.Exit(1) from None
 
 
+def _tidy_help(command) -> None:
+    """Typer's rich help keeps a docstring's hard line breaks, so a summary wrapped in the
+    source reads as cut mid-sentence in `avi --help`: join each prose paragraph into one line
+    (rich wraps it to the terminal) and keep indented example lines as they are. And show
+    flags as flags: rich help would print `--resume <bool>`, as if the flag took a value."""
+    if command.help:
+        paragraphs = inspect.cleandoc(command.help).split("\n\n")
+        command.help = "\n\n".join(p if p.startswith((" ", "\b")) else " ".join(p.split())
+                                    for p in paragraphs)
+    params = command.get_params          # also --help and the completion flags, added later
+    command.get_params = lambda ctx: _flags_without_type(params(ctx))
+    for sub in getattr(command, "commands", {}).values():
+        _tidy_help(sub)
+
+
+def _flags_without_type(params: list) -> list:
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
 def _closed_stdout() -> None:
     """The reader of our stdout went away (`avi diff ... | head`): not a bug, no traceback.
     Point stdout at devnull so that the interpreter's final flush does not fail again."""
@@ -64,12 +92,25 @@ def _closed_stdout() -> None:
     raise typer.Exit(1)
 
 
-app = typer.Typer(cls=AviGroup, no_args_is_help=True, add_completion=False,
+app = typer.Typer(cls=AviGroup, no_args_is_help=True, add_completion=True,
                   pretty_exceptions_enable=False, context_settings={"help_option_names": ["-h", "--help"]})
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            out.print(f"avi {version('avi')}", markup=False)
+        except PackageNotFoundError:        # a source tree that was never pip-installed
+            out.print("avi (not installed: version unknown)", markup=False)
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=_print_version, help="Print avi's version and exit.")] = False,
+) -> None:
     """avi: declarative deep attentive VAEs. A model is a YAML spec; these commands check,
     compare, build, train and evaluate it.
 
@@ -135,8 +176,34 @@ def schema() -> None:
 
         avi schema > avi-spec.schema.json
     """
-    from avi_spec import Spec
-    sys.stdout.write(json.dumps(Spec.model_json_schema(by_alias=True), indent=2) + "\n")
+    from avi_spec.schema import json_schema
+    sys.stdout.write(json.dumps(json_schema(), indent=2) + "\n")
+
+
+# -------------------------------------------------------------------- resolve
+
+@app.command()
+def resolve(
+    spec: Annotated[str, typer.Argument(metavar="SPEC", help="Spec file (or run directory).")],
+    overrides: SetOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Print the resolved spec: every field after `extends:` and `--set`, defaults filled in.
+
+    This is the document a run trains from (its spec.yaml) and the one `avi diff` compares;
+    save it to pin a configuration. Exits 2 on an invalid spec.
+
+    Example:
+
+        avi resolve specs/ablations/case09.yaml --set train.epochs=5 > case09_full.yaml
+    """
+    from avi_spec import dump_yaml
+
+    resolved = load(spec, overrides)
+    if as_json:
+        sys.stdout.write(json.dumps(resolved.document, indent=2, ensure_ascii=False) + "\n")
+    else:
+        sys.stdout.write(dump_yaml(resolved.document))
 
 
 # ---------------------------------------------------------------------- graph
@@ -207,7 +274,7 @@ def _run_results(arg: str, resolved) -> dict | None:
         return None
     try:
         data = best_result(read_results(path))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:       # RecursionError: brackets nested too deep
         err.print(f"[yellow]warning:[/] {_esc(str(path))} is not readable JSON ({_esc(str(e))}); its results are left out")
         return None
     if not isinstance(data, dict):
@@ -232,10 +299,11 @@ def diff(
     params: Annotated[bool, typer.Option(
         "--params/--no-params", help="Count each model's parameters (builds it on torch's meta device).")] = True,
 ) -> None:
-    """Compare specs and runs: fields that differ, attention edges added or removed (relative to
-    the first), parameter counts and, for runs, their results (bits/dim for 8-bit data, else
-    NLL in nats; the best in bold green). A spec file's results are read from
-    runs/<name>/eval.json when that exists.
+    """Compare specs and runs: differing fields, attention edges, parameters and results.
+
+    Attention edges are added or removed relative to the first spec. Results are bits/dim
+    for 8-bit data, else NLL in nats; the best in bold green. A spec file's results are read
+    from runs/<name>/eval.json when that exists.
 
     Exits 0 when all specs are the same, 1 when they differ, 2 on bad input.
 
@@ -272,8 +340,8 @@ def diff(
 # ------------------------------------------------------------ other commands
 
 def _esc(text: str) -> str:
-    from rich.markup import escape
-    return escape(str(text))
+    from .common import _escape
+    return _escape(text)
 
 
 def _register_commands() -> None:

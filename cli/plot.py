@@ -1,11 +1,11 @@
-"""`avi plot kl` (per-layer KL as a bar chart) and `avi plot attention` (mean depth-wise
-attention scores as two heatmaps), drawn straight into numpy images (no matplotlib)."""
+"""`avi plot kl | attention | curves`: figures of trained runs (drawn by builders.figures with
+matplotlib; the format follows the output's extension: .png, .svg or .pdf)."""
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
-import numpy as np
 import typer
 
 from .common import JsonOption, SetOption, UserError, out
@@ -14,103 +14,61 @@ from .eval import (Device, DeviceOption, LimitOption, NoEmaOption, RunArgument, 
 
 plot_app = typer.Typer(no_args_is_help=True, add_completion=False,
                        context_settings={"help_option_names": ["-h", "--help"]},
-                       help="Pictures of a trained model: per-layer KL, attention maps.\n\n"
-                            "Example:\n\n    avi plot kl runs/quickstart --out kl.png")
+                       help="Figures of trained runs: KL per layer, attention maps, training curves.\n\n"
+                            "Example:\n\n    avi plot curves runs/case09 runs/case16 --out curves.svg")
 
-OutOption = Annotated[Optional[Path], typer.Option("--out", "-o", metavar="FILE.png",
-                                                   help="Where to write the PNG.")]
+OutOption = Annotated[Optional[Path], typer.Option(
+    "--out", "-o", metavar="FILE", help="Where to write the figure; its extension picks the format "
+                                        "(.png, .svg, .pdf).")]
+RunsArgument = Annotated[list[str], typer.Argument(
+    metavar="RUN...", help="Run directories of `avi train` (or .pt checkpoints, .safetensors exports).")]
 SplitOption = Annotated[Split, typer.Option("--split", help="Which images to average over.")]
 BatchOption = Annotated[Optional[int], typer.Option(
     "--batch-size", min=1, metavar="B", help="Images per batch (default: the spec's eval.batch_size).")]
 
 
-# ------------------------------------------------------------------ drawing
-
-# 3x5 digits (and . -) so the charts can carry their numbers without a font dependency.
-_GLYPHS = {
-    "0": "111101101101111", "1": "010110010010111", "2": "111001111100111",
-    "3": "111001111001111", "4": "101101111001001", "5": "111100111001111",
-    "6": "111100111101111", "7": "111001001001001", "8": "111101111101111",
-    "9": "111101111001111", ".": "000000000000010", "-": "000000111000000",
-    " ": "000000000000000",
-}
-INK = np.array([40, 40, 40], dtype=np.uint8)
+class Axis(str, Enum):
+    step = "step"
+    epoch = "epoch"
 
 
-def draw_text(img: np.ndarray, text: str, y: int, x: int, scale: int = 2,
-              colour: np.ndarray = INK) -> None:
-    """Write digits at (y, x) (top-left), clipped to the image."""
-    for i, ch in enumerate(text):
-        glyph = np.array([int(c) for c in _GLYPHS.get(ch, _GLYPHS[" "])], bool).reshape(5, 3)
-        glyph = np.repeat(np.repeat(glyph, scale, 0), scale, 1)
-        y0, x0 = y, x + i * 4 * scale
-        h = max(0, min(glyph.shape[0], img.shape[0] - y0))
-        w = max(0, min(glyph.shape[1], img.shape[1] - x0))
-        if h and w and y0 >= 0 and x0 >= 0:
-            img[y0:y0 + h, x0:x0 + w][glyph[:h, :w]] = colour
+def _output(output: Optional[Path], runs: list[str], name: str) -> Path:
+    """--out, checked before any work; default RUN/plots/<name> for one run directory, else
+    ./<name>."""
+    from builders.figures import figure_format
+    if output is None:
+        run = Path(runs[0]).expanduser()
+        output = default_output(run if len(runs) == 1 and run.is_dir() else None, "plots", name)
+    try:
+        figure_format(output)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return output
 
 
-def text_width(text: str, scale: int = 2) -> int:
-    return len(text) * 4 * scale - scale
+def _labels(runs: list[str]) -> list[str]:
+    """A short legend label per run: its folder or file name, the path where names repeat."""
+    names = [_label(Path(r).expanduser().resolve()) for r in runs]
+    if len(set(names)) == len(names):
+        return names
+    return [str(r) for r in runs]
 
 
-def _number(v: float) -> str:
-    return f"{v:.1f}" if abs(v) < 1000 else f"{v:.0f}"
+def _label(p: Path) -> str:
+    if p.name == "metrics.jsonl":
+        return p.parent.name
+    if p.parent.name == "checkpoints":                  # runs/x/checkpoints/best.pt: x/best
+        return f"{p.parent.parent.name}/{p.stem}"
+    return p.stem if p.is_file() else p.name
 
 
-def bar_chart(values, height: int = 220, bar: int = 28, gap: int = 10) -> np.ndarray:
-    """RGB bar chart of non-negative values: one bar per entry, its index below and its value
-    above; bars scaled to the largest."""
-    v = np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0)
-    n = len(v)
-    label = max([text_width(_number(x)) for x in v] + [bar])
-    step = max(bar, label) + gap
-    left, top, bottom = 12, 24, 24
-    width = left + n * step + 12
-    img = np.full((height, width, 3), 255, dtype=np.uint8)
-    base = height - bottom
-    peak = max(float(v.max(initial=0.0)), 1e-12)
-    span = base - top
-    for i, x in enumerate(v):
-        cx = left + i * step + step // 2
-        h = int(round(span * max(x, 0.0) / peak))
-        x0 = cx - bar // 2
-        img[base - h:base, x0:x0 + bar] = (49, 130, 189)
-        draw_text(img, _number(x), base - h - 14, cx - text_width(_number(x)) // 2)
-        draw_text(img, str(i), base + 6, cx - text_width(str(i)) // 2)
-    img[base:base + 2, left - 4:width - 8] = INK                    # x axis
-    return img
+def _save(fig, path: Path) -> Path:
+    from builders.figures import save_figure
+    try:
+        return save_figure(fig, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
 
-
-def side_by_side(panels: list[np.ndarray], gap: int = 16) -> np.ndarray:
-    h = max(p.shape[0] for p in panels)
-    parts = []
-    for i, p in enumerate(panels):
-        pad = np.full((h - p.shape[0], p.shape[1], 3), 255, np.uint8)
-        parts.append(np.concatenate([p, pad], 0))
-        if i < len(panels) - 1:
-            parts.append(np.full((h, gap, 3), 255, np.uint8))
-    return np.concatenate(parts, 1)
-
-
-def labelled_heatmap(matrix: np.ndarray, cell: int = 24) -> np.ndarray:
-    """images.heatmap with the source index above each column and the layer left of each row."""
-    from builders.images import heatmap
-    core = heatmap(matrix, cell)
-    rows, cols = matrix.shape
-    margin_top, margin_left = 16, 8 + text_width(str(rows - 1))
-    img = np.full((core.shape[0] + margin_top, core.shape[1] + margin_left, 3), 255, np.uint8)
-    img[margin_top:, margin_left:] = core
-    for m in range(cols):
-        s = str(m)
-        draw_text(img, s, 2, margin_left + m * cell + (cell - text_width(s)) // 2)
-    for l in range(rows):
-        s = str(l)
-        draw_text(img, s, margin_top + l * cell + (cell - 10) // 2, 2)
-    return img
-
-
-# ------------------------------------------------------------------ commands
 
 def _batches(resolved, split: Split, limit, batch_size):
     from builders.evaluate import batched
@@ -125,17 +83,9 @@ def _seed(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def _save(path: Path, pixels: np.ndarray) -> Path:
-    from builders.images import save_png
-    try:
-        return save_png(path, pixels)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-
-
 @plot_app.command("kl")
 def kl_command(
-    run: RunArgument,
+    runs: RunsArgument,
     output: OutOption = None,
     split: SplitOption = Split.test,
     limit: LimitOption = None,
@@ -146,21 +96,30 @@ def kl_command(
     overrides: SetOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Bar chart of the mean KL of every stochastic layer (nats per image; layer 0 on the left
-    is the top of the hierarchy). Prints the PNG path (default RUN/plots/kl.png).
+    """Bar chart of the mean KL of every stochastic layer, several runs side by side.
+
+    KL in nats per image; layer 0, on the left, is the top of the hierarchy. Prints the
+    figure's path (default RUN/plots/kl.png for one run, ./kl.png for several).
 
     Example:
 
-        avi plot kl runs/quickstart --out kl.png --json
+        avi plot kl runs/case09 runs/case16 --out kl.pdf --json
     """
     from builders.evaluate import kl_per_layer
+    from builders.figures import kl_figure
 
-    model, resolved, run_dir = load_model(run, device, not no_ema, overrides)
-    _seed(seed)
-    kl = kl_per_layer(model, _batches(resolved, split, limit, batch_size))
-    path = _save(output or default_output(run_dir, "plots", "kl.png"), bar_chart(kl))
+    path = _output(output, runs, "kl.png")
+    kl = {}
+    for label, run in zip(_labels(runs), runs):
+        model, resolved, _ = load_model(run, device, not no_ema, overrides)
+        _seed(seed)
+        kl[label] = kl_per_layer(model, _batches(resolved, split, limit, batch_size))
+    path = _save(kl_figure(kl), path)
     if as_json:
-        print_json({"kl_per_layer_nats": kl, "kl_total_nats": float(kl.sum()), "png": str(path)})
+        print_json({"runs": [{"run": run, "label": label, "kl_per_layer_nats": v,
+                              "kl_total_nats": float(v.sum())}
+                             for run, (label, v) in zip(runs, kl.items())],
+                    "figure": str(path)})
     else:
         out.print(str(path), markup=False)
 
@@ -178,28 +137,62 @@ def attention_command(
     overrides: SetOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Mean depth-wise attention scores as two heatmaps side by side: the priors (generative
-    path) on the left, the posteriors (inference path) on the right. Rows: the attending
-    layer l; columns: the source layer m (for the posterior, column L is the preprocessing
-    output); white 0, dark blue 1, grey where m is not a source. Prints the PNG path
+    """Heatmaps of the mean depth-wise attention scores: prior left, posterior right.
+
+    Rows: the target layer l; columns: the source layer m ("pre" is the posterior's
+    preprocessing output); grey where m is not a source of l. Prints the figure's path
     (default RUN/plots/attention.png).
 
     Example:
 
-        avi plot attention runs/quickstart --out attention.png
+        avi plot attention runs/quickstart --out attention.svg
     """
     from builders.evaluate import attention_maps
+    from builders.figures import attention_figure
 
-    model, resolved, run_dir = load_model(run, device, not no_ema, overrides)
+    path = _output(output, [run], "attention.png")
+    model, resolved, _ = load_model(run, device, not no_ema, overrides)
     _seed(seed)
     maps = attention_maps(model, _batches(resolved, split, limit, batch_size))
-    picture = side_by_side([labelled_heatmap(maps["generative"]), labelled_heatmap(maps["inference"])])
-    path = _save(output or default_output(run_dir, "plots", "attention.png"), picture)
+    path = _save(attention_figure(maps["generative"], maps["inference"]), path)
     if as_json:
         print_json({"generative": maps["generative"], "inference": maps["inference"],
-                    "rows": "attending layer", "columns": "source layer", "png": str(path)})
+                    "rows": "target layer", "columns": "source layer", "figure": str(path)})
     else:
         out.print(str(path), markup=False)
+
+
+@plot_app.command("curves")
+def curves_command(
+    runs: Annotated[list[str], typer.Argument(
+        metavar="RUN...", help="Run directories of `avi train` (or their metrics.jsonl files).")],
+    output: OutOption = None,
+    x: Annotated[Axis, typer.Option("--x", help="What the horizontal axis counts.")] = Axis.step,
+) -> None:
+    """Training loss, test NELBO and learning rate of several runs overlaid.
+
+    Reads each run's metrics.jsonl (no model is loaded). Prints the figure's path (default
+    RUN/plots/curves.png for one run, ./curves.png for several).
+
+    Example:
+
+        avi plot curves runs/case09 runs/case16 --x epoch --out curves.svg
+    """
+    from builders.figures import Curves, curves_figure, read_metrics
+
+    path = _output(output, runs, "curves.png")
+    curves = {}
+    for label, run in zip(_labels(runs), runs):
+        p = Path(run).expanduser()
+        metrics = p / "metrics.jsonl" if p.is_dir() else p
+        try:
+            curves[label] = Curves(read_metrics(metrics))
+            curves[label].x(curves[label].epochs, x.value)      # an epoch axis needs a finished epoch
+        except FileNotFoundError:
+            raise UserError(f"{metrics} not found (is {run} a run directory of `avi train`?)") from None
+        except (OSError, ValueError) as e:
+            raise UserError(f"{metrics}: {e}") from None
+    out.print(str(_save(curves_figure(curves, x.value), path)), markup=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,5 +1,5 @@
 """`avi sample` (images from the prior) and `avi reconstruct` (test images through the
-posterior), both written as PNG grids."""
+posterior), both written as image grids (PNG, or the format of --out's extension)."""
 from __future__ import annotations
 
 from enum import Enum
@@ -58,6 +58,7 @@ def sample_command(
 
     if not math.isfinite(temperature):
         raise UserError(f"--temperature must be a finite number, not {temperature}")
+    _check_format(output)
     model, _, run_dir = load_model(run, device, not no_ema, overrides)
     dev = next(model.parameters()).device
     _seed(seed, dev)
@@ -90,6 +91,7 @@ def reconstruct_command(
 
     from builders.images import save_grid
 
+    _check_format(output)
     model, resolved, run_dir = load_model(run, device, not no_ema, overrides)
     dev = next(model.parameters()).device
     x = images(resolved, split.value, n).to(dev)
@@ -108,6 +110,16 @@ def _center_crop(x, size: int):
         return x
     a = extra // 2
     return x[..., a:a + size, a:a + size]
+
+
+def _check_format(output: Optional[Path]) -> None:
+    """Refuse an --out that Pillow cannot write before any model is loaded."""
+    from builders.images import image_format
+    if output is not None:
+        try:
+            image_format(output)
+        except ValueError as e:
+            raise UserError(str(e)) from None
 
 
 def _save(save, path: Path, images) -> Path:

@@ -43,6 +43,30 @@ def test_avi_schema_prints_json_schema_with_every_top_level_field():
     result = CliRunner().invoke(app, ["schema"])
     assert result.exit_code == 0, result.output
     schema = json.loads(result.stdout)
-    assert set(schema["properties"]) == {f.alias or n for n, f in Spec.model_fields.items()}
+    assert set(schema["properties"]) == {f.alias or n for n, f in Spec.model_fields.items()} | {"extends"}
     assert all("description" in p for p in schema["properties"].values())
     assert schema["additionalProperties"] is False
+
+
+def _schema_errors(path: Path, validator) -> list[str]:
+    import yaml
+    return [f"{'.'.join(map(str, e.path))}: {e.message}"
+            for e in validator.iter_errors(yaml.safe_load(path.read_text()))]
+
+
+def test_every_shipped_spec_validates_against_avi_schema():
+    """What an editor does with `avi schema > avi-spec.schema.json`: the shipped specs (most
+    use `extends:`) are valid, and the mistakes the loader refuses are still marked."""
+    import jsonschema
+    result = CliRunner().invoke(app, ["schema"])
+    assert result.exit_code == 0, result.output
+    validator = jsonschema.Draft202012Validator(json.loads(result.stdout))
+    shipped = sorted(REPO.glob("specs/*.yaml")) + sorted(REPO.glob("specs/ablations/*.yaml"))
+    assert len(shipped) == 21
+    assert sum("extends:" in p.read_text() for p in shipped) >= 16
+    for path in shipped:
+        assert _schema_errors(path, validator) == [], path.name
+    broken = REPO / "tests" / "broken_specs"
+    assert any("hierachy" in e
+               for e in _schema_errors(broken / "04_unknown_top_level_key.yaml", validator))
+    assert _schema_errors(broken / "06_wrong_type_string_for_int.yaml", validator)

@@ -19,7 +19,6 @@ from torch import nn
 from avi_spec import load_spec
 from builders.evaluate import (RunError, attention_maps, auto_chunk, data_dims,
                                importance_sampled_nll, kl_per_layer, load_trained)
-from builders.images import decode_png
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG2PI = math.log(2 * math.pi)
@@ -235,7 +234,10 @@ def _avi(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def _png(path: Path, shape=None) -> np.ndarray:
-    pixels = decode_png(path.read_bytes())
+    from PIL import Image
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        pixels = np.asarray(image)
     if shape is not None:
         assert pixels.shape[:2] == shape
     assert pixels.std() > 0
@@ -269,12 +271,16 @@ def test_cli_pictures(run_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     _png(tmp_path / "r.png", (2 + 2 * 30, 2 + 2 * 30))       # two rows of (image, reconstruction)
 
-    r = _avi("plot", "kl", str(run_dir), "--limit", "4", "--json", "--out", "kl.png",
-             "--device", "cpu", cwd=tmp_path)
+    r = _avi("plot", "kl", str(run_dir), str(run_dir / "checkpoints" / "last.pt"), "--limit", "4",
+             "--json", "--out", "kl.svg", "--device", "cpu", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    doc = json.loads(r.stdout)
-    assert len(doc["kl_per_layer_nats"]) == 4 and doc["kl_total_nats"] > 0
-    assert _png(tmp_path / "kl.png").ndim == 3
+    runs = json.loads(r.stdout)["runs"]
+    assert [doc["label"] for doc in runs] == ["tiny", "tiny/last"]
+    for doc in runs:
+        assert len(doc["kl_per_layer_nats"]) == 4 and doc["kl_total_nats"] > 0
+    assert runs[0]["kl_per_layer_nats"] == runs[1]["kl_per_layer_nats"]     # the same weights
+    svg = (tmp_path / "kl.svg").read_text()
+    assert "KL divergence per stochastic layer" in svg and "tiny/last" in svg
 
     r = _avi("plot", "attention", str(run_dir), "--limit", "4", "--json", "--device", "cpu", cwd=tmp_path)
     assert r.returncode == 0, r.stderr

@@ -201,8 +201,9 @@ def test_top_level_must_be_a_mapping(tmp_path):
         load_spec(write(tmp_path, "list.yaml", "- 1\n- 2\n"))
 
 
-def test_empty_file_is_all_defaults(tmp_path):
-    r = load_spec(write(tmp_path, "empty.yaml", "# nothing\n"))
+def test_an_explicit_empty_mapping_is_all_defaults(tmp_path):
+    # (an empty file is an error: tests/test_hostile_specs.py)
+    r = load_spec(write(tmp_path, "empty.yaml", "{}  # every field at its default\n"))
     assert r.document["name"] == "empty" and r.document["version"] == SPEC_VERSION
 
 

@@ -1,0 +1,62 @@
+"""The Python API: a trained model in two lines.
+
+    from builders import load_run
+    images = load_run("runs/quickstart").sample(16)     # [16, C, H, W] floats in [0, 1]
+
+load_run takes what the `avi` commands take: a run directory of `avi train`, one of its .pt
+checkpoints, or a .safetensors file of `avi export`.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .evaluate import load_trained
+
+
+class TrainedRun:
+    """A trained model with its resolved spec. `model` is the torch module (eval mode),
+    `spec` the validated avi_spec.Spec, `document` the resolved spec as a plain dict."""
+
+    def __init__(self, model: torch.nn.Module, resolved, run_dir: Path | None):
+        self.model, self.resolved, self.run_dir = model, resolved, run_dir
+        self.spec, self.document = resolved.spec, resolved.document
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def sample(self, n: int, temperature: float = 1.0, seed: int | None = None,
+               mode: str = "mean") -> torch.Tensor:
+        """n images from the prior, [n, C, H, W] in [0, 1] on the CPU. temperature scales every
+        latent's noise; seed makes the draw reproducible; binary data: mode "mean" gives pixel
+        probabilities, "sample" Bernoulli draws."""
+        with _seeded(seed, self.device), torch.no_grad():
+            return self.model.sample(n, temperature, mode).float().cpu()
+
+    def reconstruct(self, images: torch.Tensor, seed: int | None = None,
+                    mode: str = "mean") -> torch.Tensor:
+        """Model-input images ([N, C, H, W] in [-1, 1], as builders.evaluate.eval_images gives
+        them) through the posterior and back: [N, C, H', W'] in [0, 1] on the CPU."""
+        with _seeded(seed, self.device), torch.no_grad():
+            return self.model.reconstruct(images.to(self.device), mode).float().cpu()
+
+
+@contextmanager
+def _seeded(seed: int | None, device: torch.device):
+    """torch's generators seeded for one call and restored after (seed None: left alone)."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def load_run(path: str | Path, device: str = "auto", ema: bool = True) -> TrainedRun:
+    """Load a trained run (see the module's docstring) onto `device` (auto: CUDA if there is
+    one). ema=False takes the trained weights even where the run kept EMA weights. Raises
+    builders.evaluate.RunError for a path that holds no trained avi model."""
+    return TrainedRun(*load_trained(path, device, ema))

@@ -1,0 +1,217 @@
+"""Figures of trained runs, drawn with matplotlib: KL per stochastic layer (several runs side
+by side), the depth-wise attention maps (prior and posterior), and training curves (several
+runs overlaid).
+
+Everything is drawn on matplotlib's object API with the Agg canvas: no pyplot, no global
+figure state, no display. save_figure picks the format from the file's extension; SVG keeps
+its text as text (svg.fonttype "none") so titles and labels stay searchable and editable.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from matplotlib import colormaps, rc_context
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
+NOT_A_SOURCE = "0.82"                 # grey of the attention cells that are not sources
+DPI = 150
+
+
+def figure_format(path: str | Path) -> str:
+    """The format of an output path from its extension; ValueError for anything else."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise ValueError(f"cannot tell the figure format of {path}: its extension must be "
+                         f"{', '.join(FORMATS)}")
+    return FORMATS[suffix]
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Write the figure in the format of the path's extension, atomically."""
+    path = Path(path)
+    fmt = figure_format(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with rc_context({"svg.fonttype": "none", "pdf.fonttype": 42}):
+        fig.savefig(tmp, format=fmt, dpi=DPI)
+    tmp.replace(path)
+    return path
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+# ------------------------------------------------------------------ KL per layer
+
+def kl_figure(kl: dict[str, np.ndarray]) -> Figure:
+    """Grouped bars: the mean KL of every stochastic layer (nats per image), one colour per
+    run. `kl` maps a run's label to its per-layer KL (layer 0 = the top of the hierarchy)."""
+    layers = max(len(v) for v in kl.values())
+    n = len(kl)
+    width = 0.8 / n
+    fig = _figure(max(6.0, 1.2 + layers * (0.35 + 0.18 * n)), 4.2)
+    ax = fig.add_subplot()
+    x = np.arange(layers)
+    for i, (label, values) in enumerate(kl.items()):
+        v = np.full(layers, np.nan)
+        v[:len(values)] = values
+        bars = ax.bar(x + (i - (n - 1) / 2) * width, v, width, label=label)
+        if n * layers <= 24:
+            ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
+    ax.set_xticks(x, [str(l) for l in x])
+    ax.set_xlabel("stochastic layer (0 = top of the hierarchy)")
+    ax.set_ylabel("KL(q || p)  [nats per image]")
+    ax.set_title("KL divergence per stochastic layer")
+    ax.margins(y=0.12)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.legend(title="run", fontsize=8)
+    return fig
+
+
+# ------------------------------------------------------------------ attention maps
+
+def _source_labels(columns: int, layers: int) -> list[str]:
+    return [str(m) if m < layers else "pre" for m in range(columns)]
+
+
+def _attention_panel(ax, matrix: np.ndarray, layers: int, title: str, annotate: bool):
+    cmap = colormaps["Blues"].with_extremes(bad=NOT_A_SOURCE)
+    image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, vmin=0.0, vmax=1.0)
+    rows, cols = matrix.shape
+    ax.set_xticks(range(cols), _source_labels(cols, layers))
+    ax.set_yticks(range(rows), [str(l) for l in range(rows)])
+    ax.set_xlabel("source layer m")
+    ax.set_ylabel("target layer l (0 = top)")
+    ax.set_title(title)
+    if annotate:
+        for (l, m), v in np.ndenumerate(matrix):
+            if math.isfinite(v):
+                ax.text(m, l, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if v > 0.55 else "black")
+    return image
+
+
+def attention_figure(generative: np.ndarray, inference: np.ndarray) -> Figure:
+    """The mean depth-wise attention score of every target layer l (rows) on every source layer
+    m (columns): the prior (generative path) left, the posterior (inference path) right. The
+    posterior's column "pre" is the preprocessing output; grey cells are not sources of l."""
+    layers = generative.shape[0]
+    gen = generative[:, :layers] if np.isnan(generative[:, layers:]).all() else generative
+    side = max(2.6, 0.42 * inference.shape[1] + 1.0)
+    fig = _figure(2 * side + 1.4, side + 1.3)
+    axes = fig.subplots(1, 2, width_ratios=[gen.shape[1], inference.shape[1]])   # equal cells
+    annotate = layers <= 8
+    image = _attention_panel(axes[0], gen, layers, "Prior (generative path)", annotate)
+    _attention_panel(axes[1], inference, layers, "Posterior (inference path)", annotate)
+    fig.colorbar(image, ax=list(axes), shrink=0.8, label="mean attention score")
+    fig.suptitle("Depth-wise attention: mean score of target layer l on source layer m")
+    fig.legend(handles=[Patch(facecolor=NOT_A_SOURCE, edgecolor="0.5",
+                              label="not a source of layer l (no attention)")],
+               loc="outside lower center", fontsize=8, frameon=False)
+    return fig
+
+
+# ------------------------------------------------------------------ training curves
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a run's metrics.jsonl; ValueError names a line that is not a record."""
+    records = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"line {number} is not a JSON record ({e})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), (int, float)):
+            raise ValueError(f"line {number} is not a JSON object with a step")
+        records.append(record)
+    return records
+
+
+class Curves:
+    """One run's series from its metrics records: the step records (every `log_every` steps:
+    loss, lr) and the epoch-end records (test_nelbo, train_loss) of builders.training."""
+
+    def __init__(self, records: list[dict]):
+        self.steps = [r for r in records if "loss" in r or "lr" in r]
+        self.epochs = [r for r in records if "test_nelbo" in r]
+        self.bits = bool(self.epochs) and all("test_nelbo_bits_per_dim" in r for r in self.epochs)
+        if not self.steps and not self.epochs:
+            raise ValueError("it holds no training records (loss, lr or test_nelbo)")
+
+    def x(self, records: list[dict], axis: str) -> np.ndarray:
+        steps = np.array([float(r["step"]) for r in records])
+        if axis == "step":
+            return steps
+        # Epochs by position, not by the records' epoch numbers: the k-th epoch-end record
+        # closes epoch k, and steps in between are fractions of an epoch.
+        ends = np.array([0.0] + [float(r["step"]) for r in self.epochs])
+        if len(ends) < 2:
+            raise ValueError("no epoch has finished yet; plot it against the step")
+        per_epoch = ends[-1] - ends[-2]
+        beyond = steps > ends[-1]
+        x = np.interp(steps, ends, np.arange(len(ends), dtype=float))
+        x[beyond] = len(ends) - 1 + (steps[beyond] - ends[-1]) / max(per_epoch, 1.0)
+        return x
+
+    @staticmethod
+    def y(records: list[dict], key: str) -> np.ndarray:
+        return np.array([float(r[key]) if isinstance(r.get(key), (int, float)) else np.nan
+                         for r in records])
+
+
+def curves_figure(runs: dict[str, Curves], axis: str = "step") -> Figure:
+    """Training loss, test NELBO and learning rate against the step or epoch, one colour per
+    run (bits/dim for the test NELBO when every run is on 8-bit data, else nats)."""
+    fig = _figure(13.0, 4.0)
+    loss_ax, test_ax, lr_ax = fig.subplots(1, 3)
+    bits = all(c.bits for c in runs.values())
+    test_key = "test_nelbo_bits_per_dim" if bits else "test_nelbo"
+    for label, c in runs.items():
+        line, = loss_ax.plot(c.x(c.steps, axis), c.y(c.steps, "loss"), lw=1.0, label=label)
+        colour = line.get_color()
+        if c.epochs:
+            test_ax.plot(c.x(c.epochs, axis), c.y(c.epochs, test_key), "o-", ms=3.5, lw=1.2,
+                         color=colour, label=label)
+        lr_ax.plot(c.x(c.steps, axis), c.y(c.steps, "lr"), lw=1.2, color=colour, label=label)
+    xlabel = "training step" if axis == "step" else "epoch"
+    for ax, title, ylabel in (
+            (loss_ax, "Training loss", "loss = NLL + β·KL  [nats per image]"),
+            (test_ax, "Test NELBO", "−ELBO  [bits/dim]" if bits else "−ELBO  [nats per image]"),
+            (lr_ax, "Learning rate", "learning rate")):
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    _zoom_past_warmup(loss_ax, runs)
+    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    handles, labels = loss_ax.get_legend_handles_labels()
+    fig.legend(handles, labels, title="run", loc="outside right center", fontsize=8)
+    return fig
+
+
+def _zoom_past_warmup(ax, runs: dict[str, Curves]) -> None:
+    """The first steps' loss is an order of magnitude above the rest: cap the y range at the
+    highest loss after the first tenth of the run so the part worth comparing is readable."""
+    tops, bottoms = [], []
+    for c in runs.values():
+        y = c.y(c.steps, "loss")
+        y = y[np.isfinite(y)]
+        if len(y):
+            tops.append(y[len(y) // 10:].max())
+            bottoms.append(y.min())
+    if tops:
+        low, high = min(bottoms), max(tops)
+        pad = 0.05 * max(high - low, 1e-9)
+        ax.set_ylim(low - pad, high + pad)

@@ -1,0 +1,95 @@
+"""`avi export` (safetensors with the resolved spec in its metadata), reading it back, and the
+two-line Python API of the README (`from builders import load_run`)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from avi_spec import load_spec
+from builders.evaluate import RunError, load_trained
+from cli.main import app
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Two training steps of the quickstart spec, with EMA weights that differ from the trained."""
+    from builders.training import train
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    train(load_spec(ROOT / "specs" / "quickstart.yaml", ["train.batch_size=8", "train.ema={decay: 0.5}"]),
+          out, device="cpu", max_steps=2, progress_mode="quiet")
+    return out
+
+
+def test_export_round_trip(run, tmp_path):
+    from safetensors import safe_open
+
+    from builders.export import load_exported
+
+    r = runner.invoke(app, ["export", str(run), "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    path = Path(info["file"])
+    assert path == run / "quickstart.safetensors" and info["ema"] is True and info["step"] == 2
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    model, resolved, _ = load_trained(run, "cpu")               # EMA weights, as exported
+    assert json.loads(meta["avi.spec"]) == resolved.document
+    assert meta["avi.spec_hash"] == resolved.hash
+    loaded, again, _ = load_exported(path)
+    assert again.hash == resolved.hash
+    want, got = model.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    trained = tmp_path / "trained.safetensors"                  # --no-ema: the other weights
+    assert runner.invoke(app, ["export", str(run), "--no-ema", "--out", str(trained)]).exit_code == 0
+    plain = load_exported(trained)[0].state_dict()
+    assert any(not torch.equal(plain[k], got[k]) for k in got if got[k].is_floating_point())
+
+
+def test_export_bad_input_exits_2(run, tmp_path):
+    from safetensors.torch import save_file
+
+    from builders.export import load_exported
+
+    r = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "w.pt")])
+    assert r.exit_code == 2 and ".safetensors" in r.stderr
+    r = runner.invoke(app, ["export", str(tmp_path / "missing")])
+    assert r.exit_code == 2 and "no such run" in r.stderr
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    with pytest.raises(RunError, match="holds no avi spec"):
+        load_exported(foreign)
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    with pytest.raises(RunError, match="not a readable safetensors"):
+        load_exported(broken)
+
+
+def test_two_line_python_api(run):
+    """The README's two lines, on a run directory and on its export."""
+    from builders import load_run
+    images = load_run(run).sample(16)
+    assert images.shape == (16, 1, 28, 28) and images.dtype == torch.float32
+    assert 0.0 <= images.min() and images.max() <= 1.0 and images.std() > 0
+
+    runner.invoke(app, ["export", str(run)])
+    exported = load_run(run / "quickstart.safetensors", device="cpu")
+    state = torch.random.get_rng_state()
+    a, b = exported.sample(4, seed=1), load_run(run, device="cpu").sample(4, seed=1)
+    assert torch.equal(a, b)                                    # same weights, same draw
+    assert not torch.equal(a, exported.sample(4, seed=2))
+    assert torch.equal(torch.random.get_rng_state(), state)    # a seeded draw leaves torch's RNG alone
+    assert exported.spec.name == "quickstart" and exported.document["hierarchy"]["layers"] == 4
+    grid = run / "from_export.png"                               # the commands read it too
+    r = runner.invoke(app, ["sample", str(run / "quickstart.safetensors"), "--n", "4",
+                            "--device", "cpu", "--out", str(grid)])
+    assert r.exit_code == 0 and grid.is_file(), r.output
+    readme = (ROOT / "README.md").read_text()
+    assert "from builders import load_run" in readme and 'load_run("runs/quickstart").sample(16)' in readme
