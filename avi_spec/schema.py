@@ -65,12 +65,13 @@ class Flips(_Strict):
 class Data(_Strict):
     dataset: Literal["mnist5k", "mnist", "omniglot", "cifar10", "folder"] = Field(
         "mnist5k", description="Which data: mnist5k (5,000 digits shipped with avi), mnist (IDX files), omniglot (chardata.mat), cifar10 (python batches) or a folder of .npy/.png.")
-    root: Optional[str] = Field(None, description="Folder holding the dataset's standard files (relative to the working directory); not needed for mnist5k.")
+    root: Optional[str] = Field(None, description="Folder holding the dataset's standard files (relative to the working directory), or for omniglot the .mat file itself; not needed for mnist5k.")
     image: ImageShape = Field(default_factory=ImageShape, description="Shape of the raw images.")
     pad: int = Field(2, ge=0, le=64, description="Zero pixels added on every side before the encoder (28 -> 32 for the binary datasets).")
     binarize: Literal["dynamic", "none"] = Field(
         "dynamic", description="dynamic: resample every training pixel as Bernoulli(grey level) at every draw (test set: once, fixed seed); none: keep 8-bit values.")
     flips: Optional[Flips] = Field(None, description="Training-time flips (augmentation); null for none.")
+    transpose: bool = Field(False, description="Swap rows and columns of every image after loading. The authors' code reads OMNIGLOT's chardata.mat row-major, so their models saw every character transposed; avi import-davi sets this for their OMNIGLOT runs.")
     distribution: Distribution = Field(default_factory=Bernoulli, description="The data distribution p(x | z).")
 
     @field_validator("root")
@@ -171,7 +172,7 @@ class DepthwiseAttention(_KeysAndQueries):
     key_dim: int = Field(20, ge=1, le=4096, description="Channels of the keys the cells emit.")
     query_dim: int = Field(20, ge=1, le=4096, description="Channels of the queries; must equal key_dim (default: key_dim).")
     layer_norm: bool = Field(True, description="Normalise with x + GELU(LayerNorm(x)) (Eq. 5-6).")
-    learn_temperature: bool = Field(False, description="Learn the softmax temperature (the reference keeps it fixed at 1).")
+    learn_temperature: bool = Field(False, description="Learn the softmax temperature. The paper's models kept it at 1 (the Keras of their time did not track it); their code on TF >= 2.5 learns it, and avi import-davi sets this for such runs.")
     sources: Sources = Field("all", description="Which layers each layer may attend to: all (the paper), {last: k}, or {explicit: {layer: [layers]}}.")
 
 
@@ -224,7 +225,7 @@ class Train(_Strict):
     log_every: int = Field(50, ge=1, description="Write a metrics line every this many steps.")
     sample_every: int = Field(1, ge=1, description="Write a sample grid every this many epochs.")
     checkpoint_every: int = Field(500, ge=1, description="Write checkpoints/last.pt every this many steps (and at every epoch end).")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on the CPU.")
+    precision: Literal["auto", "fp32", "bf16"] = Field("fp32", description="fp32: full precision, as the paper trained (the default); bf16: bf16 autocast, faster on GPUs, opt-in; auto: bf16 on CUDA, fp32 on the CPU.")
     compile: bool = Field(False, description="Wrap the model in torch.compile.")
 
 

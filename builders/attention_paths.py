@@ -15,7 +15,8 @@ from .depthwise_attention import ChannelLayerNorm, ResidualGeluNorm, depthwise_a
 
 
 def _add_temperature(module: nn.Module, learn: bool) -> None:
-    # The reference keeps t outside Keras' tracking, so it stays 1 and is not counted.
+    # The reference's scale lives in a tf.Module, which Keras before TF 2.5 did not track:
+    # the paper's models kept it at 1 and their counts leave it out (docs/reference.md).
     if learn:
         module.temperature = nn.Parameter(torch.ones(()))
     else:

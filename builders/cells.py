@@ -71,9 +71,11 @@ class ResidualBlock(nn.Module):
         elif scale == -2:
             self.shortcut = FactorizedReduce(c, c_out)
         else:
+            # The reference's shortcut layer has use_bias off, for its conv and for the
+            # q/k/v convs of its non-local block alike.
             self.shortcut = nn.Sequential(
                 _Upsample("bilinear"),
-                *([NonLocal(c, nonlocal_key)] if nonlocal_key else []),
+                *([NonLocal(c, nonlocal_key, bias=False)] if nonlocal_key else []),
                 WNConv2d(c, c_out, 1, bias=False))
         self.upsample = _Upsample("nearest") if scale == 2 else nn.Identity()
 

@@ -65,6 +65,8 @@ def load_spec_images(data, split: str = "train") -> np.ndarray:
         raise DatasetError(f"the {split} images of {data.dataset} are {c} x {h}x{w} (channels x "
                            f"height x width), but the spec says data.image: {{channels: {want[0]}, "
                            f"size: {want[1]}}}; set data.image to the images' shape")
+    if data.transpose:
+        images = np.ascontiguousarray(images.swapaxes(-1, -2))
     return images
 
 
@@ -149,7 +151,8 @@ def parse_idx_images(raw: bytes, path: Path | str = "<bytes>") -> np.ndarray:
 # --------------------------------------------------------------------------------- omniglot
 
 def _load_omniglot(root: Path, split: str) -> np.ndarray:
-    path = root / "chardata.mat"
+    # data.root may name the .mat file itself (the authors' run.py takes --dataset_path=FILE).
+    path = root if root.suffix == ".mat" else root / "chardata.mat"
     if not path.is_file():
         raise DatasetError(f"OMNIGLOT file not found in {root}: expected chardata.mat. "
                            f"Download it from {OMNIGLOT_URL} and pass data.root=...")

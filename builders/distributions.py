@@ -50,8 +50,13 @@ class Gaussian:
         """N(0, I) (the layer-0 prior; no sigma floor)."""
         return cls(torch.zeros_like(like), torch.ones_like(like))
 
-    def sample(self, temperature: float = 1.0) -> torch.Tensor:
-        return self.mean + temperature * self.sigma * torch.randn_like(self.mean)
+    def sample(self, temperature: float = 1.0, eps: torch.Tensor | None = None) -> torch.Tensor:
+        """mean + temperature * sigma * eps; eps ~ N(0, I) unless given (same shape)."""
+        if eps is None:
+            eps = torch.randn_like(self.mean)
+        elif eps.shape != self.mean.shape:
+            raise ValueError(f"noise of shape {list(eps.shape)} for a latent of shape {list(self.mean.shape)}")
+        return self.mean + temperature * self.sigma * eps.to(self.mean.dtype)
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         return -0.5 * ((z - self.mean) / self.sigma) ** 2 - self.sigma.log() - _HALF_LOG_2PI

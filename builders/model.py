@@ -13,6 +13,7 @@ model takes images already mapped to [-1, 1] ([B, C, S_in, S_in]; binary data as
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +52,11 @@ class ModelOutput:
     log_pz: torch.Tensor | None = None    # [B] sum_l log p(z_l | z_<l) (importance weights)
     log_qz: torch.Tensor | None = None    # [B] sum_l log q(z_l | x, z_<l)
     attention: dict = field(default_factory=dict)  # {"generative"|"inference": {l: [B,n,H,W]}}
+    # With record_latents=True: per layer {q_loc, q_scale, p_loc, p_scale, z} ([B,Z,S,S];
+    # p_* are None for layer 0, whose prior is N(0, I)) and the data distribution's raw
+    # parameters (the head output: Bernoulli logits or the mixture's channels).
+    latents: list[dict] | None = None
+    params: torch.Tensor | None = None
 
     @property
     def nelbo(self) -> torch.Tensor:
@@ -110,6 +116,11 @@ class DeepAttentiveVAE(nn.Module):
       sample(n, temperature) -> images in [0, 1]           from the prior
       reconstruct(x) -> images in [0, 1]                   through the posterior
       forward(x, record_attention=True).attention          depth-wise attention scores
+      forward(x, posterior_noise=[eps_0, ..., eps_{L-1}])  z_l = mu_l + sigma_l * eps_l with
+                                                           the given noise ([B, Z, S, S] each)
+                                                           instead of fresh N(0, I) draws
+      forward(x, record_latents=True).latents / .params    per-layer posterior and prior
+                                                           means, scales and z; head output
     """
 
     def __init__(self, spec: Spec, derived: Derived, sources: dict[str, dict[int, list[int]]]):
@@ -124,7 +135,12 @@ class DeepAttentiveVAE(nn.Module):
             CellGroup(d.bottom_up_width, cells.encoder.scales, _key(cells.encoder),
                       num_nodes=cells.encoder.nodes) for _ in range(L))
         # Layer 0's context is learned: [ctx (C_D + q_E) | kD (k_D)], broadcast over the batch.
-        self.constant = nn.Parameter(torch.rand(1, d.stored_width(0), d.feature_size, d.feature_size))
+        # Initialised as the reference does (Keras variance scaling, scale 0.33, fan-in,
+        # uniform; the fan-in of their [1, S, S, C] variable is S * S): about +-0.06 at 16x16.
+        self.constant = nn.Parameter(torch.empty(1, d.stored_width(0), d.feature_size, d.feature_size))
+        if not self.constant.is_meta:
+            bound = math.sqrt(0.99 / d.feature_size ** 2)
+            nn.init.uniform_(self.constant, -bound, bound)
         gen_src, inf_src = sources.get("generative", {}), sources.get("inference", {})
         self.layers = nn.ModuleList(
             VariationalLayer(spec, d, l, gen_src.get(l, []), inf_src.get(l, [])) for l in range(L))
@@ -165,13 +181,18 @@ class DeepAttentiveVAE(nn.Module):
         return mu, s
 
     def top_down(self, e: list[torch.Tensor] | None, n: int, temperature: float = 1.0,
-                 record_attention: bool = False) -> tuple[torch.Tensor, dict]:
+                 record_attention: bool = False, noise: list[torch.Tensor] | None = None,
+                 record_latents: bool = False) -> tuple[torch.Tensor, dict]:
         """Run the L layers. With bottom-up maps `e` (batch n) z comes from the posterior and
-        the KL / log-densities are returned; without, z comes from the prior."""
+        the KL / log-densities are returned; without, z comes from the prior. `noise` (one
+        [n, Z, S, S] tensor per layer) replaces the N(0, I) draws of the samples."""
+        if noise is not None and len(noise) != self.derived.layers:
+            raise ValueError(f"posterior_noise needs one tensor per layer ({self.derived.layers}), "
+                             f"got {len(noise)}")
         d, L = self.derived, self.derived.layers
         contexts: list[torch.Tensor] = []       # stored c_0 .. c_{l-1}: [values | key]
         z = None
-        kls, log_pz, log_qz = [], 0.0, 0.0
+        kls, log_pz, log_qz, latents = [], 0.0, 0.0, []
         scores: dict = {"generative": {}, "inference": {}}
         for l, layer in enumerate(self.layers):
             if l == 0:
@@ -205,8 +226,9 @@ class DeepAttentiveVAE(nn.Module):
                 mu_p, s_p = self._prior(layer, condition)
                 prior = Gaussian.from_raw(mu_p, s_p, self.prior_bounds)
 
+            eps = noise[l] if noise is not None else None
             if e is None:
-                z = prior.sample(temperature)
+                z = prior.sample(temperature, eps)
                 continue
 
             # Posterior (Eq. 10-11). The inference query is the first q_E channels of this
@@ -233,7 +255,11 @@ class DeepAttentiveVAE(nn.Module):
             if l >= 1 and self.residual:
                 dmu, ds = mu_p + dmu, s_p + ds
             q = Gaussian.from_raw(dmu, ds, self.post_bounds)
-            z = q.sample(temperature)
+            z = q.sample(temperature, eps)
+            if record_latents:
+                latents.append({"q_loc": q.mean, "q_scale": q.sigma, "z": z,
+                                "p_loc": prior.mean if l else None,
+                                "p_scale": prior.sigma if l else None})
             kls.append(q.kl(prior).flatten(1).sum(1))
             log_pz = log_pz + prior.log_prob(z).flatten(1).sum(1)
             log_qz = log_qz + q.log_prob(z).flatten(1).sum(1)
@@ -242,7 +268,7 @@ class DeepAttentiveVAE(nn.Module):
         h = self.postprocess(self.final_merge(values_last, z))
         stats = {"attention": scores}
         if e is not None:
-            stats.update(kl=torch.stack(kls, 1), log_pz=log_pz, log_qz=log_qz)
+            stats.update(kl=torch.stack(kls, 1), log_pz=log_pz, log_qz=log_qz, latents=latents)
         return _fp32(self.head, h), stats
 
     # ------------------------------------------------------------------ API
@@ -251,12 +277,19 @@ class DeepAttentiveVAE(nn.Module):
         """What the likelihood scores: binary data {0,1} (from 2b - 1), 8-bit data as is."""
         return (x + 1) / 2 if isinstance(self.head, BernoulliHead) else x
 
-    def forward(self, x: torch.Tensor, record_attention: bool = False) -> ModelOutput:
+    def forward(self, x: torch.Tensor, record_attention: bool = False,
+                posterior_noise: list[torch.Tensor] | None = None,
+                record_latents: bool = False) -> ModelOutput:
+        """One posterior sample per image. `posterior_noise`: the eps of z_l = mu + sigma * eps
+        for every layer (list of L tensors [B, Z, S, S]), to reproduce a given draw exactly."""
         params, stats = self.top_down(self.bottom_up(x), x.shape[0],
-                                      record_attention=record_attention)
+                                      record_attention=record_attention, noise=posterior_noise,
+                                      record_latents=record_latents)
         nll = -self.head.log_prob(params.float(), self.target(x))
         return ModelOutput(nll=nll, kl=stats["kl"], log_pz=stats["log_pz"],
-                           log_qz=stats["log_qz"], attention=stats["attention"])
+                           log_qz=stats["log_qz"], attention=stats["attention"],
+                           latents=stats["latents"] if record_latents else None,
+                           params=params if record_latents else None)
 
     def log_weights(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """[B, k] importance log-weights log p(x|z) + log p(z) - log q(z|x), z ~ q(z|x).

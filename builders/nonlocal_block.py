@@ -12,14 +12,16 @@ class NonLocal(nn.Module):
     """out = x + gamma * softmax_j(t <Q_i, K_j>) V_j over all H*W positions.
 
     The scaling is the learnable temperature t alone (no 1/sqrt(d)); gamma starts at 0 so a
-    freshly built block is the identity.
+    freshly built block is the identity. `bias=False` drops the biases of Q, K and V: the
+    reference builds the block with its host layer's use_bias, which is off in the
+    up-sampling shortcut (layers/resnet.py: the shortcut's hparams set use_bias=False).
     """
 
-    def __init__(self, channels: int, key_dim: int):
+    def __init__(self, channels: int, key_dim: int, bias: bool = True):
         super().__init__()
-        self.query = WNConv2d(channels, key_dim, 1)
-        self.key = WNConv2d(channels, key_dim, 1)
-        self.value = WNConv2d(channels, channels, 1)
+        self.query = WNConv2d(channels, key_dim, 1, bias=bias)
+        self.key = WNConv2d(channels, key_dim, 1, bias=bias)
+        self.value = WNConv2d(channels, channels, 1, bias=bias)
         self.temperature = nn.Parameter(torch.ones(()))
         self.gamma = nn.Parameter(torch.zeros(()))
 

@@ -23,7 +23,8 @@ from avi_spec import SpecError
 
 from .common import JsonOption, SetOption, UserError, err, fail, load, out, print_problems
 
-COMMAND_MODULES = ["cli.build", "cli.train", "cli.eval", "cli.sample", "cli.plot", "cli.export"]
+COMMAND_MODULES = ["cli.build", "cli.train", "cli.eval", "cli.sample", "cli.plot", "cli.export",
+                   "cli.import_davi"]
 
 BUG_HINT = "this is a bug in avi; please report it with the command and spec"
 

@@ -287,3 +287,21 @@ def test_epoch_batches():
         EpochBatches(images, 10, 0, 0, world_size=3)
     t = EpochBatches(torch.arange(103) * 2, 10, seed=5, epoch=0)
     assert [b.tolist() for b in t][0] == [2 * i for i in e0[0]]
+
+
+def test_transpose_swaps_rows_and_columns(tmp_path):
+    """data.transpose: the orientation the authors' OMNIGLOT reader gives their models."""
+    from types import SimpleNamespace
+    from builders.datasets import load_spec_images
+    import numpy as np
+    import scipy.io
+    data = np.random.RandomState(0).rand(784, 3).astype(np.float32)
+    scipy.io.savemat(tmp_path / "chardata.mat", {"data": data, "testdata": data})
+    spec = SimpleNamespace(dataset="omniglot", root=str(tmp_path), transpose=False,
+                           image=SimpleNamespace(channels=1, size=28))
+    upright = load_spec_images(spec, "test")
+    spec.transpose = True
+    theirs = load_spec_images(spec, "test")
+    np.testing.assert_array_equal(theirs, upright.swapaxes(-1, -2))
+    # Their reader: each column reshaped row-major.
+    np.testing.assert_array_equal(theirs[:, 0], data.T.reshape(-1, 28, 28))

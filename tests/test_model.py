@@ -126,7 +126,7 @@ class FixedLatents:
         self.zs, self.calls = zs, 0
         fixed = self
 
-        def sample(self_, temperature=1.0):
+        def sample(self_, temperature=1.0, eps=None):
             z = fixed.zs[fixed.calls % len(fixed.zs)]
             fixed.calls += 1
             assert z.shape == self_.mean.shape
@@ -194,7 +194,12 @@ TABLE5_SWAP = {3: 5, 4: 6, 5: 3, 6: 4, 11: 13, 12: 14, 13: 11, 14: 12}
 # Our exact independent counts (section 10 "ours, switches as labelled"; section 11).
 EXACT = {
     "cifar10_l16.yaml": 118_966_391, "cifar10_l16_nvae.yaml": 79_206_420,
-    "omniglot_l15.yaml": 7_873_683, "mnist_l15.yaml": 25_013_503,
+    # OMNIGLOT: 88 below ARCHITECTURE.md's 7,873,683: the non-local block of the up-sampling
+    # shortcut has no q/k/v biases (8 + 8 + 72), as in the authors' code (issue 9; their
+    # shortcut layer sets use_bias=False and the block inherits it). Still within 1e-3 of
+    # the published 7.87 M. The authors' code run on TF >= 2.5 counts 29 more: the
+    # depth-wise attention-score scales, which older Keras did not track (learn_temperature).
+    "omniglot_l15.yaml": 7_873_595, "mnist_l15.yaml": 25_013_267,   # MNIST: two such shortcuts
     "case01": 39_473_940, "case02": 44_585_108, "case03": 46_300_496, "case04": 52_151_184,
     "case05": 44_718_579, "case06": 50_470_867, "case07": 51_925_575, "case08": 58_458_983,
     "case09": 79_206_420, "case10": 89_601_556, "case11": 92_982_680, "case12": 104_882_776,
@@ -256,7 +261,7 @@ GROUPS_SECTION_11 = {
     "generative attention": (24_855, 0, 6_062),
     "inference attention": (16_400, 0, 15),
     "final merge": (82_248, 71_168, 13_282),
-    "postprocess": (897_690, 772_480, 108_130),
+    "postprocess": (897_690, 772_480, 108_042),     # OMNIGLOT: see EXACT (shortcut biases)
     "data head": (62_200, 57_700, 326),
 }
 

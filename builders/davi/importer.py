@@ -1,0 +1,37 @@
+"""A run of the authors' code -> an avi model: spec from their flags, weights converted."""
+from __future__ import annotations
+
+from typing import Mapping as TMapping
+
+import numpy as np
+
+from avi_spec.loader import ResolvedSpec, load_document
+
+from ..build import build_model
+from ..model import DeepAttentiveVAE
+from .flags import Mapping, to_spec
+from .weights import convert, learned_scales
+
+
+def spec_mapping(flags: dict[str, str], name: str,
+                 tensors: TMapping[str, np.ndarray] | None = None) -> Mapping:
+    """The spec document of their flags. With their weights: attention temperatures are
+    learned when their attention-score scales were trained away from 1 (their TF tracked
+    and trained them; older TF versions left them at 1, where a fixed temperature is equal)."""
+    m = to_spec(flags, name)
+    if tensors is not None and learned_scales(tensors):
+        for part in ("generative", "inference"):
+            if m.document.get("attention", {}).get(part):
+                m.put(f"attention.{part}.learn_temperature", True, "(their weights)",
+                      "attention-score scales != 1")
+    return m
+
+
+def build_imported(flags: dict[str, str], name: str, tensors: TMapping[str, np.ndarray]
+                   ) -> tuple[DeepAttentiveVAE, ResolvedSpec, Mapping]:
+    """The avi model of their run, holding their weights (ConversionError if they do not fit)."""
+    mapping = spec_mapping(flags, name, tensors)
+    resolved = load_document(mapping.document, source=f"{name} (imported flags)")
+    model = build_model(resolved.spec)
+    model.load_state_dict(convert(tensors, model))
+    return model, resolved, mapping
