@@ -277,6 +277,9 @@ def render(result: dict, console: Any = None, extra_rows: dict[str, list] | None
         table.add_row(Text("parameters"), *[Text(_params_text(v)) for v in _per_spec(params, len(names))])
     for metric, cells in _result_columns(runs, len(names)).items():
         table.add_row(Text(METRIC_LABEL[metric]), *cells)
+    evaluated = _evaluated(runs, len(names))
+    if evaluated:
+        table.add_row(Text("evaluated"), *[Text(v, style="dim") for v in evaluated])
     for label, values in extra.items():
         vals = list(values) + [None] * (len(names) - len(values))
         table.add_row(Text(label), *[Text(_cell(v)) for v in vals[:len(names)]])
@@ -308,6 +311,12 @@ def _result_columns(runs: list, n: int) -> dict[str, list]:
     return out
 
 
+def _evaluated(runs: list, n: int) -> list[str]:
+    """What each run's result was computed on ("test, K=500, 10000 images"), [] if unknown."""
+    cells = [r.get("evaluated") if isinstance(r, dict) else None for r in _per_spec(runs, n)]
+    return [c or "-" for c in cells] if any(cells) else []
+
+
 def render_switches(result: dict, console: Any = None) -> None:
     """Print the Table-5 view: one row per spec; columns: the switches that differ (short
     names), attention edges (generative / inference) when they differ, parameters, results."""
@@ -337,6 +346,9 @@ def render_switches(result: dict, console: Any = None) -> None:
     if show_params:
         columns.append(("parameters", [Text(_params_text(p)) for p in params], "right"))
     columns += [(METRIC_LABEL[m], cells, "right") for m, cells in res_cols.items()]
+    evaluated = _evaluated(result.get("results") or [], n)
+    if evaluated:
+        columns.append(("evaluated", [Text(v, style="dim") for v in evaluated], "left"))
     columns += [(label, [Text(_cell(v)) for v in _per_spec(vals, n)], "right") for label, vals in extra.items()]
     for header, cells, justify in columns:
         words = [len(w) for w in header.split()]

@@ -8,6 +8,7 @@ before replacing ``last.pt`` the previous one is kept as ``last.prev.pt``.
 """
 from __future__ import annotations
 
+import io
 import os
 import random
 import shutil
@@ -17,6 +18,8 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from .faults import fault_point
 
 FORMAT = "avi-checkpoint"
 FORMAT_VERSION = 1
@@ -45,33 +48,72 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def temporary_name(path: Path, kind: str = "tmp") -> Path:
+    """The temporary file a write of ``path`` goes through: .<name>.<kind>.<pid>, hidden and
+    unique per process (remove_stale_temporaries finds them by TEMP_GLOBS)."""
+    return path.with_name(f".{path.name}.{kind}.{os.getpid()}")
+
+
+TEMP_GLOBS = (".*.tmp.*", "*.tmp")      # ours, and builders.images' <name>.png.tmp
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files killed writers left in ``folder``. Only call this while
+    holding the run directory's lock: then no live writer owns any of them."""
+    removed = []
+    found = {p for pattern in TEMP_GLOBS for p in folder.glob(pattern)} if folder.is_dir() else set()
+    for tmp in sorted(found):
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 def save_checkpoint(path: str | Path, payload: dict, keep_previous: bool = True) -> Path:
     """Write ``payload`` to ``path`` atomically. With ``keep_previous`` an existing file at
     ``path`` is first preserved as ``<stem>.prev<suffix>`` (``path`` itself never disappears)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **payload}
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp = temporary_name(path)
     try:
+        fault_point(f"write {tmp.name}")
+        buffer = io.BytesIO()          # serialised first: a failed write is a plain OSError
+        torch.save(payload, buffer)    # (ENOSPC, EROFS ...), not torch's RuntimeError
         with open(tmp, "wb") as f:
-            torch.save(payload, f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         if keep_previous and path.exists() and _looks_complete(path):
-            prev, prev_tmp = previous_path(path), path.with_name(f".{path.name}.prev.tmp.{os.getpid()}")
-            try:
-                if prev_tmp.exists():
-                    prev_tmp.unlink()
-                os.link(path, prev_tmp)          # a second name for the current file: no copy
-            except OSError:
-                shutil.copy2(path, prev_tmp)
-            os.replace(prev_tmp, prev)
+            _keep_previous(path)
+        fault_point(f"rename {tmp.name} -> {path.name}")
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as e:
+        e.filename = e.filename or str(path)       # name the file the message is about
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _keep_previous(path: Path) -> None:
+    """last.pt -> last.prev.pt without a moment where either name is missing or partial."""
+    prev, prev_tmp = previous_path(path), temporary_name(path, "prev.tmp")
+    if prev.exists() and os.path.samefile(prev, path):
+        return        # a killed writer linked it already (rename() would leave prev_tmp behind)
+    if prev_tmp.exists():
+        prev_tmp.unlink()
+    fault_point(f"link {path.name} -> {prev_tmp.name}")
+    try:
+        os.link(path, prev_tmp)          # a second name for the current file: no copy
+    except OSError:
+        shutil.copy2(path, prev_tmp)
+    fault_point(f"rename {prev_tmp.name} -> {prev.name}")
+    os.replace(prev_tmp, prev)
 
 
 def _looks_complete(path: Path) -> bool:
@@ -98,16 +140,27 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:                       # truncated zip, bad pickle, unsafe content ...
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        unpickler = [ln for ln in lines if ln.startswith("WeightsUnpickler error:")]
-        reason = (unpickler or lines or [type(e).__name__])[0]
-        raise CheckpointError(f"{_display(path)} is corrupt ({reason[:200]})") from None
+        raise CheckpointError(_load_failure(path, e)) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{_display(path)} is not an avi checkpoint")
     if payload.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{_display(path)} was written by a newer avi (format "
                               f"{payload['format_version']}); upgrade avi")
     return payload
+
+
+def _load_failure(path: Path, e: Exception) -> str:
+    """Why torch.load refused a file: code it would have run, or damage."""
+    text = str(e)
+    if "GLOBAL" in text or "Unsupported global" in text:      # the unpickler met a class/function
+        what = [ln.strip() for ln in text.splitlines()
+                if "GLOBAL" in ln or "Unsupported global" in ln or "WeightsUnpickler error" in ln]
+        detail = f" ({what[0][:160]})" if what else ""
+        return (f"refused to load {_display(path)}: it holds Python objects whose loading could run "
+                f"code{detail}. avi checkpoints hold tensors and plain values only; do not load this "
+                f"file unless you know where it came from")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return f"{_display(path)} is corrupt ({(lines or [type(e).__name__])[0][:200]})"
 
 
 def load_with_fallback(path: str | Path, warn: Callable[[str], None] | None = None) -> tuple[dict, Path]:

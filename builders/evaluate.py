@@ -22,6 +22,7 @@ call these functions.
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -297,17 +298,23 @@ def find_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
     """(checkpoint file, run directory or None). A run directory resolves to
     checkpoints/best.pt when present (the best test ELBO seen in training), else
     checkpoints/last.pt; a file is taken as the checkpoint itself."""
+    candidates, run = _checkpoint_candidates(path)
+    return candidates[0], run
+
+
+def _checkpoint_candidates(path: str | Path) -> tuple[list[Path], Path | None]:
+    """The checkpoints to try in turn (best.pt, last.pt, last.prev.pt of a run) and the run."""
     p = Path(path).expanduser()
     if p.is_dir():
-        for name in CHECKPOINT_NAMES:
-            for candidate in (p / "checkpoints" / name, p / name):
-                if candidate.is_file():
-                    return candidate, p
+        found = [c for name in CHECKPOINT_NAMES + ("last.prev.pt",)
+                 for c in (p / "checkpoints" / name, p / name) if c.is_file()]
+        if found:
+            return found, p
         raise RunError(f"{p} holds no checkpoint: expected {p / 'checkpoints' / 'best.pt'} or "
                        f"{p / 'checkpoints' / 'last.pt'} (is it a run directory of `avi train`?)")
     if p.is_file():
         run = p.parent.parent if p.parent.name == "checkpoints" else None
-        return p, run if run is not None and (run / "spec.yaml").is_file() else None
+        return [p], run if run is not None and (run / "spec.yaml").is_file() else None
     raise RunError(f"no such run directory or checkpoint: {p}")
 
 
@@ -320,15 +327,42 @@ def _read_checkpoint(path: Path) -> dict:
         raise RunError(str(e)) from None
 
 
-def load_trained(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True):
+def _read_first_good(candidates: list[Path], warn: Callable[[str], None] | None) -> tuple[Path, dict]:
+    """The first readable checkpoint; an unreadable best.pt falls back to last.pt (warned)."""
+    for i, ckpt in enumerate(candidates):
+        try:
+            return ckpt, _read_checkpoint(ckpt)
+        except RunError as e:
+            if i + 1 == len(candidates):
+                raise
+            if warn is not None:
+                warn(f"{e}; using {candidates[i + 1]} instead")
+    raise AssertionError("no candidates")          # _checkpoint_candidates never returns none
+
+
+def _data_root_overrides(ck: dict, doc: dict, overrides: list[str]) -> list[str]:
+    """A relative data.root is relative to where training ran; from elsewhere, use the
+    absolute path the checkpoint recorded (unless the user set data.root)."""
+    root = (doc.get("data") or {}).get("root") if isinstance(doc, dict) else None
+    saved = ck.get("data_root")
+    if (not isinstance(root, str) or Path(root).expanduser().is_absolute() or Path(root).exists()
+            or not isinstance(saved, str) or any(o.split("=")[0].strip() == "data.root" for o in overrides)):
+        return []
+    return [f"data.root={json.dumps(saved)}"]
+
+
+def load_trained(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True,
+                 overrides: Iterable[str] = (), warn: Callable[[str], None] | None = None):
     """Load a trained model for evaluation -> (model in eval mode, ResolvedSpec, run dir|None).
 
-    ``path`` is a run directory (checkpoints/best.pt if present, else checkpoints/last.pt;
-    see find_checkpoint) or a .pt checkpoint of `avi train` (builders.training's payload:
-    "spec", "model", "ema", "state"), or a .safetensors file of `avi export`. The spec is
-    the resolved document saved in the checkpoint (else the run directory's spec.yaml). With
+    ``path`` is a run directory (checkpoints/best.pt if present and readable, else
+    checkpoints/last.pt, else last.prev.pt; ``warn`` hears of a fallback), a .pt checkpoint
+    of `avi train` (builders.training's payload: "spec", "model", "ema", "state"), or a
+    .safetensors file of `avi export`. The spec is the resolved document saved in the
+    checkpoint (else the run directory's spec.yaml), with ``overrides`` (--set) applied. With
     ``use_ema`` and EMA weights in the checkpoint, those replace the trained weights. Raises
-    RunError on bad input and builders.devices.DeviceError for an unavailable device.
+    RunError on bad input (non-finite weights included) and builders.devices.DeviceError for
+    an unavailable device.
     """
     from avi_spec import SpecError, load_document, load_spec
 
@@ -339,14 +373,16 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", use_ema: 
         from .export import load_exported
         return load_exported(path, device)
     dev = resolve_device(device)
-    ckpt, run = find_checkpoint(path)
-    ck = _read_checkpoint(ckpt)
+    candidates, run = _checkpoint_candidates(path)
+    ckpt, ck = _read_first_good(candidates, warn)
     doc = ck.get("spec")
+    overrides = list(overrides)
     try:
         if isinstance(doc, dict):
-            resolved = load_document(doc, source=str(ckpt))
+            resolved = load_document(doc, overrides + _data_root_overrides(ck, doc, overrides),
+                                     source=str(ckpt))
         elif run is not None and (run / "spec.yaml").is_file():
-            resolved = load_spec(run / "spec.yaml")
+            resolved = load_spec(run / "spec.yaml", overrides)
         else:
             raise RunError(f"{ckpt} holds no spec (and there is no spec.yaml beside it)")
     except SpecError as e:
@@ -366,6 +402,10 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", use_ema: 
             model.load_state_dict(ema, strict=False)
     except RuntimeError as e:
         raise RunError(f"{ckpt}: the weights do not fit the model of its spec: {e}") from None
+    bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise RunError(f"{ckpt} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]}): the run "
+                       f"diverged; use an earlier checkpoint (e.g. {ckpt.parent / 'last.prev.pt'})")
     place(model, dev).eval()
     state_info = ck.get("state") if isinstance(ck.get("state"), dict) else {}
     model.avi_checkpoint = {"path": str(ckpt), "ema": bool(use_ema and ema is not None),

@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import JsonOption, UserError, err, out
+from .common import JsonOption, SetOption, UserError, err, out
 
 
 class Device(str, Enum):
@@ -39,12 +39,14 @@ LimitOption = Annotated[Optional[int], typer.Option("--limit", min=1, metavar="N
 
 # ------------------------------------------------------------------ shared helpers
 
-def load_model(path: str, device: Device | str = "auto", use_ema: bool = True):
-    """builders.evaluate.load_trained, with the user's mistakes turned into UserError."""
+def load_model(path: str, device: Device | str = "auto", use_ema: bool = True, overrides=None):
+    """builders.evaluate.load_trained (``overrides``: --set on the run's spec), with the user's
+    mistakes turned into UserError."""
     from builders.devices import DeviceError
     from builders.evaluate import RunError, load_trained
     try:
-        return load_trained(path, device.value if isinstance(device, Device) else device, use_ema)
+        return load_trained(path, device.value if isinstance(device, Device) else device, use_ema,
+                            overrides or (), warn=lambda text: err.print(f"warning: {text}", markup=False))
     except (DeviceError, RunError) as e:
         raise UserError(str(e)) from None
 
@@ -88,10 +90,15 @@ def print_json(document) -> None:
 
 
 class _Progress:
-    """A rich progress bar with images/s on stderr, only when stderr is a terminal."""
+    """Progress on stderr: a rich bar with images/s on a terminal, else a line at least every
+    LINE_SECONDS (a long evaluation shows it is alive in a log file too)."""
+
+    LINE_SECONDS = 30.0
 
     def __init__(self, total: int, description: str):
-        self.bar = None
+        import time
+        self.bar, self.total, self.done, self.description = None, total, 0, description
+        self.t0 = self.last_line = time.monotonic()
         if err.is_terminal:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                        TimeRemainingColumn)
@@ -110,10 +117,48 @@ class _Progress:
             self.bar.__exit__(*exc)
 
     def __call__(self, n: int) -> None:
+        import time
+        self.done += n
         if self.bar is not None:
             self.bar.advance(self.task, n)
             speed = self.bar.tasks[0].speed
             self.bar.update(self.task, rate=f"{speed:.1f} images/s" if speed else "")
+            return
+        now = time.monotonic()
+        if now - self.last_line >= self.LINE_SECONDS:
+            self.last_line = now
+            sys.stderr.write(f"{self.description}: {self.done}/{self.total} images, "
+                             f"{self.done / (now - self.t0):.1f} images/s\n")
+            sys.stderr.flush()
+
+
+MAX_EVAL_SECONDS = 7 * 24 * 3600      # refuse an evaluation estimated to take longer
+
+
+def _check_feasible(model, x, k: int, b: int, seed: int) -> None:
+    """Time one batch at K = 1 and project K x N image-samples from it: refuse what would
+    run for more than a week (e.g. -k 1e20), and say how long a long one will take."""
+    import time
+
+    from builders.evaluate import batched, importance_sampled_nll
+    first = x[:b]
+    t0 = time.perf_counter()
+    importance_sampled_nll(model, batched(first, b), 1, chunk=1, seed=seed)
+    per_sample = (time.perf_counter() - t0) / len(first)
+    estimate = per_sample * k * x.shape[0]
+    if estimate > MAX_EVAL_SECONDS:
+        raise UserError(f"-k {k} over {x.shape[0]} images would take about {_duration(estimate)} "
+                        f"here ({per_sample * 1e3:.2f} ms per image and sample); use a smaller -k "
+                        f"or --limit")
+    if estimate > 60:
+        err.print(f"estimated time: {_duration(estimate)}", markup=False)
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("years", 365 * 86400), ("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.3g} {unit}"
+    return f"{seconds:.0f} seconds"
 
 
 # ------------------------------------------------------------------ command
@@ -133,12 +178,15 @@ def eval_command(
     seed: SeedOption = 0,
     limit: LimitOption = None,
     no_ema: NoEmaOption = False,
+    overrides: SetOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Marginal log-likelihood of a trained model by importance sampling, and its ELBO.
 
     Prints -log p(x) in nats (mean over the images, +- standard error), bits/dim for 8-bit
-    data, and the negative ELBO; writes RUN/eval.json when given a run directory.
+    data, and the negative ELBO. Given a run directory, adds the result to RUN/eval.json,
+    where every evaluation is kept by split, K and number of images (`avi diff` shows the
+    full test split at the largest K). --set changes the run's spec (e.g. data.root=...).
 
     Example:
 
@@ -148,41 +196,50 @@ def eval_command(
 
     from builders.evaluate import batched, importance_sampled_nll
 
-    model, resolved, run_dir = load_model(run, device, not no_ema)
+    model, resolved, run_dir = load_model(run, device, not no_ema, overrides)
     spec = resolved.spec
     k = importance_samples or spec.eval.importance_samples
     b = batch_size or spec.eval.batch_size
-    x = images(resolved, split.value, limit)
-    n = x.shape[0]
-    with _Progress(n, f"eval K={k}") as progress:
+    x = images(resolved, split.value)
+    total = x.shape[0]
+    x = x[:limit] if limit is not None else x
+    _check_feasible(model, x, k, b, seed)
+    with _Progress(x.shape[0], f"eval K={k}") as progress:
         result = importance_sampled_nll(model, batched(x, b), k, chunk=chunk, progress=progress,
                                         seed=seed)
-    dev = next(model.parameters()).device
-    info = model.avi_checkpoint
-    document = {
-        **result,
-        "split": split.value,
-        "batch_size": b,
-        "seed": seed,
-        "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""),
-        "checkpoint": info["path"],
-        "ema": info["ema"],
-        "step": info.get("step"),
-        "epoch": info.get("epoch"),
-        "name": spec.name,
-        "spec_hash": resolved.hash,
-        "dataset": spec.data.dataset,
-    }
-    if run_dir is not None and Path(run).expanduser().is_dir():
-        path = run_dir / "eval.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(jsonable(document), indent=2, allow_nan=False) + "\n")
-        tmp.replace(path)
-        document["written"] = str(path)
+    document = {**result, **_provenance(model, resolved, split.value, b, seed),
+                "limit": limit, "full_split": x.shape[0] == total}
     if as_json:
         print_json(document)
+    else:
+        _print_table(document)
+    if run_dir is not None and Path(run).expanduser().is_dir():
+        _record(run_dir / "eval.json", document, quiet=as_json)
+
+
+def _provenance(model, resolved, split: str, batch_size: int, seed: int) -> dict:
+    """What was evaluated, where and how (the fields around the numbers in eval.json)."""
+    import torch
+    dev = next(model.parameters()).device
+    info, spec = model.avi_checkpoint, resolved.spec
+    return {"split": split, "batch_size": batch_size, "seed": seed,
+            "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""),
+            "checkpoint": info["path"], "ema": info["ema"], "step": info.get("step"),
+            "epoch": info.get("epoch"), "name": spec.name, "spec_hash": resolved.hash,
+            "dataset": spec.data.dataset}
+
+
+def _record(path: Path, document: dict, quiet: bool) -> None:
+    """Keep the result in eval.json; the result is printed already, so a failed write is a
+    warning (e.g. a read-only run directory), not an error."""
+    from builders.eval_results import record_result
+    try:
+        record_result(path, jsonable(document))
+    except OSError as e:
+        err.print(f"warning: the result was not saved to {path}: {e.strerror or e}", markup=False)
         return
-    _print_table(document)
+    if not quiet:
+        out.print(f"saved to {path}", markup=False)
 
 
 def _fmt(value, se, digits: int = 2) -> str:
@@ -207,8 +264,6 @@ def _print_table(d: dict) -> None:
     out.print(t)
     out.print(f"± is one standard error over images; checkpoint {d['checkpoint']}"
               f"{' (EMA weights)' if d['ema'] else ''}", markup=False)
-    if d.get("written"):
-        out.print(f"wrote {d['written']}", markup=False)
 
 
 def register(app: typer.Typer) -> None:

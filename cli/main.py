@@ -262,16 +262,19 @@ def _parameter_counts(resolved: list) -> list[int | None]:
 
 
 def _run_results(arg: str, resolved) -> dict | None:
-    """The results `avi eval` wrote for this spec or run: ARG/eval.json for a run directory,
-    runs/<name>/eval.json (relative to the working directory) for a spec file."""
+    """The result `avi eval` kept for this spec or run (the full test split at the largest K;
+    builders.eval_results): ARG/eval.json for a run directory, runs/<name>/eval.json
+    (relative to the working directory) for a spec file."""
     from pathlib import Path
+
+    from builders.eval_results import best_result, describe, read_results
 
     p = Path(arg)
     path = p / "eval.json" if p.is_dir() else Path("runs") / resolved.document["name"] / "eval.json"
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = best_result(read_results(path))
     except (OSError, ValueError, RecursionError) as e:       # RecursionError: brackets nested too deep
         err.print(f"[yellow]warning:[/] {_esc(str(path))} is not readable JSON ({_esc(str(e))}); its results are left out")
         return None
@@ -282,7 +285,7 @@ def _run_results(arg: str, resolved) -> dict | None:
     metric = "bits_per_dim" if eight_bit and isinstance(res.get("bits_per_dim"), (int, float)) else "nll_nats"
     if not isinstance(res.get(metric), (int, float)) or isinstance(res.get(metric), bool):
         return None
-    res.update(metric=metric, value=float(res[metric]), file=str(path))
+    res.update(metric=metric, value=float(res[metric]), file=str(path), evaluated=describe(data))
     return res
 
 

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import JsonOption, UserError, out
+from .common import JsonOption, SetOption, UserError, out
 from .eval import (Device, DeviceOption, LimitOption, NoEmaOption, RunArgument, SeedOption,
                    Split, default_output, images, load_model, print_json)
 
@@ -93,6 +93,7 @@ def kl_command(
     device: DeviceOption = Device.auto,
     seed: SeedOption = 0,
     no_ema: NoEmaOption = False,
+    overrides: SetOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Bar chart of the mean KL of every stochastic layer, several runs side by side.
@@ -110,7 +111,7 @@ def kl_command(
     path = _output(output, runs, "kl.png")
     kl = {}
     for label, run in zip(_labels(runs), runs):
-        model, resolved, _ = load_model(run, device, not no_ema)
+        model, resolved, _ = load_model(run, device, not no_ema, overrides)
         _seed(seed)
         kl[label] = kl_per_layer(model, _batches(resolved, split, limit, batch_size))
     path = _save(kl_figure(kl), path)
@@ -133,6 +134,7 @@ def attention_command(
     device: DeviceOption = Device.auto,
     seed: SeedOption = 0,
     no_ema: NoEmaOption = False,
+    overrides: SetOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Heatmaps of the mean depth-wise attention scores: prior left, posterior right.
@@ -149,7 +151,7 @@ def attention_command(
     from builders.figures import attention_figure
 
     path = _output(output, [run], "attention.png")
-    model, resolved, _ = load_model(run, device, not no_ema)
+    model, resolved, _ = load_model(run, device, not no_ema, overrides)
     _seed(seed)
     maps = attention_maps(model, _batches(resolved, split, limit, batch_size))
     path = _save(attention_figure(maps["generative"], maps["inference"]), path)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import UserError, out
+from .common import SetOption, UserError, out
 from .eval import (DeviceOption, NoEmaOption, RunArgument, SeedOption, Device, Split,
                    default_output, images, load_model)
 
@@ -42,6 +42,7 @@ def sample_command(
     device: DeviceOption = Device.auto,
     seed: SeedOption = 0,
     no_ema: NoEmaOption = False,
+    overrides: SetOption = None,
 ) -> None:
     """Draw images from the prior of a trained model and write them as one PNG grid.
 
@@ -51,10 +52,14 @@ def sample_command(
 
         avi sample runs/quickstart --n 64 --temperature 0.8 --out samples.png
     """
+    import math
+
     from builders.images import save_grid
 
+    if not math.isfinite(temperature):
+        raise UserError(f"--temperature must be a finite number, not {temperature}")
     _check_format(output)
-    model, _, run_dir = load_model(run, device, not no_ema)
+    model, _, run_dir = load_model(run, device, not no_ema, overrides)
     dev = next(model.parameters()).device
     _seed(seed, dev)
     x = model.sample(n, temperature, mode.value)
@@ -71,6 +76,7 @@ def reconstruct_command(
     device: DeviceOption = Device.auto,
     seed: SeedOption = 0,
     no_ema: NoEmaOption = False,
+    overrides: SetOption = None,
 ) -> None:
     """Pass test images through the posterior and back; write each beside its reconstruction.
 
@@ -86,7 +92,7 @@ def reconstruct_command(
     from builders.images import save_grid
 
     _check_format(output)
-    model, resolved, run_dir = load_model(run, device, not no_ema)
+    model, resolved, run_dir = load_model(run, device, not no_ema, overrides)
     dev = next(model.parameters()).device
     x = images(resolved, split.value, n).to(dev)
     _seed(seed, dev)

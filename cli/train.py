@@ -13,6 +13,14 @@ import typer
 from .common import SetOption, UserError, load, spec_file
 
 
+# The workers' interpreter must not look in the current folder for modules: a user's own
+# `cli/` or `builders/` package there would be imported instead of avi's (issue 11 item 4).
+# `-c` puts '' (the current folder) first on sys.path; dropping it, then putting the folder
+# this avi is imported from first, makes every import resolve to this installation.
+_SAFE_START = ("import sys; sys.path[:1] = [{root!r}]; sys.argv[0] = {prog!r}; "
+               "from {module} import {func}; sys.exit({func}())")
+
+
 def _relaunch(n: int) -> int:
     """Run this same command under torchrun with n processes (without --devices)."""
     argv, skip = [], False
@@ -26,9 +34,32 @@ def _relaunch(n: int) -> int:
         if a.startswith("--devices="):
             continue
         argv.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-           "-m", "cli.main", *argv]
+    root = str(Path(__file__).resolve().parents[1])
+    launcher = _SAFE_START.format(root=root, prog="torchrun", module="torch.distributed.run", func="main")
+    worker = _SAFE_START.format(root=root, prog="avi", module="cli.main", func="main")
+    cmd = [sys.executable, "-c", launcher, "--standalone", f"--nproc_per_node={n}", "--no-python",
+           sys.executable, "-c", worker, *argv]
     return subprocess.call(cmd)
+
+
+def _interrupted_hint(spec: str, out: Path) -> str:
+    """What to run after Ctrl-C: --resume only where there is something to resume."""
+    if (out / "spec.yaml").is_file():
+        return f"interrupted; continue with: avi train {spec} --out {out} --resume\n"
+    return f"interrupted before anything was written; start again with: avi train {spec} --out {out}\n"
+
+
+def _summary(result: dict, epochs: int) -> str:
+    """One line: where the run stopped, epochs counted from 1 as in every other message."""
+    if result.get("finished"):
+        text = f"finished {epochs} epochs at step {result['step']}: {result['out_dir']}"
+    else:
+        text = (f"stopped at step {result['step']} in epoch {result['epoch'] + 1}/{epochs}: "
+                f"{result['out_dir']}")
+    nelbo = result.get("test_nelbo")
+    if nelbo is not None:
+        text += f"  (last test NELBO {nelbo:.2f} nats)"
+    return text
 
 
 def register(app: typer.Typer) -> None:
@@ -49,7 +80,9 @@ def register(app: typer.Typer) -> None:
         A progress bar shows on a terminal; otherwise one line per epoch goes to stderr.
         Resuming continues at the same step, schedule and data order; it is refused if
         the spec or the number of processes changed. Ctrl-C stops after the current step
-        and writes checkpoints/last.pt first, so --resume loses nothing.
+        and writes checkpoints/last.pt first, so --resume loses nothing; a run killed at any
+        point resumes to the files an uninterrupted run writes. One `avi train` writes a run
+        directory at a time (a second one is refused, naming the first).
 
         Example:
 
@@ -67,11 +100,6 @@ def register(app: typer.Typer) -> None:
         problems = validate(resolved)
         if problems:                      # nothing is built or written for an invalid spec
             raise SpecError(problems)
-        if devices and devices > 1 and "WORLD_SIZE" not in os.environ:
-            if resolved.spec.train.batch_size % devices:
-                raise UserError(f"train.batch_size {resolved.spec.train.batch_size} is not divisible "
-                                f"by --devices {devices}")
-            raise typer.Exit(_relaunch(devices))
         p = Path(spec)
         if out is None:
             out = p if (p.is_dir() and spec_file(p) != p) else Path("runs") / resolved.spec.name
@@ -79,25 +107,28 @@ def register(app: typer.Typer) -> None:
         from builders.checkpoint import CheckpointError
         from builders.datasets import DatasetError
         from builders.devices import DeviceError
-        from builders.training import TrainingError, train as run_training
+        from builders.training import TrainingError, preflight, train as run_training
 
+        user_errors = (CheckpointError, DatasetError, DeviceError, TrainingError)
+        if devices and devices > 1 and "WORLD_SIZE" not in os.environ:
+            try:                          # one clear message here, not one traceback per process
+                preflight(resolved, out, resume, devices)
+            except user_errors as e:
+                raise UserError(str(e)) from None
+            raise typer.Exit(_relaunch(devices))
         mode = "quiet" if quiet else "jsonl" if jsonl else "auto"
         try:
             result = run_training(resolved, out, resume=resume, device=device, max_steps=max_steps,
                                   progress_mode=mode, devices=devices)
-        except (CheckpointError, DatasetError, DeviceError, TrainingError) as e:
+        except user_errors as e:
             raise UserError(str(e)) from None
         except KeyboardInterrupt:               # training wrote checkpoints/last.pt first
-            sys.stderr.write(f"interrupted; continue with: avi train {spec} --out {out} --resume\n")
+            sys.stderr.write(_interrupted_hint(spec, out))
             raise typer.Exit(130) from None
         if os.environ.get("RANK", "0") != "0":
             return
         if jsonl:
-            sys.stdout.write(json.dumps({"result": result}) + "\n")
+            from builders.reporting import strict
+            sys.stdout.write(json.dumps({"result": strict(result)}, allow_nan=False) + "\n")
         elif not quiet:
-            nelbo = result.get("test_nelbo")
-            state = "finished" if result.get("finished") else "stopped"
-            summary = f"{state} at step {result['step']}, epoch {result['epoch']}: {result['out_dir']}"
-            if nelbo is not None:
-                summary += f"  (test NELBO {nelbo:.2f} nats)"
-            sys.stdout.write(summary + "\n")
+            sys.stdout.write(_summary(result, resolved.spec.train.epochs) + "\n")

@@ -256,8 +256,8 @@ def test_cli_eval_json(run_dir, tmp_path):
     assert math.isfinite(doc["nll_nats"]) and math.isfinite(doc["nelbo_nats"])
     assert doc["nll_nats"] < doc["nelbo_nats"]                # the IWAE bound is tighter
     assert doc["bits_per_dim"] is None                        # binary data: nats
-    saved = json.loads((run_dir / "eval.json").read_text())
-    assert saved["nll_nats"] == doc["nll_nats"]
+    saved = json.loads((run_dir / "eval.json").read_text())["results"]
+    assert saved[-1]["nll_nats"] == doc["nll_nats"]
 
 
 def test_cli_pictures(run_dir, tmp_path):

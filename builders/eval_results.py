@@ -1,0 +1,62 @@
+"""Every evaluation of a run, kept in RUN/eval.json keyed by split, K and number of images,
+so that a quick `avi eval --limit 50 -k 2` never replaces a full K = 500 result; and the
+result a run is compared by (`avi diff`): the full test split at the largest K.
+
+eval.json: {"format": "avi-evaluations", "results": [document, ...]}, each document as
+`avi eval --json` prints it. An older eval.json holding one document reads as one result.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+FORMAT = "avi-evaluations"
+
+
+def result_key(doc: dict) -> tuple:
+    return (doc.get("split"), doc.get("importance_samples"), doc.get("examples"))
+
+
+def read_results(path: Path) -> list[dict]:
+    """The evaluations in an eval.json (OSError / ValueError when it cannot be read)."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if isinstance(data, dict) and data.get("format") == FORMAT:
+        return [d for d in data.get("results", []) if isinstance(d, dict)]
+    return [data] if isinstance(data, dict) else []
+
+
+def record_result(path: Path, document: dict) -> None:
+    """Add ``document`` to eval.json, replacing an earlier one with the same key (atomic
+    write; OSError when it cannot be written)."""
+    path = Path(path)
+    try:
+        results = read_results(path) if path.exists() else []
+    except (OSError, ValueError):
+        results = []                       # an unreadable file is replaced, not merged
+    results = [d for d in results if result_key(d) != result_key(document)] + [document]
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps({"format": FORMAT, "results": results}, indent=2, allow_nan=False)
+                       + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def best_result(results: list[dict]) -> dict | None:
+    """The result a run is compared by: the test split before train, the full split before a
+    --limit, then the largest K, then the most images, then the latest."""
+    def rank(item):
+        i, d = item
+        k, n = d.get("importance_samples"), d.get("examples")
+        return (d.get("split", "test") == "test", d.get("full_split", d.get("limit") is None),
+                k if isinstance(k, int) else 0, n if isinstance(n, int) else 0, i)
+    return max(enumerate(results), key=rank)[1] if results else None
+
+
+def describe(doc: dict) -> str:
+    """"test, K=500, 10000 images" (", first N" when --limit cut the split)."""
+    text = f"{doc.get('split', '?')}, K={doc.get('importance_samples', '?')}, {doc.get('examples', '?')} images"
+    return text if doc.get("full_split", True) else text + " (--limit)"

@@ -1,0 +1,337 @@
+"""The loop of `avi train`: steps, step records, the epoch end (test NELBO, samples, best.pt),
+and checkpoints written so that a run killed at any point resumes to the same files.
+
+Order at an epoch end: the test record, the sample grid, best.pt (when the test NELBO
+improved), then last.pt. A run killed before last.pt is renamed resumes from the previous
+checkpoint and does the epoch end again, rewriting the same best.pt; records of an epoch that
+last.pt does not call finished are dropped on resume (run_dir.trim_metrics), so none is
+written twice. A state with non-finite weights is never checkpointed.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import save_checkpoint
+from .checkpoint import rng_state
+from .distributed import Distributed, all_processes_agree
+from .faults import fault_point
+from .images import save_grid
+from .preprocess import EpochBatches
+from .reporting import Reporter
+from .run_dir import TrainingError, write_error
+from .schedules import kl_beta, learning_rate
+from .train_data import TrainData, mean_test_nelbo
+from .train_state import EMA, State, batchnorm_buffers, derive_seed, non_finite_tensors
+
+SAMPLES_PER_GRID = 64
+WINDOW = ("loss", "nll", "kl", "grad_norm")      # averaged over the steps of a step record
+
+
+class StopOnInterrupt:
+    """Between start() and stop() (main thread only), Ctrl-C asks training to stop at the end
+    of the current step, where last.pt is written before KeyboardInterrupt is raised, so
+    --resume loses nothing. A second Ctrl-C interrupts at once (checkpoints are atomic)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def start(self) -> None:
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        sys.stderr.write("interrupt: stopping after this step to write checkpoints/last.pt "
+                         "(Ctrl-C again to stop now)\n")
+
+    def stop(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+def autocast_for(device: torch.device, precision: str):
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+class Trainer:
+    """One training run of a built model into a run directory (rank 0 writes)."""
+
+    def __init__(self, resolved, out_dir: Path, ddp: Distributed, dev: torch.device, data: TrainData,
+                 model: torch.nn.Module, optimizer, ema: EMA | None, state: State, forward,
+                 reporter: Reporter, max_steps: int | None):
+        self.resolved, self.cfg = resolved, resolved.spec.train
+        self.out_dir, self.ddp, self.dev, self.data = out_dir, ddp, dev, data
+        self.model, self.optimizer, self.ema, self.state = model, optimizer, ema, state
+        self.forward, self.reporter, self.max_steps = forward, reporter, max_steps
+        self.last_path = out_dir / "checkpoints" / "last.pt"
+        self.best_path = out_dir / "checkpoints" / "best.pt"
+        self.saved_step = state.step if state.step else None
+        self.autocast = autocast_for(dev, self.cfg.precision)
+        self.generator = torch.Generator()   # binarisation / flips (CPU draws: device-independent)
+        self.drop_last = ddp.world_size > 1
+        self.steps_per_epoch = max(1, len(data.train) // self.cfg.batch_size)  # schedule bookkeeping
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.bn_buffers = batchnorm_buffers(model)
+        self.bn_snapshot = [b.clone() for b in self.bn_buffers]   # taken before every forward
+        self.max_norm = float(self.cfg.grad_clip) if self.cfg.grad_clip is not None else math.inf
+        self.bits = data.kind == "cifar"
+        self.interrupt = StopOnInterrupt()
+        self.last_test = None
+        self.window_t0 = time.perf_counter()
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self) -> dict:
+        state, cfg = self.state, self.cfg
+        try:
+            self.interrupt.start()
+            while state.epoch < cfg.epochs:
+                if not self._epoch(state.epoch):
+                    break
+            if self.max_steps is not None and state.step >= self.max_steps:
+                self.checkpoint()
+        except OSError as e:
+            raise write_error(e, self.out_dir, self._saved_text()) from None
+        finally:
+            self.interrupt.stop()
+        return {"out_dir": str(self.out_dir), "step": state.step, "epoch": state.epoch,
+                "finished": state.epoch >= cfg.epochs, "skipped": state.skipped,
+                "test_nelbo": self.last_test, "best_test_nelbo": state.best_test_nelbo}
+
+    def _saved_text(self) -> str:
+        if self.saved_step is None:
+            return "No checkpoint was written yet."
+        return f"{self.last_path} is intact (step {self.saved_step})."
+
+    def _epoch(self, epoch: int) -> bool:
+        """Train the rest of one epoch; False when --max-steps stopped it first."""
+        state, cfg = self.state, self.cfg
+        beta = kl_beta(epoch, cfg.kl_warmup)
+        batches = EpochBatches(self.data.train, cfg.batch_size, cfg.seed, epoch, self.drop_last,
+                               self.ddp.rank, self.ddp.world_size, start_batch=state.batch)
+        self.reporter.start_epoch(epoch, batches.num_batches, state.batch)
+        if state.batch == 0:            # running train means of the epoch (kept across resumes)
+            state.counters.update(epoch_loss=0.0, epoch_n=0)
+        epoch_t0 = time.perf_counter()
+        self.model.train()
+        for raw in batches:
+            if self.max_steps is not None and state.step >= self.max_steps:
+                return False
+            lr = learning_rate(state.step, self.steps_per_epoch, cfg.schedule, cfg.optimizer.lr, cfg.epochs)
+            go_on = self._step(raw, lr, beta)
+            elapsed = time.perf_counter() - epoch_t0
+            self.it_per_s = (state.batch - batches.start_batch) / elapsed if elapsed > 0 else 0.0
+            last_step = ((self.max_steps is not None and state.step >= self.max_steps)
+                         or (epoch + 1 == cfg.epochs and state.batch == batches.num_batches))
+            if state.step % cfg.log_every == 0 or not go_on or last_step:
+                self._record_window(epoch, lr, beta)
+            if state.step % cfg.checkpoint_every == 0 or not go_on:
+                self.checkpoint()
+            if not go_on:                            # Ctrl-C: stop at this step boundary
+                raise KeyboardInterrupt
+        self._end_epoch(epoch, beta, epoch_t0)
+        return True
+
+    # ------------------------------------------------------------------ one step
+
+    def _step(self, raw: torch.Tensor, lr: float, beta: float) -> bool:
+        """One optimizer step (skipped when the loss or gradient is not finite on any process).
+        Returns False when Ctrl-C asked to stop after it."""
+        state, cfg = self.state, self.cfg
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.generator.manual_seed(derive_seed(cfg.seed, 1, state.step, self.ddp.rank))
+        torch.manual_seed(derive_seed(cfg.seed, 2, state.step, self.ddp.rank))
+        x = self.data.prepare(raw, self.generator)
+        x = x.contiguous(memory_format=torch.channels_last)    # the model's layout (devices.place)
+        torch._foreach_copy_(self.bn_snapshot, self.bn_buffers)
+        with self.autocast():
+            out = self.forward(x)
+        nll = out.nll.float().mean()
+        kl = out.kl.float().sum(1).mean()
+        loss = nll + beta * kl
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm, foreach=True)
+        values = torch.stack([loss.detach(), nll.detach(), kl.detach(), grad_norm.float()]).tolist()
+        finite, go_on = all_processes_agree(
+            [all(math.isfinite(v) for v in values[::3]), not self.interrupt.requested], self.ddp, self.dev)
+        if finite:
+            self._optimizer_step()
+            if self.ema is not None:
+                self.ema.update(self.model)
+            state.consecutive_skipped = 0
+        else:
+            self._skip(values)
+        state.step += 1
+        state.batch += 1
+        self._accumulate(dict(zip(WINDOW, values)))
+        self._show_step(values)
+        return go_on
+
+    def _optimizer_step(self) -> None:
+        try:
+            self.optimizer.step()
+        except RuntimeError as e:          # e.g. lr = 1e300: the update is not a float32
+            if "overflow" not in str(e):
+                raise
+            raise TrainingError(f"the update of step {self.state.step + 1} overflows float32 "
+                                f"(train.optimizer.lr = {self.cfg.optimizer.lr:g}); use a smaller "
+                                f"learning rate. {self._saved_text()}") from None
+
+    def _skip(self, values: list[float]) -> None:
+        state, cfg = self.state, self.cfg
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():                # the forward's BN updates are undone too
+            torch._foreach_copy_(self.bn_buffers, self.bn_snapshot)
+        state.skipped += 1
+        state.consecutive_skipped += 1
+        self.reporter.message(f"step {state.step + 1}: non-finite loss or gradient "
+                              f"(loss {values[0]}, grad norm {values[3]}); update skipped "
+                              f"({state.consecutive_skipped} in a row)")
+        if state.consecutive_skipped >= cfg.max_skipped:
+            # No checkpoint here: last.pt stays the last good state to resume from.
+            raise TrainingError(
+                f"{state.consecutive_skipped} consecutive non-finite updates (train.max_skipped "
+                f"= {cfg.max_skipped}) at step {state.step + 1}: training diverged. Try a lower "
+                f"train.optimizer.lr, set train.grad_clip, or a longer warm-up.")
+
+    def _accumulate(self, values: dict[str, float]) -> None:
+        """Running sums of the step record and the epoch's train loss, in State.counters so
+        that a resumed run writes the same records."""
+        c = self.state.counters
+        if not math.isfinite(values["loss"]):
+            return
+        for k, v in values.items():
+            c[f"window_{k}"] = c.get(f"window_{k}", 0.0) + v
+        c["window_n"] = c.get("window_n", 0) + 1
+        c["epoch_loss"] = c.get("epoch_loss", 0.0) + values["loss"]
+        c["epoch_n"] = c.get("epoch_n", 0) + 1
+
+    def _show_step(self, values: list[float]) -> None:
+        if self.reporter.display not in ("bar", "lines"):
+            return
+        loss, nll, kl, _ = values
+        unit = (f"NELBO {(nll + kl) / (self.data.dims * math.log(2)):.3f} bits/dim" if self.bits
+                else f"NELBO {nll + kl:.2f} nats")
+        speed = getattr(self, "it_per_s", 0.0)          # of the steps before this one
+        self.reporter.step(f"loss {loss:.2f}  KL {kl:.2f}  {unit}" + (f"  {speed:.2f} it/s" if speed else ""),
+                           self.state.epoch, self.state.step)
+
+    def _record_window(self, epoch: int, lr: float, beta: float) -> None:
+        """The step record: means over the steps since the previous one (skipped steps left
+        out). Written every log_every steps and at the last step of a run."""
+        state, c = self.state, self.state.counters
+        n = c.get("window_n", 0)
+        if state.step == c.get("window_last_step", 0):
+            return                                      # this step is recorded already
+        now = time.perf_counter()
+        steps = state.step - c.get("window_last_step", 0)
+        rec = {"step": state.step, "epoch": epoch, "lr": lr, "beta": beta}
+        rec.update({k: c.get(f"window_{k}", 0.0) / n if n else math.nan for k in WINDOW})
+        rec.update(skipped=state.skipped, it_per_s=steps / (now - self.window_t0) if now > self.window_t0 else 0.0)
+        if self.bits:
+            rec["bits_per_dim"] = (rec["nll"] + rec["kl"]) / (self.data.dims * math.log(2))
+        self.reporter.write(rec)
+        for k in WINDOW:
+            c.pop(f"window_{k}", None)
+        c["window_n"], c["window_last_step"] = 0, state.step
+        self.window_t0 = now
+
+    # ------------------------------------------------------------------ epoch end
+
+    def _end_epoch(self, epoch: int, beta: float, epoch_t0: float) -> None:
+        """Test NELBO record, samples, then best.pt (if improved) and last.pt, in that order."""
+        state, cfg, c = self.state, self.cfg, self.state.counters
+        eval_model = self.ema.model if self.ema is not None else self.model
+        test_nelbo = mean_test_nelbo(eval_model, self.data, cfg.batch_size, self.dev, self.autocast, self.ddp)
+        self.last_test = test_nelbo
+        rec = {"step": state.step, "epoch": epoch, "test_nelbo": test_nelbo,
+               "train_loss": c.get("epoch_loss", 0.0) / c["epoch_n"] if c.get("epoch_n") else math.nan,
+               "beta": beta, "skipped": state.skipped, "epoch_seconds": time.perf_counter() - epoch_t0}
+        if self.bits:
+            rec["test_nelbo_bits_per_dim"] = test_nelbo / (self.data.dims * math.log(2))
+        self.reporter.write(rec)
+        unit = (f"{rec['test_nelbo_bits_per_dim']:.4f} bits/dim" if self.bits else f"{test_nelbo:.2f} nats")
+        if self.reporter.progress is None:
+            self.reporter.message(f"epoch {epoch + 1}/{cfg.epochs}  step {state.step}  "
+                                  f"train loss {rec['train_loss']:.3f}  test NELBO {unit}  "
+                                  f"{getattr(self, 'it_per_s', 0.0):.2f} it/s")
+        if self.ddp.main and ((epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs):
+            self._samples(epoch, eval_model)
+        state.epoch += 1
+        state.batch = 0
+        if test_nelbo < state.best_test_nelbo:
+            state.best_test_nelbo = test_nelbo
+            self.checkpoint(best=True)
+        self.checkpoint()
+
+    def _samples(self, epoch: int, eval_model: torch.nn.Module) -> None:
+        was_training = eval_model.training
+        eval_model.eval()           # batch norm with running statistics, none updated
+        cuda = self.dev.type == "cuda"
+        with torch.random.fork_rng(devices=[self.dev] if cuda else []):
+            torch.manual_seed(derive_seed(self.cfg.seed, 3, epoch))
+            with self.autocast():
+                images = eval_model.sample(SAMPLES_PER_GRID).float().clamp(0, 1).cpu()
+        eval_model.train(was_training)
+        path = self.out_dir / "samples" / f"epoch_{epoch + 1:04d}.png"
+        fault_point(f"write {path.name}")
+        save_grid(path, images)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def payload(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "ema": self.ema.model.state_dict() if self.ema is not None else None,
+            "state": self.state.to_dict(),
+            "rng": rng_state(),
+            "spec": self.resolved.document,
+            "spec_hash": self.resolved.hash,
+            "world_size": self.ddp.world_size,
+            "data_root": _absolute_root(self.resolved.spec.data.root),
+            "torch_version": str(torch.__version__),
+        }
+
+    def checkpoint(self, best: bool = False) -> None:
+        """Write last.pt (the previous one kept as last.prev.pt) or best.pt, on rank 0. Weights
+        that are not finite are never written: the run stops and last.pt keeps the last good
+        state."""
+        if not self.ddp.main:
+            return
+        payload = self.payload()
+        bad = non_finite_tensors(payload["model"], payload["ema"])
+        if bad:
+            raise TrainingError(
+                f"the weights became non-finite by step {self.state.step} ({len(bad)} tensors, e.g. "
+                f"{bad[0]}): training diverged and nothing was written. {self._saved_text()} Try a "
+                f"lower train.optimizer.lr, set train.grad_clip, or a longer warm-up.")
+        if best:
+            save_checkpoint(self.best_path, payload, keep_previous=False)
+        else:
+            save_checkpoint(self.last_path, payload)
+            self.saved_step = self.state.step
+
+
+def _absolute_root(root) -> str | None:
+    """data.root as an absolute path (a relative one is relative to where training ran), so
+    that `avi eval RUN` from another folder finds the data."""
+    return None if root is None else os.path.abspath(os.path.expanduser(str(root)))
