@@ -137,9 +137,8 @@ class _Loader(yaml.SafeLoader):
 
 # PyYAML follows YAML 1.1, where `1e-3` and `3e4` are strings (a float needs a dot). Every
 # researcher writes learning rates that way, so also read YAML 1.2 exponent floats as floats.
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
-                              re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-                              list("-+0123456789"))
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789"))
 
 
 def _measure(root) -> None:
@@ -307,6 +306,11 @@ def parse_yaml(text: str, source: str) -> tuple[Any, dict[Key, Pos]]:
 
 class _Dumper(yaml.SafeDumper):
     """SafeDumper that keeps unicode readable yet round-trips every string."""
+
+
+# The dumper quotes a string only if its resolvers would read it back as something else, so it
+# must know the loader's extra float form: else the string "0E0" is written plain, read as 0.0.
+_Dumper.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789"))
 
 
 def _represent_str(dumper: yaml.SafeDumper, value: str):

@@ -159,3 +159,12 @@ def test_random_overrides_raise_only_spec_error(overrides):
         load_text("name: s\n", overrides=overrides)
     except SpecError as e:
         assert e.problems
+
+
+def test_strings_that_read_as_exponent_floats_round_trip():
+    """Found by the round-trip property: the loader reads YAML 1.2 exponent floats (1e-3), so
+    the dumper must quote strings of that form, or `description: '0E0'` comes back as 0.0."""
+    doc = {"name": "x", "description": "0E0"}
+    text = dump_yaml(doc)
+    assert "'0E0'" in text
+    assert load_text(text).document["description"] == "0E0"
