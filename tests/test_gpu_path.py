@@ -317,3 +317,21 @@ def test_device_guard_catches_a_hard_coded_device():
     model.layers[1].merge.register_forward_hook(lambda m, a, out: out + torch.zeros(1))
     with pytest.raises(AssertionError, match="made a tensor on cpu"), _DeviceGuard("meta"):
         model(torch.empty(2, 1, 8, 8, device="meta"))
+
+
+def test_placing_a_model_on_cuda_turns_tf32_off():
+    """fp32 means IEEE fp32 on CUDA too (PyTorch lets cuDNN use TF32 by default; the paper's
+    V100s had none). Checked through the switch itself: no GPU is needed to call it."""
+    from builders.devices import ieee_fp32
+    saved = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    try:
+        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
+        ieee_fp32(torch.device("cpu"))
+        assert torch.backends.cudnn.allow_tf32        # the CPU path leaves the global flags alone
+        ieee_fp32(torch.device("cuda"))
+        assert not torch.backends.cudnn.allow_tf32
+        assert torch.get_float32_matmul_precision() == "highest"
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved[0]
+        torch.set_float32_matmul_precision(saved[1])
