@@ -18,6 +18,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from avi_spec.yaml_io import read_text_file
+
 FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
 NOT_A_SOURCE = "0.82"                 # grey of the attention cells that are not sources
 DPI = 150
@@ -123,10 +125,13 @@ def attention_figure(generative: np.ndarray, inference: np.ndarray) -> Figure:
 
 # ------------------------------------------------------------------ training curves
 
+MAX_METRICS_BYTES = 1 << 30       # a 1,000,000-step run logged every step is about 250 MB
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     """The records of a run's metrics.jsonl; ValueError names a line that is not a record."""
     records = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_text_file(path, MAX_METRICS_BYTES).splitlines(), 1):
         if not line.strip():
             continue
         try:
