@@ -93,3 +93,15 @@ def test_two_line_python_api(run):
     assert r.exit_code == 0 and grid.is_file(), r.output
     readme = (ROOT / "README.md").read_text()
     assert "from builders import load_run" in readme and 'load_run("runs/quickstart").sample(16)' in readme
+
+
+def test_python_api_reconstruct_names_the_input_it_takes(run):
+    """reconstruct() of what sample() returns (unpadded [0, 1] images) was a RuntimeError deep
+    in the attention; it is a ValueError naming the shape reconstruct takes."""
+    from builders import load_run
+    from builders.evaluate import eval_images
+    trained = load_run(run, device="cpu")
+    with pytest.raises(ValueError, match=r"model input \[N, 1, 32, 32\] in \[-1, 1\].*got \[2, 1, 28, 28\]"):
+        trained.reconstruct(trained.sample(2))
+    out = trained.reconstruct(eval_images(trained.spec, limit=2), seed=0)
+    assert out.shape == (2, 1, 28, 28) and 0.0 <= out.min() and out.max() <= 1.0
