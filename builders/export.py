@@ -8,6 +8,7 @@ it `avi eval/sample/plot` and builders.api.load_run) reads it back.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -51,10 +52,23 @@ def export_run(path: str | Path, out: str | Path | None = None,
         out = (run_dir or Path(".")) / (resolved.spec.name + SUFFIX)
     out = Path(out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(weights, str(tmp), metadata=metadata)
-    tmp.replace(out)
+    tmp = out.with_name(f".{out.name}.tmp.{os.getpid()}")
+    try:
+        save_file(weights, str(tmp), metadata=metadata)
+        # safetensors writes its file 0600; an export is made to be shared, so it gets the
+        # permissions the user's umask gives every other file avi writes
+        os.chmod(tmp, 0o666 & ~_umask())
+        tmp.replace(out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     return out, metadata
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load_exported(path: str | Path, device: str | torch.device = "cpu"):

@@ -105,3 +105,17 @@ def test_python_api_reconstruct_names_the_input_it_takes(run):
         trained.reconstruct(trained.sample(2))
     out = trained.reconstruct(eval_images(trained.spec, limit=2), seed=0)
     assert out.shape == (2, 1, 28, 28) and 0.0 <= out.min() and out.max() <= 1.0
+
+
+def test_export_gets_the_umask_permissions_and_leaves_no_temporary(run, tmp_path):
+    """safetensors writes 0600: an export made to be shared was unreadable to the user's group
+    and others, unlike every other file avi writes."""
+    import os
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "shared.safetensors"
+        assert runner.invoke(app, ["export", str(run), "--out", str(out)]).exit_code == 0
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["shared.safetensors"]
