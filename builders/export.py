@@ -32,7 +32,7 @@ def export_run(path: str | Path, out: str | Path | None = None,
     """Write the weights of a run directory or .pt checkpoint as safetensors with the resolved
     spec in its metadata -> (the file, its metadata). `out` defaults to RUN/<name>.safetensors
     (./<name>.safetensors for a checkpoint outside a run). Raises RunError on bad input."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     model, resolved, run_dir = load_trained(path, "cpu", use_ema)
     info = model.avi_checkpoint
@@ -52,23 +52,19 @@ def export_run(path: str | Path, out: str | Path | None = None,
         out = (run_dir or Path(".")) / (resolved.spec.name + SUFFIX)
     out = Path(out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
+    # Serialised first and written by Python: a full disk or an unwritable folder is an OSError
+    # (safetensors' own writer raises its SafetensorError), and the file gets the user's umask
+    # permissions (safetensors writes 0600; an export is made to be shared).
+    payload = save(weights, metadata=metadata)
     tmp = out.with_name(f".{out.name}.tmp.{os.getpid()}")
     try:
-        save_file(weights, str(tmp), metadata=metadata)
-        # safetensors writes its file 0600; an export is made to be shared, so it gets the
-        # permissions the user's umask gives every other file avi writes
-        os.chmod(tmp, 0o666 & ~_umask())
+        with open(tmp, "wb") as f:
+            f.write(payload)
         tmp.replace(out)
     finally:
         if tmp.exists():
             tmp.unlink()
     return out, metadata
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def load_exported(path: str | Path, device: str | torch.device = "cpu"):

@@ -3,6 +3,7 @@ two-line Python API of the README (`from builders import load_run`)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -110,7 +111,6 @@ def test_python_api_reconstruct_names_the_input_it_takes(run):
 def test_export_gets_the_umask_permissions_and_leaves_no_temporary(run, tmp_path):
     """safetensors writes 0600: an export made to be shared was unreadable to the user's group
     and others, unlike every other file avi writes."""
-    import os
     old = os.umask(0o022)
     try:
         out = tmp_path / "shared.safetensors"
@@ -119,3 +119,24 @@ def test_export_gets_the_umask_permissions_and_leaves_no_temporary(run, tmp_path
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["shared.safetensors"]
+
+
+def test_export_to_a_full_disk_is_a_clear_error(run, tmp_path):
+    """safetensors' own writer raised SafetensorError on an I/O error: 'bug in avi' and a
+    traceback. A full disk (a file-size limit here) is exit 2 naming the file, nothing left."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+    out = tmp_path / "full" / "x.safetensors"
+    r = subprocess.run([sys.executable, "-m", "cli.main", "export", str(run), "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=small_disk,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "bug in avi" not in r.stderr
+    assert f"cannot write {out}" in r.stderr
+    assert list(out.parent.iterdir()) == []
