@@ -8,6 +8,7 @@ its text as text (svg.fonttype "none") so titles and labels stay searchable and 
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -19,6 +20,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from avi_spec.yaml_io import read_text_file
+
+from .images import write_atomically
 
 FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
 NOT_A_SOURCE = "0.82"                 # grey of the attention cells that are not sources
@@ -38,12 +41,10 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     """Write the figure in the format of the path's extension, atomically."""
     path = Path(path)
     fmt = figure_format(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    encoded = io.BytesIO()
     with rc_context({"svg.fonttype": "none", "pdf.fonttype": 42}):
-        fig.savefig(tmp, format=fmt, dpi=DPI)
-    tmp.replace(path)
-    return path
+        fig.savefig(encoded, format=fmt, dpi=DPI)
+    return write_atomically(path, encoded.getvalue())
 
 
 def _figure(width: float, height: float) -> Figure:

@@ -468,3 +468,15 @@ def test_plot_curves_refuses_a_metrics_file_that_is_not_a_file(tmp_path):
         make(run / "metrics.jsonl")
         r = avi("plot", "curves", run, "--out", tmp_path / "c.png", check=2)
         assert "not a regular file" in r.stderr
+
+
+def test_figures_and_grids_on_a_full_disk_are_clear_errors(run, tmp_path):
+    """matplotlib's PDF writer turned a full disk into AttributeError ('bug in avi'), and every
+    failed figure or grid left FILE.tmp behind: encode first, then write; nothing is left."""
+    full = tmp_path / "full"
+    for out, args in ((full / "a.pdf", ["plot", "attention", run, "--device", "cpu"]),
+                      (full / "c.svg", ["plot", "curves", run]),
+                      (full / "s.png", ["sample", run, "--n", "16", "--device", "cpu"])):
+        r = avi(*args, "--out", out, check=2, preexec_fn=_fsize_limit(2000))
+        assert f"cannot write {out}" in r.stderr
+    assert list(full.iterdir()) == []
