@@ -137,7 +137,7 @@ def read_metrics(path: str | Path) -> list[dict]:
             continue
         try:
             record = json.loads(line)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:      # RecursionError: brackets nested too deep
             raise ValueError(f"line {number} is not a JSON record ({e})") from None
         if not isinstance(record, dict) or not isinstance(record.get("step"), (int, float)):
             raise ValueError(f"line {number} is not a JSON object with a step")

@@ -468,6 +468,10 @@ def test_plot_curves_refuses_a_metrics_file_that_is_not_a_file(tmp_path):
         make(run / "metrics.jsonl")
         r = avi("plot", "curves", run, "--out", tmp_path / "c.png", check=2)
         assert "not a regular file" in r.stderr
+    (tmp_path / "deep").mkdir()
+    (tmp_path / "deep" / "metrics.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    r = avi("plot", "curves", tmp_path / "deep", "--out", tmp_path / "c.png", check=2)
+    assert "line 1 is not a JSON record" in r.stderr
 
 
 def test_figures_and_grids_on_a_full_disk_are_clear_errors(run, tmp_path):
