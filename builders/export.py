@@ -92,15 +92,21 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu"):
         raise RunError(f"{path} holds no avi spec in its metadata (was it written by `avi export`?)")
     try:
         resolved = load_document(json.loads(metadata[SPEC_KEY]), source=str(path))
-    except (SpecError, ValueError) as e:
+        info = {k: json.loads(metadata.get(f"avi.{k}", default))
+                for k, default in (("ema", "false"), ("step", "null"), ("epoch", "null"))}
+    except (SpecError, ValueError, RecursionError) as e:    # RecursionError: nested too deep
         raise RunError(f"the spec in {path} is not valid: {e}") from None
     model = build_model(resolved.spec, device="cpu")
+    missing = sorted(model.state_dict().keys() - weights.keys())
+    unexpected = sorted(weights.keys() - model.state_dict().keys())
+    if missing or unexpected:     # torch's own message lists every key: thousands of names
+        raise RunError(f"{path}: the weights do not fit the model of its spec: {len(missing)} "
+                       f"missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. "
+                       f"{unexpected[:3]}); was it written by `avi export`?")
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
         raise RunError(f"{path}: the weights do not fit the model of its spec: {e}") from None
     model.to(dev).eval()
-    model.avi_checkpoint = {"path": str(path), "ema": json.loads(metadata.get("avi.ema", "false")),
-                            "step": json.loads(metadata.get("avi.step", "null")),
-                            "epoch": json.loads(metadata.get("avi.epoch", "null"))}
+    model.avi_checkpoint = {"path": str(path), **info}
     return model, resolved, None

@@ -140,3 +140,21 @@ def test_export_to_a_full_disk_is_a_clear_error(run, tmp_path):
     assert "Traceback" not in r.stderr and "bug in avi" not in r.stderr
     assert f"cannot write {out}" in r.stderr
     assert list(out.parent.iterdir()) == []
+
+
+def test_a_hostile_export_is_a_short_clear_error(tmp_path):
+    """A .safetensors someone sent you: a spec nested too deep was a RecursionError traceback,
+    bad avi.* metadata a ValueError, and weights of another model a message of every key."""
+    from safetensors.torch import save_file
+
+    from builders.export import load_exported
+    spec = json.dumps(load_spec(ROOT / "specs" / "quickstart.yaml").document)
+    cases = {"deep": ({"avi.spec": "[" * 100_000 + "]" * 100_000}, "not valid"),
+             "meta": ({"avi.spec": spec, "avi.step": "{nope"}, "not valid"),
+             "weights": ({"avi.spec": spec}, "1 unexpected")}
+    for name, (metadata, message) in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file({"x": torch.zeros(2)}, str(path), metadata={"format": "pt", **metadata})
+        with pytest.raises(RunError, match=message) as e:
+            load_exported(path)
+        assert len(str(e.value)) < 1000
