@@ -95,7 +95,7 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu"):
         info = {k: json.loads(metadata.get(f"avi.{k}", default))
                 for k, default in (("ema", "false"), ("step", "null"), ("epoch", "null"))}
     except (SpecError, ValueError, RecursionError) as e:    # RecursionError: nested too deep
-        raise RunError(f"the spec in {path} is not valid: {e}") from None
+        raise RunError(f"the avi metadata (spec, ema, step, epoch) in {path} is not valid: {e}") from None
     model = build_model(resolved.spec, device="cpu")
     missing = sorted(model.state_dict().keys() - weights.keys())
     unexpected = sorted(weights.keys() - model.state_dict().keys())
