@@ -44,8 +44,8 @@ def display_path(path: Path) -> str:
 
 # ------------------------------------------------------------------------ files
 
-def _read_regular(path: Path) -> bytes:
-    """The bytes of a regular file of at most MAX_FILE_BYTES. Opened without blocking (a FIFO
+def _read_regular(path: Path, limit: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes. Opened without blocking (a FIFO
     would wait for a writer for ever) and checked on the open descriptor, so the file cannot
     be swapped between the check and the read."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
@@ -55,11 +55,11 @@ def _read_regular(path: Path) -> bytes:
             raise IsADirectoryError
         if not stat.S_ISREG(st.st_mode):
             raise _NotRegular
-        if st.st_size > MAX_FILE_BYTES:
+        if st.st_size > limit:
             raise _TooLarge(st.st_size)
         with os.fdopen(os.dup(fd), "rb") as f:
-            raw = f.read(MAX_FILE_BYTES + 1)
-        if len(raw) > MAX_FILE_BYTES:          # it grew after the check
+            raw = f.read(limit + 1)
+        if len(raw) > limit:                   # it grew after the check
             raise _TooLarge(len(raw))
         return raw
     finally:
@@ -72,6 +72,18 @@ class _NotRegular(Exception):
 
 class _TooLarge(Exception):
     pass
+
+
+def read_text_file(path: str | Path, limit: int) -> str:
+    """The UTF-8 text of a regular file of at most `limit` bytes, for the files avi reads from
+    a run directory (metrics.jsonl, eval.json): OSError when it cannot be read, ValueError when
+    it is a device, FIFO or socket (/dev/zero, a pipe that would block) or larger than `limit`."""
+    try:
+        return _read_regular(Path(path), limit).decode("utf-8")
+    except _NotRegular:
+        raise ValueError("not a regular file (a device, FIFO or socket)") from None
+    except _TooLarge as e:
+        raise ValueError(f"{e.args[0]:,} bytes, more than the {limit:,} such a file may hold") from None
 
 
 def read_spec_text(path: Path, via: Problem | None) -> str:

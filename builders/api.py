@@ -39,7 +39,17 @@ class TrainedRun:
     def reconstruct(self, images: torch.Tensor, seed: int | None = None,
                     mode: str = "mean") -> torch.Tensor:
         """Model-input images ([N, C, H, W] in [-1, 1], as builders.evaluate.eval_images gives
-        them) through the posterior and back: [N, C, H', W'] in [0, 1] on the CPU."""
+        them) through the posterior and back: [N, C, H', W'] in [0, 1] on the CPU. ValueError
+        names the expected shape when `images` have another (e.g. the unpadded output of
+        `sample`)."""
+        data = self.spec.data
+        side = data.image.size + 2 * data.pad
+        expected = (data.image.channels, side, side)
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != expected:
+            got = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"reconstruct takes model input [N, {expected[0]}, {side}, {side}] in [-1, 1] "
+                             f"(the {data.image.size}x{data.image.size} images padded by data.pad = "
+                             f"{data.pad}, as builders.evaluate.eval_images gives them); got {got}")
         with _seeded(seed, self.device), torch.no_grad():
             return self.model.reconstruct(images.to(self.device), mode).float().cpu()
 

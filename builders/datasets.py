@@ -124,11 +124,26 @@ def _load_mnist(root: Path, split: str) -> np.ndarray:
             f"MNIST files not found in {root}: expected train-images-idx3-ubyte[.gz], "
             f"t10k-images-idx3-ubyte[.gz]. Download them from {MNIST_URL} and pass data.root=...")
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        raw = _gunzip(path) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError, zlib.error) as e:
         raise DatasetError(f"MNIST file {path} is not a readable gzip file ({e}); "
                            f"download it again from {MNIST_URL}") from e
     return parse_idx_images(raw, path)[:, None]
+
+
+# MNIST's training images are 47,040,016 bytes and a CIFAR-10 batch pickle about 31 MB: what
+# decompresses to more is not such a file (a few KB of gzip can expand to gigabytes).
+MAX_MNIST_BYTES = 128 << 20
+MAX_CIFAR_BATCH_BYTES = 64 << 20
+
+
+def _gunzip(path: Path) -> bytes:
+    with gzip.open(path, "rb") as f:
+        raw = f.read(MAX_MNIST_BYTES + 1)
+    if len(raw) > MAX_MNIST_BYTES:
+        raise DatasetError(f"MNIST file {path} expands to more than {MAX_MNIST_BYTES:,} bytes; "
+                           f"MNIST's largest file is 45 MiB (is it an MNIST image file?)")
+    return raw
 
 
 def parse_idx_images(raw: bytes, path: Path | str = "<bytes>") -> np.ndarray:
@@ -207,6 +222,8 @@ def _load_cifar10(root: Path, split: str) -> np.ndarray:
     names = _CIFAR_FILES[split]
     for folder in (root, root / _CIFAR_DIR):
         if all((folder / n).is_file() for n in names):
+            for n in names:
+                _check_batch_size(folder / n, (folder / n).stat().st_size)
             return _cifar_stack([(folder / n, (folder / n).read_bytes()) for n in names])
     tar_path = root if root.is_file() else root / _CIFAR_TAR
     if tar_path.is_file():
@@ -215,6 +232,14 @@ def _load_cifar10(root: Path, split: str) -> np.ndarray:
         f"CIFAR-10 files not found in {root}: expected {_CIFAR_DIR}/ with data_batch_1..5 and "
         f"test_batch (in {root} or {root / _CIFAR_DIR}) or the archive {_CIFAR_TAR}. "
         f"Download the python version from {CIFAR_URL} and pass data.root=...")
+
+
+def _check_batch_size(where, size: int) -> None:
+    """Refuse a batch larger than a CIFAR-10 batch can be before reading it whole."""
+    if size > MAX_CIFAR_BATCH_BYTES:
+        raise DatasetError(f"CIFAR-10 batch {where} holds {size:,} bytes, more than the "
+                           f"{MAX_CIFAR_BATCH_BYTES:,} a CIFAR-10 batch may hold; "
+                           f"download {_CIFAR_TAR} again from {CIFAR_URL}")
 
 
 def _read_cifar_tar(tar_path: Path, names: list[str]) -> list[tuple[str, bytes]]:
@@ -226,6 +251,8 @@ def _read_cifar_tar(tar_path: Path, names: list[str]) -> list[tuple[str, bytes]]
             if missing:
                 raise DatasetError(f"CIFAR-10 archive {tar_path} lacks {', '.join(missing)}; "
                                    f"download {_CIFAR_TAR} again from {CIFAR_URL}")
+            for n in names:
+                _check_batch_size(f"{tar_path}: {n}", members[n].size)
             return [(f"{tar_path}:{members[n].name}", tar.extractfile(members[n]).read())
                     for n in names]
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
+from avi_spec.yaml_io import read_text_file
+
 FORMAT = "avi-evaluations"
+MAX_EVAL_BYTES = 64 << 20          # about 60,000 kept evaluations
 
 
 def result_key(doc: dict) -> tuple:
@@ -20,7 +24,7 @@ def result_key(doc: dict) -> tuple:
 
 def read_results(path: Path) -> list[dict]:
     """The evaluations in an eval.json (OSError / ValueError when it cannot be read)."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    data = json.loads(read_text_file(path, MAX_EVAL_BYTES))
     if isinstance(data, dict) and data.get("format") == FORMAT:
         return [d for d in data.get("results", []) if isinstance(d, dict)]
     return [data] if isinstance(data, dict) else []
@@ -30,10 +34,21 @@ def record_result(path: Path, document: dict) -> None:
     """Add ``document`` to eval.json, replacing an earlier one with the same key (atomic
     write; OSError when it cannot be written)."""
     path = Path(path)
+    with _locked(path.parent):
+        _record_unlocked(path, document)
+
+
+class UnreadableResults(OSError):
+    """eval.json holds something avi cannot read: it is left as it is (it may be the only copy
+    of earlier results), so the new result is not saved."""
+
+
+def _record_unlocked(path: Path, document: dict) -> None:
     try:
-        results = read_results(path) if path.exists() else []
-    except (OSError, ValueError):
-        results = []                       # an unreadable file is replaced, not merged
+        results = read_results(path) if os.path.lexists(path) else []
+    except (OSError, ValueError, RecursionError) as e:
+        raise UnreadableResults(0, f"{path} exists but cannot be read as avi's eval.json ({e}); it "
+                                   f"was left as it is: move it aside and evaluate again") from None
     results = [d for d in results if result_key(d) != result_key(document)] + [document]
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     try:
@@ -43,6 +58,24 @@ def record_result(path: Path, document: dict) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextmanager
+def _locked(folder: Path):
+    """One writer of eval.json at a time (two `avi eval` of one run at once would each drop the
+    other's result): an exclusive flock on the run directory itself, released by the OS when the
+    process dies. No lock where directories cannot be locked (Windows)."""
+    try:
+        import fcntl
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def best_result(results: list[dict]) -> dict | None:

@@ -8,6 +8,7 @@ it `avi eval/sample/plot` and builders.api.load_run) reads it back.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ def export_run(path: str | Path, out: str | Path | None = None,
     """Write the weights of a run directory or .pt checkpoint as safetensors with the resolved
     spec in its metadata -> (the file, its metadata). `out` defaults to RUN/<name>.safetensors
     (./<name>.safetensors for a checkpoint outside a run). Raises RunError on bad input."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     model, resolved, run_dir = load_trained(path, "cpu", use_ema)
     info = model.avi_checkpoint
@@ -51,9 +52,18 @@ def export_run(path: str | Path, out: str | Path | None = None,
         out = (run_dir or Path(".")) / (resolved.spec.name + SUFFIX)
     out = Path(out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(weights, str(tmp), metadata=metadata)
-    tmp.replace(out)
+    # Serialised first and written by Python: a full disk or an unwritable folder is an OSError
+    # (safetensors' own writer raises its SafetensorError), and the file gets the user's umask
+    # permissions (safetensors writes 0600; an export is made to be shared).
+    payload = save(weights, metadata=metadata)
+    tmp = out.with_name(f".{out.name}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+        tmp.replace(out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     return out, metadata
 
 
@@ -82,15 +92,21 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu"):
         raise RunError(f"{path} holds no avi spec in its metadata (was it written by `avi export`?)")
     try:
         resolved = load_document(json.loads(metadata[SPEC_KEY]), source=str(path))
-    except (SpecError, ValueError) as e:
-        raise RunError(f"the spec in {path} is not valid: {e}") from None
+        info = {k: json.loads(metadata.get(f"avi.{k}", default))
+                for k, default in (("ema", "false"), ("step", "null"), ("epoch", "null"))}
+    except (SpecError, ValueError, RecursionError) as e:    # RecursionError: nested too deep
+        raise RunError(f"the avi metadata (spec, ema, step, epoch) in {path} is not valid: {e}") from None
     model = build_model(resolved.spec, device="cpu")
+    missing = sorted(model.state_dict().keys() - weights.keys())
+    unexpected = sorted(weights.keys() - model.state_dict().keys())
+    if missing or unexpected:     # torch's own message lists every key: thousands of names
+        raise RunError(f"{path}: the weights do not fit the model of its spec: {len(missing)} "
+                       f"missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. "
+                       f"{unexpected[:3]}); was it written by `avi export`?")
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
         raise RunError(f"{path}: the weights do not fit the model of its spec: {e}") from None
     place(model, dev).eval()
-    model.avi_checkpoint = {"path": str(path), "ema": json.loads(metadata.get("avi.ema", "false")),
-                            "step": json.loads(metadata.get("avi.step", "null")),
-                            "epoch": json.loads(metadata.get("avi.epoch", "null"))}
+    model.avi_checkpoint = {"path": str(path), **info}
     return model, resolved, None

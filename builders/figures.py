@@ -8,6 +8,7 @@ its text as text (svg.fonttype "none") so titles and labels stay searchable and 
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -17,6 +18,10 @@ from matplotlib import colormaps, rc_context
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+
+from avi_spec.yaml_io import read_text_file
+
+from .images import write_atomically
 
 FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
 NOT_A_SOURCE = "0.82"                 # grey of the attention cells that are not sources
@@ -36,12 +41,10 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     """Write the figure in the format of the path's extension, atomically."""
     path = Path(path)
     fmt = figure_format(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    encoded = io.BytesIO()
     with rc_context({"svg.fonttype": "none", "pdf.fonttype": 42}):
-        fig.savefig(tmp, format=fmt, dpi=DPI)
-    tmp.replace(path)
-    return path
+        fig.savefig(encoded, format=fmt, dpi=DPI)
+    return write_atomically(path, encoded.getvalue())
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -123,15 +126,18 @@ def attention_figure(generative: np.ndarray, inference: np.ndarray) -> Figure:
 
 # ------------------------------------------------------------------ training curves
 
+MAX_METRICS_BYTES = 1 << 30       # a 1,000,000-step run logged every step is about 250 MB
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     """The records of a run's metrics.jsonl; ValueError names a line that is not a record."""
     records = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_text_file(path, MAX_METRICS_BYTES).splitlines(), 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:      # RecursionError: brackets nested too deep
             raise ValueError(f"line {number} is not a JSON record ({e})") from None
         if not isinstance(record, dict) or not isinstance(record.get("step"), (int, float)):
             raise ValueError(f"line {number} is not a JSON object with a step")

@@ -157,5 +157,5 @@ def _before(line: str, step: int, epoch: int | None) -> bool:
         if "test_nelbo" in rec and epoch is not None:
             return rec.get("epoch", math.inf) < epoch
         return rec.get("step", math.inf) <= step
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):   # RecursionError: brackets nested too deep
         return False

@@ -305,3 +305,30 @@ def test_transpose_swaps_rows_and_columns(tmp_path):
     np.testing.assert_array_equal(theirs, upright.swapaxes(-1, -2))
     # Their reader: each column reshaped row-major.
     np.testing.assert_array_equal(theirs[:, 0], data.T.reshape(-1, 28, 28))
+
+
+def test_compressed_data_files_are_bounded(tmp_path, monkeypatch):
+    """A few KB of gzip can expand to gigabytes (a data.root in a run someone sent you): an
+    MNIST .gz or a CIFAR-10 archive member larger than such a file can be is refused before
+    it is read whole."""
+    import builders.datasets as datasets
+    monkeypatch.setattr(datasets, "MAX_MNIST_BYTES", 4000)
+    monkeypatch.setattr(datasets, "MAX_CIFAR_BATCH_BYTES", 20000)
+    raw = idx_bytes(np.zeros((10, 28, 28), dtype=np.uint8))        # 7,856 bytes
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(raw))
+    with pytest.raises(DatasetError, match="expands to more than"):
+        load_images("mnist", tmp_path, "train")
+    _, blobs = cifar_batches()
+    blobs["data_batch_2"] = b"\0" * 25000
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
+        for name, blob in blobs.items():
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    with pytest.raises(DatasetError, match="data_batch_2 holds 25,000 bytes"):
+        load_images("cifar10", tmp_path, "train")
+    (tmp_path / "cifar-10-python.tar.gz").unlink()
+    for name, blob in blobs.items():
+        (tmp_path / name).write_bytes(blob)
+    with pytest.raises(DatasetError, match="data_batch_2 holds 25,000 bytes"):
+        load_images("cifar10", tmp_path, "train")

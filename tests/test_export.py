@@ -3,6 +3,7 @@ two-line Python API of the README (`from builders import load_run`)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,67 @@ def test_two_line_python_api(run):
     assert r.exit_code == 0 and grid.is_file(), r.output
     readme = (ROOT / "README.md").read_text()
     assert "from builders import load_run" in readme and 'load_run("runs/quickstart").sample(16)' in readme
+
+
+def test_python_api_reconstruct_names_the_input_it_takes(run):
+    """reconstruct() of what sample() returns (unpadded [0, 1] images) was a RuntimeError deep
+    in the attention; it is a ValueError naming the shape reconstruct takes."""
+    from builders import load_run
+    from builders.evaluate import eval_images
+    trained = load_run(run, device="cpu")
+    with pytest.raises(ValueError, match=r"model input \[N, 1, 32, 32\] in \[-1, 1\].*got \[2, 1, 28, 28\]"):
+        trained.reconstruct(trained.sample(2))
+    out = trained.reconstruct(eval_images(trained.spec, limit=2), seed=0)
+    assert out.shape == (2, 1, 28, 28) and 0.0 <= out.min() and out.max() <= 1.0
+
+
+def test_export_gets_the_umask_permissions_and_leaves_no_temporary(run, tmp_path):
+    """safetensors writes 0600: an export made to be shared was unreadable to the user's group
+    and others, unlike every other file avi writes."""
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "shared.safetensors"
+        assert runner.invoke(app, ["export", str(run), "--out", str(out)]).exit_code == 0
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["shared.safetensors"]
+
+
+def test_export_to_a_full_disk_is_a_clear_error(run, tmp_path):
+    """safetensors' own writer raised SafetensorError on an I/O error: 'bug in avi' and a
+    traceback. A full disk (a file-size limit here) is exit 2 naming the file, nothing left."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+    out = tmp_path / "full" / "x.safetensors"
+    r = subprocess.run([sys.executable, "-m", "cli.main", "export", str(run), "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=small_disk,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "bug in avi" not in r.stderr
+    assert f"cannot write {out}" in r.stderr
+    assert list(out.parent.iterdir()) == []
+
+
+def test_a_hostile_export_is_a_short_clear_error(tmp_path):
+    """A .safetensors someone sent you: a spec nested too deep was a RecursionError traceback,
+    bad avi.* metadata a ValueError, and weights of another model a message of every key."""
+    from safetensors.torch import save_file
+
+    from builders.export import load_exported
+    spec = json.dumps(load_spec(ROOT / "specs" / "quickstart.yaml").document)
+    cases = {"deep": ({"avi.spec": "[" * 100_000 + "]" * 100_000}, "not valid"),
+             "meta": ({"avi.spec": spec, "avi.step": "{nope"}, "not valid"),
+             "weights": ({"avi.spec": spec}, "1 unexpected")}
+    for name, (metadata, message) in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file({"x": torch.zeros(2)}, str(path), metadata={"format": "pt", **metadata})
+        with pytest.raises(RunError, match=message) as e:
+            load_exported(path)
+        assert len(str(e.value)) < 1000

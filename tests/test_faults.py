@@ -414,3 +414,73 @@ def test_devices_relaunch_ignores_a_decoy_cli_package(tiny, tmp_path):
     payload = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert payload["state"]["step"] == 2 and payload["world_size"] == 2
     assert "FutureWarning" not in r.stderr
+
+
+def test_an_unreadable_eval_json_is_kept_not_replaced(tmp_path):
+    """A damaged eval.json may be the only copy of earlier results: recording a new result leaves
+    it as it is (an OSError the CLI shows as a warning) instead of silently dropping it."""
+    from builders.eval_results import read_results, record_result
+    path = tmp_path / "eval.json"
+    path.write_text('{"format": "avi-evaluations", "results": [{"importance_samples": 500')
+    with pytest.raises(OSError, match="left as it is"):
+        record_result(path, {"split": "test", "importance_samples": 2, "examples": 4})
+    assert path.read_text().endswith('"importance_samples": 500')
+    path.unlink()
+    os.mkfifo(path)                       # a FIFO would block the reader for ever
+    with pytest.raises(OSError, match="not a regular file"):
+        record_result(path, {"split": "test", "importance_samples": 2, "examples": 4})
+    path.unlink()
+    record_result(path, {"split": "test", "importance_samples": 2, "examples": 4})
+    assert [d["importance_samples"] for d in read_results(path)] == [2]
+
+
+def test_concurrent_evaluations_are_all_kept(tmp_path):
+    """Two `avi eval` of one run at once: each read-modify-write of eval.json is exclusive."""
+    import threading
+    from builders import eval_results
+    path = tmp_path / "eval.json"
+    slow = eval_results.read_results
+
+    def read_slowly(p):                   # widen the window between reading and replacing
+        got = slow(p)
+        time.sleep(0.2)
+        return got
+    eval_results.read_results = read_slowly
+    try:
+        threads = [threading.Thread(target=eval_results.record_result,
+                                    args=(path, {"split": "test", "importance_samples": k, "examples": 4}))
+                   for k in (1, 2, 3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        eval_results.read_results = slow
+    assert sorted(d["importance_samples"] for d in eval_results.read_results(path)) == [1, 2, 3]
+
+
+def test_plot_curves_refuses_a_metrics_file_that_is_not_a_file(tmp_path):
+    """Like a spec's `extends:`, metrics.jsonl is read only as a regular file: /dev/zero or a
+    FIFO in a run directory someone sent you is a clear error, not a hang."""
+    for name, make in (("fifo", os.mkfifo), ("zero", lambda p: os.symlink("/dev/zero", p))):
+        run = tmp_path / name
+        run.mkdir()
+        make(run / "metrics.jsonl")
+        r = avi("plot", "curves", run, "--out", tmp_path / "c.png", check=2)
+        assert "not a regular file" in r.stderr
+    (tmp_path / "deep").mkdir()
+    (tmp_path / "deep" / "metrics.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    r = avi("plot", "curves", tmp_path / "deep", "--out", tmp_path / "c.png", check=2)
+    assert "line 1 is not a JSON record" in r.stderr
+
+
+def test_figures_and_grids_on_a_full_disk_are_clear_errors(run, tmp_path):
+    """matplotlib's PDF writer turned a full disk into AttributeError ('bug in avi'), and every
+    failed figure or grid left FILE.tmp behind: encode first, then write; nothing is left."""
+    full = tmp_path / "full"
+    for out, args in ((full / "a.pdf", ["plot", "attention", run, "--device", "cpu"]),
+                      (full / "c.svg", ["plot", "curves", run]),
+                      (full / "s.png", ["sample", run, "--n", "16", "--device", "cpu"])):
+        r = avi(*args, "--out", out, check=2, preexec_fn=_fsize_limit(2000))
+        assert f"cannot write {out}" in r.stderr
+    assert list(full.iterdir()) == []

@@ -413,6 +413,7 @@ def test_resume_drops_metrics_written_after_the_last_checkpoint(tmp_path):
     from builders.training import trim_metrics
     path = tmp_path / "metrics.jsonl"
     lines = [json.dumps({"step": s, "loss": float(s)}) + "\n" for s in range(1, 11)]
-    path.write_text("".join(lines) + '{"step": 11, "lo')        # killed mid-write
+    deep = "[" * 100_000 + "]" * 100_000 + "\n"                 # a RecursionError, not a record
+    path.write_text("".join(lines) + deep + '{"step": 11, "lo')  # killed mid-write
     trim_metrics(path, 5)
     assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
