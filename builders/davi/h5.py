@@ -96,8 +96,9 @@ def read_h5(path: str | Path, model: nn.Module) -> dict[str, np.ndarray]:
     try:
         import h5py
     except ImportError:
-        raise ConversionError("reading .h5 files needs h5py: pip install 'avi[import]' "
-                              "(or pass their weights as a .npz keyed by attribute path)") from None
+        raise ConversionError("reading .h5 files needs h5py: pip install h5py (in a checkout of avi: "
+                              "pip install -e '.[import]'), or pass their weights as a .npz keyed "
+                              "by attribute path") from None
     try:
         f = h5py.File(path, "r")
     except OSError as e:
