@@ -1,5 +1,6 @@
-"""Every evaluation of a run, kept in RUN/eval.json keyed by split, K and number of images,
-so that a quick `avi eval --limit 50 -k 2` never replaces a full K = 500 result; and the
+"""Every evaluation of a run, kept in RUN/eval.json keyed by split, K, number of images and
+the weights evaluated (checkpoint file, EMA or not), so that a quick `avi eval --limit 50 -k 2`
+or a `--no-ema` check never replaces a full K = 500 result of the EMA weights; and the
 result a run is compared by (`avi diff`): the full test split at the largest K.
 
 eval.json: {"format": "avi-evaluations", "results": [document, ...]}, each document as
@@ -19,7 +20,9 @@ MAX_EVAL_BYTES = 64 << 20          # about 60,000 kept evaluations
 
 
 def result_key(doc: dict) -> tuple:
-    return (doc.get("split"), doc.get("importance_samples"), doc.get("examples"))
+    checkpoint = doc.get("checkpoint")
+    weights = (Path(checkpoint).name if isinstance(checkpoint, str) else None, doc.get("ema"))
+    return (doc.get("split"), doc.get("importance_samples"), doc.get("examples"), weights)
 
 
 def read_results(path: Path) -> list[dict]:

@@ -484,3 +484,16 @@ def test_figures_and_grids_on_a_full_disk_are_clear_errors(run, tmp_path):
         r = avi(*args, "--out", out, check=2, preexec_fn=_fsize_limit(2000))
         assert f"cannot write {out}" in r.stderr
     assert list(full.iterdir()) == []
+
+
+def test_evaluations_of_other_weights_are_kept_apart(tmp_path):
+    """A `--no-ema` or last.pt check at the same split and K is another result, not a
+    replacement for the EMA best.pt one; a re-evaluation of the same weights replaces."""
+    from builders.eval_results import read_results, record_result
+    path = tmp_path / "eval.json"
+    base = {"split": "test", "importance_samples": 500, "examples": 10000}
+    record_result(path, base | {"checkpoint": "runs/x/checkpoints/best.pt", "ema": True, "nll_nats": 1.0})
+    record_result(path, base | {"checkpoint": "runs/x/checkpoints/best.pt", "ema": False, "nll_nats": 2.0})
+    record_result(path, base | {"checkpoint": "/abs/runs/x/checkpoints/last.pt", "ema": True, "nll_nats": 3.0})
+    record_result(path, base | {"checkpoint": "/elsewhere/x/checkpoints/best.pt", "ema": True, "nll_nats": 4.0})
+    assert sorted(d["nll_nats"] for d in read_results(path)) == [2.0, 3.0, 4.0]
