@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .faults import fault_point
+from .files import temporary_name
 
 FORMAT = "avi-checkpoint"
 FORMAT_VERSION = 1
@@ -48,13 +49,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def temporary_name(path: Path, kind: str = "tmp") -> Path:
-    """The temporary file a write of ``path`` goes through: .<name>.<kind>.<pid>, hidden and
-    unique per process (remove_stale_temporaries finds them by TEMP_GLOBS)."""
-    return path.with_name(f".{path.name}.{kind}.{os.getpid()}")
-
-
-TEMP_GLOBS = (".*.tmp.*", "*.tmp")      # ours, and builders.images' <name>.png.tmp
+TEMP_GLOBS = (".*.tmp.*", "*.tmp")      # builders.files' temporaries, and those of older avi
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from avi_spec.yaml_io import read_text_file
 
+from .files import write_atomically
+
 FORMAT = "avi-evaluations"
 MAX_EVAL_BYTES = 64 << 20          # about 60,000 kept evaluations
 
@@ -53,14 +55,8 @@ def _record_unlocked(path: Path, document: dict) -> None:
         raise UnreadableResults(0, f"{path} exists but cannot be read as avi's eval.json ({e}); it "
                                    f"was left as it is: move it aside and evaluate again") from None
     results = [d for d in results if result_key(d) != result_key(document)] + [document]
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps({"format": FORMAT, "results": results}, indent=2, allow_nan=False)
-                       + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_atomically(path, (json.dumps({"format": FORMAT, "results": results}, indent=2,
+                                       allow_nan=False) + "\n").encode("utf-8"))
 
 
 @contextmanager

@@ -8,12 +8,12 @@ it `avi eval/sample/plot` and builders.api.load_run) reads it back.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from .evaluate import RunError, load_trained
+from .files import write_atomically
 
 SUFFIX = ".safetensors"
 SPEC_KEY = "avi.spec"                  # metadata: the resolved spec document as JSON
@@ -51,19 +51,10 @@ def export_run(path: str | Path, out: str | Path | None = None,
     if out is None:
         out = (run_dir or Path(".")) / (resolved.spec.name + SUFFIX)
     out = Path(out).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
     # Serialised first and written by Python: a full disk or an unwritable folder is an OSError
     # (safetensors' own writer raises its SafetensorError), and the file gets the user's umask
     # permissions (safetensors writes 0600; an export is made to be shared).
-    payload = save(weights, metadata=metadata)
-    tmp = out.with_name(f".{out.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-        tmp.replace(out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_atomically(out, save(weights, metadata=metadata))
     return out, metadata
 
 

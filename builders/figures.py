@@ -21,7 +21,7 @@ from matplotlib.patches import Patch
 
 from avi_spec.yaml_io import read_text_file
 
-from .images import write_atomically
+from .files import write_atomically
 
 FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
 NOT_A_SOURCE = "0.82"                 # grey of the attention cells that are not sources

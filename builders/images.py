@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import io
 import math
-import os
 from pathlib import Path
 
 import numpy as np
+
+from .files import write_atomically
 
 
 def grid(images, columns: int | None = None, pad: int = 2) -> np.ndarray:
@@ -47,22 +48,6 @@ def save_image(path: str | Path, pixels: np.ndarray) -> Path:
     encoded = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8)).save(encoded, format=fmt)
     return write_atomically(path, encoded.getvalue())
-
-
-def write_atomically(path: Path, data: bytes) -> Path:
-    """Write encoded bytes to `path` through a temporary that is renamed into place (a reader
-    never sees half a file) and removed when the write fails. Encoding before writing keeps the
-    failures of a full disk or a read-only folder plain OSErrors (matplotlib's PDF writer, for
-    one, turns them into an AttributeError), and leaves no temporary behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        tmp.replace(path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 def save_grid(path: str | Path, images, columns: int | None = None) -> Path:

@@ -189,7 +189,7 @@ class DeepAttentiveVAE(nn.Module):
         if noise is not None and len(noise) != self.derived.layers:
             raise ValueError(f"posterior_noise needs one tensor per layer ({self.derived.layers}), "
                              f"got {len(noise)}")
-        d, L = self.derived, self.derived.layers
+        d = self.derived
         contexts: list[torch.Tensor] = []       # stored c_0 .. c_{l-1}: [values | key]
         z = None
         kls, log_pz, log_qz, latents = [], 0.0, 0.0, []

@@ -15,7 +15,8 @@ import socket
 import time
 from pathlib import Path
 
-from .checkpoint import remove_stale_temporaries, temporary_name
+from .checkpoint import remove_stale_temporaries
+from .files import write_atomically
 from .faults import fault_point
 
 LOCK_NAME = ".avi-train.lock"
@@ -127,12 +128,8 @@ def open_run_dir(out_dir: Path) -> RunLock:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file and a rename: ``path`` is old or new, never partial."""
-    tmp = temporary_name(path)
-    fault_point(f"write {tmp.name}")
-    tmp.write_text(text, encoding="utf-8")
-    fault_point(f"rename {tmp.name} -> {path.name}")
-    os.replace(tmp, path)
+    """``path`` is old or new, never partial (spec.yaml, metrics.jsonl when trimmed)."""
+    write_atomically(path, text.encode("utf-8"))
 
 
 def trim_metrics(path: Path, step: int, epoch: int | None = None) -> None:

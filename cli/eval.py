@@ -192,8 +192,6 @@ def eval_command(
 
         avi eval runs/quickstart --importance-samples 500 --json
     """
-    import torch
-
     from builders.evaluate import batched, importance_sampled_nll
 
     model, resolved, run_dir = load_model(run, device, not no_ema, overrides)
