@@ -8,7 +8,7 @@ Run by hand (never as a timed test):
     python bench/bench.py eval                      # importance sampling vs forward passes
     python bench/bench.py build                     # avi validate / avi build wall time
     python bench/bench.py attention                 # vectorised vs loop depth-wise attention
-    python bench/bench.py step --device cuda --dtype bf16 --batch 32
+    python bench/bench.py step --device cuda --dtype bf16 --batch 32 [--compile]
     python bench/bench.py reference --davi-src PATH/src --tf-python PATH/bin/python
                                                     # avi vs the authors' TF code (not in "all")
 
@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 from avi_spec import load_spec  # noqa: E402
 from builders.build import build_model  # noqa: E402
 from builders.depthwise_attention import depthwise_attend  # noqa: E402
+from builders.devices import ieee_fp32  # noqa: E402
 from builders.optim import build_optimizer  # noqa: E402
 
 
@@ -42,6 +43,7 @@ from builders.optim import build_optimizer  # noqa: E402
 
 def context(args) -> dict:
     return {"device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
+            "compile": getattr(args, "compile", False),
             "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
 
@@ -98,7 +100,13 @@ def model_for(spec_path: str, args, overrides=()):
     model = build_model(spec, args.device)
     if args.memory_format == "channels_last":          # what `avi train` uses
         model = model.to(memory_format=torch.channels_last)
+    ieee_fp32(torch.device(args.device))                # fp32 means IEEE fp32, as in avi train
     return model, spec
+
+
+def forward_of(model, args):
+    """The model, or torch.compile of it as `train.compile: true` does (`--compile`)."""
+    return torch.compile(model) if getattr(args, "compile", False) else model
 
 
 def batch_for(spec, n: int, device: str, memory_format: str = "channels_last") -> torch.Tensor:
@@ -114,10 +122,11 @@ def batch_for(spec, n: int, device: str, memory_format: str = "channels_last") -
 def train_step_fn(model, spec, x, args):
     opt = build_optimizer(model, spec.train.optimizer)      # the spec's Adamax and L2 groups
     model.train()
+    forward = forward_of(model, args)
 
     def step():
         with autocast(args):
-            out = model(x)
+            out = forward(x)
             loss = (out.nll + out.kl.sum(1)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -372,6 +381,8 @@ def main() -> None:
     p.add_argument("--attention-batches", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--memory-format", choices=["channels_last", "contiguous"], default="channels_last",
                    help="of the model's weights and inputs (avi train uses channels_last)")
+    p.add_argument("--compile", action="store_true",
+                   help="step: torch.compile the model, as train.compile: true (compile time not timed)")
     p.add_argument("--davi-src", help="reference: the src/ folder of the authors' code (patched)")
     p.add_argument("--tf-python", help="reference: a Python with TensorFlow 2.21 + tf_keras + TFP")
     args = p.parse_args()

@@ -9,6 +9,7 @@ from their run.py flags and loaded through the importer's converter; no TensorFl
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from builders.davi.flags import parse_command
+from builders.devices import place
 from builders.davi.importer import build_imported
 from builders.davi.weights import ConversionError, convert, mixture_channel_order
 
@@ -26,6 +28,8 @@ TINY = ["tiny_attn", "tiny_nvae", "tiny_cifar"]
 # batch-norm statistic randomised: in the tiny_* models (their fresh initialisation) the
 # attention and non-local gates are 0, so only these exercise those paths at full strength.
 LIVE = ["live_omniglot", "live_cifar"]
+# The same comparisons on another device: AVI_TEST_DEVICE=cuda on a GPU machine (bench/gpu_session.sh).
+DEVICE = os.environ.get("AVI_TEST_DEVICE", "cpu")
 
 
 def _flags(name: str) -> dict[str, str]:
@@ -46,7 +50,7 @@ def _nchw(a: np.ndarray) -> torch.Tensor:
 def _close(mine: torch.Tensor, theirs: np.ndarray, what: str) -> None:
     """Within RTOL of the reference, relative to the tensor's largest magnitude (elementwise
     relative error is meaningless for the entries near zero of a mean map)."""
-    mine = mine.detach().double().numpy()
+    mine = mine.detach().cpu().double().numpy()
     theirs = theirs.astype(np.float64).reshape(mine.shape)
     err = np.max(np.abs(mine - theirs)) / max(np.max(np.abs(theirs)), 1e-12)
     assert err <= RTOL, f"{what}: relative difference {err:.2e} > {RTOL}"
@@ -55,10 +59,11 @@ def _close(mine: torch.Tensor, theirs: np.ndarray, what: str) -> None:
 def run_with_reference_noise(model, io, mode: str):
     """The model on the fixture's batch with its posterior noise; batch norm on moving
     statistics (eval) or on the batch's (train)."""
-    x = _nchw(io["x"]).float()
+    dev = next(model.parameters()).device
+    x = _nchw(io["x"]).float().to(dev)
     # Their preprocess: binary images 2x - 1, 8-bit ones 2x/255 - 1 (avi's model input).
     x = 2 * x - 1 if model.spec.data.distribution.kind == "bernoulli" else 2 * x / 255 - 1
-    noise = [_nchw(io[f"eps_{l}"][0]).float() for l in range(model.derived.layers)]
+    noise = [_nchw(io[f"eps_{l}"][0]).float().to(dev) for l in range(model.derived.layers)]
     model.train(mode == "train")
     with torch.no_grad():
         return model(x, posterior_noise=noise, record_latents=True)
@@ -85,6 +90,7 @@ def assert_same_terms(model, io, mode: str) -> None:
 @pytest.mark.parametrize("name", TINY + LIVE + ["trained_tiny_attn"])
 def test_same_terms_as_the_reference(name, mode):
     model, _, _ = build_imported(_flags(name), name, _tensors(name))
+    model = place(model, DEVICE)        # as avi runs it: channels_last, IEEE fp32
     assert_same_terms(model, np.load(FIX / name / "io.npz"), mode)
 
 
