@@ -5,6 +5,7 @@ an epoch is 6 steps of 16 images and every run takes a few seconds.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -417,3 +418,44 @@ def test_resume_drops_metrics_written_after_the_last_checkpoint(tmp_path):
     path.write_text("".join(lines) + deep + '{"step": 11, "lo')  # killed mid-write
     trim_metrics(path, 5)
     assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
+
+
+def test_one_step_follows_the_recipe_and_a_skipped_one_changes_nothing(tiny, tmp_path):
+    """Trainer.step on its own: the loss is NLL + beta * KL at the given learning rate; a step
+    whose loss is not finite leaves the weights, the Adamax moments and step counts and the
+    batch-norm statistics as they were, and only counts the skip."""
+    from builders.distributed import Distributed
+    from builders.train_data import TrainData
+    from builders.training import setup_trainer
+    resolved = load_spec(tiny.spec)
+    cpu = torch.device("cpu")
+    trainer = setup_trainer(resolved, tmp_path / "run", Distributed(), cpu, TrainData(resolved.spec, cpu), None)
+    try:
+        raw = trainer.data.train[:16]
+        before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        assert trainer.step(raw, lr=0.003, beta=0.25)
+        c = trainer.state.counters
+        assert c["window_loss"] == pytest.approx(c["window_nll"] + 0.25 * c["window_kl"], rel=1e-6)
+        assert [g["lr"] for g in trainer.optimizer.param_groups] == [0.003] * len(trainer.optimizer.param_groups)
+        params = dict(trainer.model.named_parameters())
+        assert sum(not torch.equal(p, before[n]) for n, p in params.items()) > len(params) // 2
+
+        model_state = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        opt_state = copy.deepcopy(trainer.optimizer.state_dict()["state"])
+        real_forward = trainer.forward
+
+        def nan_forward(x):
+            out = real_forward(x)              # updates the batch-norm statistics ...
+            out.nll = out.nll * math.nan       # ... of a step that must be undone
+            return out
+        trainer.forward = nan_forward
+        assert trainer.step(raw, lr=0.003, beta=1.0)
+        s = trainer.state
+        assert (s.step, s.batch, s.skipped, s.consecutive_skipped) == (2, 2, 1, 1)
+        after = trainer.model.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in model_state.items())
+        now = trainer.optimizer.state_dict()["state"]
+        assert now.keys() == opt_state.keys() and all(
+            torch.equal(torch.as_tensor(now[i][k]), torch.as_tensor(v)) for i in opt_state for k, v in opt_state[i].items())
+    finally:
+        trainer.reporter.close()
