@@ -33,9 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from avi_spec import load_spec  # noqa: E402
-from builders.build import build_model  # noqa: E402
-from builders.depthwise_attention import depthwise_attend  # noqa: E402
-from builders.optim import build_optimizer  # noqa: E402
+from builders.network.build import build_model  # noqa: E402
+from builders.network.depthwise_attention import depthwise_attend  # noqa: E402
+from builders.train.optim import build_optimizer  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- helpers

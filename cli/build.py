@@ -45,7 +45,7 @@ def build(
 
     import torch
 
-    from builders.build import build_model, summary
+    from builders.network.build import build_model, summary
 
     if device is BuildDevice.cuda and not torch.cuda.is_available():
         from .common import UserError

@@ -1,4 +1,4 @@
-"""`avi train`: train a spec into a run directory (the work is in builders.training)."""
+"""`avi train`: train a spec into a run directory (the work is in builders.train.training)."""
 from __future__ import annotations
 
 import json
@@ -98,9 +98,9 @@ def train(
         out = p if (p.is_dir() and spec_file(p) != p) else Path("runs") / resolved.spec.name
 
     from builders.checkpoint import CheckpointError
-    from builders.datasets import DatasetError
+    from builders.data.datasets import DatasetError
     from builders.devices import DeviceError
-    from builders.training import TrainingError, preflight, train as run_training
+    from builders.train.training import TrainingError, preflight, train as run_training
 
     user_errors = (CheckpointError, DatasetError, DeviceError, TrainingError)
     if devices and devices > 1 and "WORLD_SIZE" not in os.environ:
@@ -124,7 +124,7 @@ def train(
 
 def _print_result(result: dict, epochs: int, mode: str) -> None:
     if mode == "jsonl":
-        from builders.reporting import strict
+        from builders.train.reporting import strict
         sys.stdout.write(json.dumps({"result": strict(result)}, allow_nan=False) + "\n")
     elif mode != "quiet":
         sys.stdout.write(_summary(result, epochs) + "\n")

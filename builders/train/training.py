@@ -1,7 +1,7 @@
 """Training loop of `avi train` (ARCHITECTURE.md section 7, PRODUCT.md "A run directory").
 
     loss = mean_b [ nll_b + beta(epoch) * sum_l KL_bl ]        (nats per image)
-    + L2 as coupled weight decay in the optimizer (builders.optim)
+    + L2 as coupled weight decay in the optimizer (builders.train.optim)
 
 Reproducibility: the data order comes from (seed, epoch) (EpochBatches), and every step
 reseeds both the binarisation/flip generator and torch's global generator (posterior noise)
@@ -9,14 +9,14 @@ from (seed, step, rank). So the random numbers of a step depend only on its posi
 run resumed from a checkpoint takes exactly the steps an uninterrupted run takes (bit for bit
 on the CPU). The RNG states are still saved in checkpoints and restored on resume.
 
-Run directory (only rank 0 writes, holding its lock; builders.run_dir): spec.yaml,
+Run directory (only rank 0 writes, holding its lock; builders.train.run_dir): spec.yaml,
 metrics.jsonl, samples/epoch_XXXX.png, checkpoints/last.pt (every checkpoint_every steps, each
 epoch end and on Ctrl-C, atomic; the previous one kept as last.prev.pt), checkpoints/best.pt
 (best test NELBO), TensorBoard events in tb/ when tensorboard is installed. A run killed at
-any point resumes to the files of an uninterrupted run (builders.train_loop).
+any point resumes to the files of an uninterrupted run (builders.train.train_loop).
 
 This module checks and prepares a run (spec, data, run directory, checkpoint to resume from:
-train, setup_trainer, build_parts) and hands it to builders.train_loop.Trainer, whose loop reads
+train, setup_trainer, build_parts) and hands it to builders.train.train_loop.Trainer, whose loop reads
 as the recipe.
 
 A step whose loss or gradient is not finite (on any process) is skipped: no update, and the
@@ -39,13 +39,13 @@ import torch
 from avi_spec import ResolvedSpec, dump_yaml
 from avi_spec.diff import changed_fields
 
-from .build import build_model
-from .checkpoint import CheckpointError, load_with_fallback, previous_path, set_rng_state
-from .devices import place, resolve_device
+from ..network.build import build_model
+from ..checkpoint import CheckpointError, load_with_fallback, previous_path, set_rng_state
+from ..devices import place, resolve_device
 from .distributed import (Distributed, all_processes_agree, setup_distributed,  # noqa: F401 (API)
                           teardown_distributed, wrap_data_parallel)
 from .optim import build_optimizer
-from .preprocess import EpochBatches
+from ..data.preprocess import EpochBatches
 from .reporting import Reporter, warn
 from .run_dir import (TrainingError, check_out_dir, open_run_dir, trim_metrics, write_error,
                       write_text_atomic)
@@ -205,7 +205,7 @@ def setup_trainer(resolved: ResolvedSpec, out_dir: Path, ddp: Distributed, dev: 
 
 
 def build_parts(spec, dev: torch.device, payload: dict | None, path: Path, restore_rng: bool = True):
-    """Model, optimizer (Adamax with the two L2 strengths, builders.optim), EMA and the loop
+    """Model, optimizer (Adamax with the two L2 strengths, builders.train.optim), EMA and the loop
     position State: fresh, or put back from the checkpoint ``payload`` read from ``path``."""
     model = place(build_model(spec, dev), dev)
     optimizer = build_optimizer(model, spec.train.optimizer)

@@ -4,7 +4,7 @@
       for batch: lr = learning_rate(step)         cosine schedule after a linear warm-up
                  loss = NLL + beta * KL           nats per image (Trainer.step)
                  clip the gradient norm; Adamax update with the two L2 strengths as weight
-                 decay (builders.optim); EMA of the weights
+                 decay (builders.train.optim); EMA of the weights
       epoch end: test NELBO, samples, best.pt, last.pt (Trainer.end_epoch)
 
 Order at an epoch end: the test record, the sample grid, best.pt (when the test NELBO
@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import save_checkpoint
-from .checkpoint import rng_state
+from ..checkpoint import save_checkpoint
+from ..checkpoint import rng_state
 from .distributed import Distributed, all_processes_agree
-from .faults import fault_point
-from .images import save_grid
-from .preprocess import EpochBatches
+from ..faults import fault_point
+from ..evaluation.images import save_grid
+from ..data.preprocess import EpochBatches
 from .reporting import Reporter
 from .run_dir import TrainingError, write_error
 from .schedules import kl_beta, learning_rate
@@ -77,7 +77,7 @@ def autocast_for(device: torch.device, precision: str):
 
 class Trainer:
     """One training run of a built model into a run directory (rank 0 writes); made by
-    builders.training.setup_trainer. run() calls train_epoch() per epoch, which calls step()
+    builders.train.training.setup_trainer. run() calls train_epoch() per epoch, which calls step()
     per batch, then end_epoch(); checkpoint() writes last.pt or best.pt. The loop position and
     the running sums a resumed run needs are in ``state`` (saved in every checkpoint); the
     rest is fixed for the run or rebuilt each step."""
@@ -221,7 +221,7 @@ class Trainer:
         return torch.nn.utils.clip_grad_norm_(self.params, self.max_norm, foreach=True)
 
     def _update(self) -> None:
-        """The optimizer's update (L2 is its weight decay, builders.optim), then the EMA."""
+        """The optimizer's update (L2 is its weight decay, builders.train.optim), then the EMA."""
         try:
             self.optimizer.step()
         except RuntimeError as e:          # e.g. lr = 1e300: the update is not a float32
