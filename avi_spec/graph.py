@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Iterable
+from typing import Any
 
 import networkx as nx
 
@@ -58,70 +58,90 @@ def _natural(name: str) -> tuple:
 def build_graph(spec: Spec, derived: Derived | None = None) -> nx.MultiDiGraph:
     """The data-flow and attention graph of a validated `Spec` (ARCHITECTURE.md sections 3-5)."""
     d = derived or derive(spec)
-    L = spec.hierarchy.layers
-    Z = spec.hierarchy.latent.channels
-    S = spec.hierarchy.latent.size
-    G = nx.MultiDiGraph(name=spec.name, layers=L,
+    G = nx.MultiDiGraph(name=spec.name, layers=spec.hierarchy.layers,
                         generative_layers=sorted(d.gen_sources), inference_layers=sorted(d.inf_sources))
+    _bottom_up(G, spec, d)
+    ctx_size = _top_down(G, spec, d)
+    _output(G, spec, d, ctx_size)
+    _attention(G, spec, d)
+    return G
 
-    def node(name: str, kind: str, layer: int | None, channels: int, size: int,
-             label: str, **extra: Any) -> None:
-        G.add_node(name, kind=kind, layer=layer, channels=int(channels), size=int(size),
-                   label=label, constant=bool(extra.pop("constant", False)), **extra)
 
-    def flow(u: str, v: str, role: str) -> None:
-        G.add_edge(u, v, key="flow", kind="flow", role=role)
+def _node(G: nx.MultiDiGraph, name: str, kind: str, layer: int | None, channels: int, size: int,
+          label: str, **extra: Any) -> None:
+    G.add_node(name, kind=kind, layer=layer, channels=int(channels), size=int(size),
+               label=label, constant=bool(extra.pop("constant", False)), **extra)
 
-    # Data and the bottom-up pass (section 5, Eq. 10).
-    node("x", "data", None, spec.data.image.channels, d.input_size, "x")
-    node("pre", "preprocess", L, d.bottom_up_width, d.feature_size, "preprocess (e_L)")
-    flow("x", "pre", "input")
+
+def _flow(G: nx.MultiDiGraph, u: str, v: str, role: str) -> None:
+    G.add_edge(u, v, key="flow", kind="flow", role=role)
+
+
+def _bottom_up(G: nx.MultiDiGraph, spec: Spec, d: Derived) -> None:
+    """The data and the bottom-up pass (section 5, Eq. 10): x -> pre (e_L) -> enc/L-1 .. enc/0."""
+    L = spec.hierarchy.layers
+    _node(G, "x", "data", None, spec.data.image.channels, d.input_size, "x")
+    _node(G, "pre", "preprocess", L, d.bottom_up_width, d.feature_size, "preprocess (e_L)")
+    _flow(G, "x", "pre", "input")
     width, size = d.bottom_up_width, d.feature_size
     for l in range(L - 1, -1, -1):
         width, size = _walk(width, size, spec.cells.encoder.scales)
-        node(f"enc/{l}", "encoder", l, width, size, f"encoder {l} (e_{l})")
-        flow(enc_name(l + 1, L), f"enc/{l}", "input")
+        _node(G, f"enc/{l}", "encoder", l, width, size, f"encoder {l} (e_{l})")
+        _flow(G, enc_name(l + 1, L), f"enc/{l}", "input")
 
-    # The top-down pass (section 4) and the posteriors (section 5).
+
+def _top_down(G: nx.MultiDiGraph, spec: Spec, d: Derived) -> int:
+    """The top-down pass (section 4) and the posteriors (section 5); the size of the last context."""
+    Z, S = spec.hierarchy.latent.channels, spec.hierarchy.latent.size
     ctx_size = S
-    for l in range(L):
+    for l in range(spec.hierarchy.layers):
         if l == 0:
-            node("ctx/0", "context", 0, d.decoder_width(0), S, "constant context 0", constant=True)
-            node("prior/0", "prior", 0, 2 * Z, S, "prior 0 = N(0, I)", constant=True)
+            _node(G, "ctx/0", "context", 0, d.decoder_width(0), S, "constant context 0", constant=True)
+            _node(G, "prior/0", "prior", 0, 2 * Z, S, "prior 0 = N(0, I)", constant=True)
         else:
-            node(f"merge/{l}", "merge", l, d.decoder_width(l), ctx_size, f"top-down merge {l}")
-            flow(f"ctx/{l - 1}", f"merge/{l}", "context")
-            flow(f"z/{l - 1}", f"merge/{l}", "latent")
+            _node(G, f"merge/{l}", "merge", l, d.decoder_width(l), ctx_size, f"top-down merge {l}")
+            _flow(G, f"ctx/{l - 1}", f"merge/{l}", "context")
+            _flow(G, f"z/{l - 1}", f"merge/{l}", "latent")
             w, ctx_size = _walk(d.decoder_width(l), ctx_size, spec.cells.decoder.scales)
-            node(f"ctx/{l}", "context", l, w, ctx_size, f"decoder {l}")
-            flow(f"merge/{l}", f"ctx/{l}", "input")
-            node(f"prior/{l}", "prior", l, 2 * Z, ctx_size, f"prior {l}")
-            flow(f"ctx/{l}", f"prior/{l}", "condition")
-        enc_size = G.nodes[f"enc/{l}"]["size"]
-        node(f"posterior/{l}", "posterior", l, 2 * Z, enc_size, f"posterior {l}")
-        flow(f"enc/{l}", f"posterior/{l}", "input")
-        if l >= 1:
-            # Bottom-up merge with the prior condition; the posterior is residual to the prior.
-            flow(f"prior/{l}", f"posterior/{l}", "condition")
-        if d.has_inf_attention(l):
-            # The inference query qE_l: the first q_E channels of the raw context.
-            flow(f"ctx/{l}", f"posterior/{l}", "query")
-        node(f"z/{l}", "latent", l, Z, S, f"z_{l}")
-        flow(f"posterior/{l}", f"z/{l}", "sample")
-        flow(f"prior/{l}", f"z/{l}", "prior")
+            _node(G, f"ctx/{l}", "context", l, w, ctx_size, f"decoder {l}")
+            _flow(G, f"merge/{l}", f"ctx/{l}", "input")
+            _node(G, f"prior/{l}", "prior", l, 2 * Z, ctx_size, f"prior {l}")
+            _flow(G, f"ctx/{l}", f"prior/{l}", "condition")
+        _posterior(G, d, l, Z)
+        _node(G, f"z/{l}", "latent", l, Z, S, f"z_{l}")
+        _flow(G, f"posterior/{l}", f"z/{l}", "sample")
+        _flow(G, f"prior/{l}", f"z/{l}", "prior")
+    return ctx_size
 
-    # Final merge, postprocessing and the data distribution.
-    node("merge/final", "merge", L, d.context_width, ctx_size, "final merge")
-    flow(f"ctx/{L - 1}", "merge/final", "context")
-    flow(f"z/{L - 1}", "merge/final", "latent")
+
+def _posterior(G: nx.MultiDiGraph, d: Derived, l: int, Z: int) -> None:
+    _node(G, f"posterior/{l}", "posterior", l, 2 * Z, G.nodes[f"enc/{l}"]["size"], f"posterior {l}")
+    _flow(G, f"enc/{l}", f"posterior/{l}", "input")
+    if l >= 1:
+        # Bottom-up merge with the prior condition; the posterior is residual to the prior.
+        _flow(G, f"prior/{l}", f"posterior/{l}", "condition")
+    if d.has_inf_attention(l):
+        # The inference query qE_l: the first q_E channels of the raw context.
+        _flow(G, f"ctx/{l}", f"posterior/{l}", "query")
+
+
+def _output(G: nx.MultiDiGraph, spec: Spec, d: Derived, ctx_size: int) -> None:
+    """Final merge, postprocessing and the data distribution."""
+    L = spec.hierarchy.layers
+    _node(G, "merge/final", "merge", L, d.context_width, ctx_size, "final merge")
+    _flow(G, f"ctx/{L - 1}", "merge/final", "context")
+    _flow(G, f"z/{L - 1}", "merge/final", "latent")
     post_width, post_size = _walk(d.context_width, ctx_size, spec.cells.postprocess.scales)
-    node("post", "postprocess", None, post_width, post_size, "postprocess")
-    flow("merge/final", "post", "input")
-    node("px", "distribution", None, spec.data.image.channels, post_size,
-         f"p(x|z): {spec.data.distribution.kind}", distribution=spec.data.distribution.kind)
-    flow("post", "px", "input")
+    _node(G, "post", "postprocess", None, post_width, post_size, "postprocess")
+    _flow(G, "merge/final", "post", "input")
+    _node(G, "px", "distribution", None, spec.data.image.channels, post_size,
+          f"p(x|z): {spec.data.distribution.kind}", distribution=spec.data.distribution.kind)
+    _flow(G, "post", "px", "input")
 
-    # Attention edges: the candidates each layer asks for (derive() reads the spec's sources).
+
+def _attention(G: nx.MultiDiGraph, spec: Spec, d: Derived) -> None:
+    """Attention edges: the candidates each layer asks for (derive() reads the spec's sources)."""
+    L = spec.hierarchy.layers
     for l, sources in sorted(d.gen_sources.items()):
         dst = f"prior/{l}"
         if dst not in G:
@@ -139,7 +159,6 @@ def build_graph(spec: Spec, derived: Derived | None = None) -> nx.MultiDiGraph:
             if 0 <= m <= L:
                 G.add_edge(enc_name(m, L), dst, key="inference", kind="attention",
                            path="inference", src_layer=m, layer=l)
-    return G
 
 
 # ------------------------------------------------------------------------ reading back

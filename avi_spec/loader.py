@@ -6,7 +6,8 @@
 
 Every key and value keeps the file, line and column it came from, so that any later
 problem (pydantic's or the graph validator's) can point at the line a user must edit.
-Reading files and YAML within bounds is `yaml_io`'s job.
+Reading files and YAML within bounds is `yaml_io`'s job, a `--set` is `overrides`', and
+pydantic's errors become problems at a line in `schema_errors`.
 """
 from __future__ import annotations
 
@@ -14,18 +15,19 @@ import copy
 import datetime
 import hashlib
 import json
-import math
 import os
 import re
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterable, Union, get_args, get_origin
+from typing import Any, Callable, Iterable
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from .errors import Problem, SpecError, did_you_mean, format_path
+from .overrides import apply_override
 from .schema import SPEC_VERSION, Spec
+from .schema_errors import problems_of, show_value
+from .schema_paths import child, field_names, fields_by_name, find_position, index_positions, is_model, locate
 from .yaml_io import Key, Pos, display_path as _display, dump_yaml, parse_yaml, read_spec_text as _read
 
 __all__ = ["ResolvedSpec", "load_spec", "load_text", "load_document", "format_path", "dump_yaml", "parse_yaml",
@@ -56,32 +58,14 @@ class ResolvedSpec:
     def locate(self, path: Iterable) -> Pos:
         """(file, line, column) of `path`, or of its nearest ancestor the user wrote."""
         if self._index is None:
-            self._index = _index(self.positions)
-        return _find(self._index, tuple(path))
+            self._index = index_positions(self.positions)
+        return find_position(self._index, tuple(path))
 
     def problem(self, path: Iterable, message: str, hint: str | None = None) -> Problem:
         """A Problem at `path`, located in the files (for graph-level validators)."""
         path = tuple(path)
         file, line, col = self.locate(path)
         return Problem(format_path(path), message, file, line, col, hint)
-
-
-def _index(positions: dict[Key, Pos]) -> dict[Key, Pos]:
-    # pydantic reports dict keys as strings ("3") where YAML gave ints (3): compare as text.
-    # Built once per batch of lookups: rebuilding it per problem made 10,000 problems take 50 s.
-    return {tuple(map(str, k)): v for k, v in positions.items()}
-
-
-def _find(index: dict[Key, Pos], path: Key) -> Pos:
-    for i in range(len(path), -1, -1):
-        hit = index.get(tuple(map(str, path[:i])))
-        if hit:
-            return hit
-    return ("<spec>", None, None)
-
-
-def _locate(positions: dict[Key, Pos], path: Key) -> Pos:
-    return _find(_index(positions), path)
 
 
 # ----------------------------------------------------------------- versions
@@ -108,7 +92,7 @@ def _check_version(doc: dict, positions: dict[Key, Pos]) -> None:
     v = doc.get("version")
     if isinstance(v, int) and not isinstance(v, bool) and v > SPEC_VERSION:
         raise SpecError(Problem("version", f"spec version {v} is newer than this avi supports ({SPEC_VERSION})",
-                                *_locate(positions, ("version",)), hint="upgrade avi"))
+                                *locate(positions, ("version",)), hint="upgrade avi"))
 
 
 # ------------------------------------------------------------- extends / merge
@@ -125,7 +109,7 @@ def merge(base: dict, over: dict, base_pos: dict[Key, Pos] | None = None,
     def go(b: dict, o: dict, path: Key, anns: list) -> dict:
         out = dict(b)
         for k, v in o.items():
-            sub = _child(anns, k) if isinstance(k, str) else []
+            sub = child(anns, k) if isinstance(k, str) else []
             if isinstance(v, dict) and isinstance(out.get(k), dict) and not _switches_variant(sub, out[k], v):
                 out[k] = go(out[k], v, path + (k,), sub)
             else:
@@ -142,13 +126,13 @@ def merge(base: dict, over: dict, base_pos: dict[Key, Pos] | None = None,
 def _variant(anns: list, value: dict) -> type | None:
     """The model of a union of models that the mapping `value` is written for (None: not a
     union of models, or it cannot tell). Tagged unions go by `kind`, others by field names."""
-    models = [a for a in anns if _is_model(a)]
+    models = [a for a in anns if is_model(a)]
     if len(models) < 2:
         return None
     if any("kind" in m.model_fields for m in models):
         tagged = [m for m in models if "kind" in m.model_fields and m.model_fields["kind"].default == value.get("kind")]
         return tagged[0] if "kind" in value and len(tagged) == 1 else None
-    fits = [m for m in models if value and set(map(str, value)) <= set(_fields(m))]
+    fits = [m for m in models if value and set(map(str, value)) <= set(fields_by_name(m))]
     return fits[0] if len(fits) == 1 else None
 
 
@@ -172,7 +156,7 @@ def _check_is_spec(data: Any, positions: dict[Key, Pos], source: str, via: Probl
         key, where, subject = "extends", (via.file, via.line, via.column), f"{source} is "
     else:
         key, where, subject = "", positions.get((), (source, 1, 1)), "this file is "
-    fields = _field_names([Spec]) + ["extends"]
+    fields = field_names([Spec]) + ["extends"]
     if data is None:
         raise SpecError(Problem(key, f"{subject}empty: a spec must set at least one field", *where,
                                 hint=f"fields: {', '.join(fields)}"))
@@ -197,13 +181,13 @@ def _load_layers(text: str, source: str, base_dir: Path, chain: tuple[Path, ...]
     if "extends" not in data:
         return data, positions, own
     ext = data.pop("extends")
-    here = _locate(positions, ("extends",))
+    here = locate(positions, ("extends",))
     if not isinstance(ext, str) or not ext.strip() or "\0" in ext:
-        raise SpecError(Problem("extends", f"expected a relative path to a spec file, found {_show(ext)}", *here))
+        raise SpecError(Problem("extends", f"expected a relative path to a spec file, found {show_value(ext)}", *here))
     try:
         parent = (base_dir / Path(ext).expanduser()).resolve()
     except (OSError, RuntimeError) as e:       # a name too long, a symlink loop
-        raise SpecError(Problem("extends", f"cannot follow {_show(ext)}: {getattr(e, 'strerror', None) or e}",
+        raise SpecError(Problem("extends", f"cannot follow {show_value(ext)}: {getattr(e, 'strerror', None) or e}",
                                 *here)) from None
     if parent in chain:
         loop = chain[chain.index(parent):] + (parent,)
@@ -214,254 +198,6 @@ def _load_layers(text: str, source: str, base_dir: Path, chain: tuple[Path, ...]
     pdata, ppos, _ = _load_layers(_read(parent, via), _display(parent), parent.parent, chain + (parent,), via)
     positions.pop(("extends",), None)
     return (*merge(pdata, data, ppos, positions), own)
-
-
-# ------------------------------------------------------------------ overrides
-
-def _members(ann) -> list:
-    """Concrete alternatives of an annotation: Optional/Union/Annotated unwrapped, None dropped."""
-    origin = get_origin(ann)
-    if origin is Annotated:
-        return _members(get_args(ann)[0])
-    if origin is Union or origin is types.UnionType:
-        return [m for a in get_args(ann) for m in _members(a)]
-    return [] if ann is type(None) else [ann]
-
-
-def _is_model(ann) -> bool:
-    return isinstance(ann, type) and issubclass(ann, BaseModel)
-
-
-def _fields(model: type[BaseModel]) -> dict[str, Any]:
-    return {(f.alias or name): f for name, f in model.model_fields.items()}
-
-
-def _child(anns: list, seg) -> list:
-    """Annotations reached from `anns` by one path segment (empty: not a valid segment)."""
-    out = []
-    for a in anns:
-        if _is_model(a):
-            f = _fields(a).get(seg) if isinstance(seg, str) else None
-            if f is not None:
-                out += _members(f.annotation)
-        elif get_origin(a) in (list, tuple) and isinstance(seg, int) and get_args(a):
-            out += _members(get_args(a)[0])
-        elif get_origin(a) is dict:
-            out += _members(get_args(a)[1])
-    return out
-
-
-def _field_names(anns: list) -> list[str]:
-    return [n for a in anns if _is_model(a) for n in _fields(a)]
-
-
-def _parse_key(key: str) -> list:
-    """"cells.encoder.scales[1]" or "cells.encoder.scales.1" -> ["cells", "encoder", "scales", 1]."""
-    segs: list = []
-    for part in key.replace("[", ".").replace("]", "").split("."):
-        if part == "":
-            raise ValueError(f"malformed field path '{key}'")
-        segs.append(int(part) if re.fullmatch(r"-?\d+", part) else part)
-    return segs
-
-
-_DEFAULTS: dict | None = None
-
-
-def _default_at(path: list) -> Any:
-    global _DEFAULTS
-    if _DEFAULTS is None:
-        _DEFAULTS = Spec().model_dump(mode="json", by_alias=True)
-    cur: Any = _DEFAULTS
-    for seg in path:
-        try:
-            cur = cur[seg]
-        except (KeyError, IndexError, TypeError):
-            return None
-    return copy.deepcopy(cur)
-
-
-def apply_override(doc: dict, positions: dict[Key, Pos], item: str) -> Problem | None:
-    """Apply one `a.b.c=value` to `doc` in place; a Problem (not raised) if it cannot be."""
-    label = f"--set {item}" if len(item) <= 80 else f"--set {item[:77]}..."
-    key, eq, raw = item.partition("=")
-    key = key.strip()
-    if not eq or not key:
-        return Problem("", "expected --set FIELD=VALUE, e.g. --set train.epochs=5", label)
-    try:
-        segs = _parse_key(key)
-    except ValueError as e:
-        return Problem(key, str(e), label)
-    try:
-        value, _ = parse_yaml(raw, label)
-    except SpecError as e:
-        return Problem(key, f"cannot parse the value: {e.problems[0].message}", label)
-
-    # The path must exist in the schema, whatever the document happens to contain.
-    anns: list = [Spec]
-    for i, seg in enumerate(segs):
-        nxt = _child(anns, seg)
-        if not nxt:
-            here = format_path(segs[:i]) or "the spec"
-            names = _field_names(anns)
-            if names:
-                return Problem(format_path(segs), f"unknown field '{seg}' in {here}", label,
-                               hint=did_you_mean(str(seg), names) or f"fields: {', '.join(names)}")
-            return Problem(format_path(segs), f"{here} has no field '{seg}'", label)
-        anns = nxt
-
-    cur: Any = doc
-    for i, seg in enumerate(segs[:-1]):
-        nxt_seg = segs[i + 1]
-        if isinstance(cur, dict):
-            if not isinstance(cur.get(seg), (dict, list)):
-                # Absent or null parent (e.g. attention.inference: null): start from its
-                # default list when indexing, or an empty mapping the schema fills in.
-                cur[seg] = _default_at(segs[:i + 1]) if isinstance(nxt_seg, int) else {}
-                if cur[seg] is None:
-                    return Problem(format_path(segs), f"{format_path(segs[:i + 1])} is not set; set the whole list", label)
-            cur = cur[seg]
-        elif isinstance(cur, list) and isinstance(seg, int) and -len(cur) <= seg < len(cur):
-            if not isinstance(cur[seg], (dict, list)):
-                cur[seg] = {}
-            cur = cur[seg]
-        else:
-            return Problem(format_path(segs), f"cannot set inside {format_path(segs[:i + 1])}", label)
-    last = segs[-1]
-    if isinstance(cur, list):
-        if not (isinstance(last, int) and -len(cur) <= last < len(cur)):
-            return Problem(format_path(segs), f"index {last} out of range (the list has {len(cur)} items)", label)
-        cur[last] = value
-    elif isinstance(cur, dict):
-        cur[last] = value
-    else:
-        return Problem(format_path(segs), f"cannot set inside {format_path(segs[:-1])}", label)
-
-    # Whatever this path held before came from a file; now it comes from the flag.
-    target = tuple(segs)
-    for p in [p for p in positions if p[:len(target)] == target]:
-        del positions[p]
-    for i in range(1, len(target) + 1):
-        positions.setdefault(target[:i], (label, None, None))
-    return None
-
-
-# ----------------------------------------------------------------- validation
-
-def _show(v: Any) -> str:
-    """A value as the user wrote it in YAML, briefly."""
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, float) and not math.isfinite(v):
-        return ".nan" if math.isnan(v) else ".inf" if v > 0 else "-.inf"      # as YAML spells them
-    if isinstance(v, str):
-        text = json.dumps(v, ensure_ascii=False)
-    elif isinstance(v, dict):
-        text = "a mapping " + json.dumps(v, ensure_ascii=False, default=str)
-    else:
-        text = json.dumps(v, ensure_ascii=False, default=str)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _tag_of(ann) -> str | None:
-    return ann.__name__ if isinstance(ann, type) else None
-
-
-def _clean_loc(loc: tuple) -> tuple[Key, tuple | None, list[str]]:
-    """Split a pydantic error location into the document path, the first union alternative
-    it went through (pydantic inserts tags like "LastK", "literal['all']" or a
-    discriminator value) as (path, tag, model or None), and the field names valid at an
-    unknown last key."""
-    anns: list = [Spec]
-    path: list = []
-    union_at = None
-    names: list[str] = []
-    for seg in loc:
-        if seg == "[key]":                    # the error is about a dict key, not its value
-            continue
-        nxt = _child(anns, seg)
-        if nxt:
-            path.append(seg)
-            anns = nxt
-            continue
-        tagged = [a for a in anns if _tag_of(a) == seg or (
-            _is_model(a) and "kind" in a.model_fields and a.model_fields["kind"].default == seg)]
-        if tagged or (len(anns) > 1 and isinstance(seg, str)):
-            if union_at is None:
-                union_at = (tuple(path), str(seg), tagged[0] if tagged and _is_model(tagged[0]) else None)
-            anns = tagged or [a for a in anns if not _is_model(a)]
-            continue
-        names = _field_names(anns)            # an unknown key: nothing below it
-        path.append(seg)
-        anns = []
-    return tuple(path), union_at, names
-
-
-def _expected(msg: str) -> str:
-    msg = msg.replace("Input should be an object", "Input should be a mapping")
-    return re.sub(r"^Input should be ", "expected ", msg)
-
-
-def _problems(err: ValidationError, positions: dict[Key, Pos]) -> list[Problem]:
-    entries = [(e, *_clean_loc(e["loc"])) for e in err.errors(include_url=False)]
-    index = _index(positions)
-
-    # A value that fits no alternative of a union produces one error per alternative. Keep
-    # the alternative the user evidently meant (the one that got furthest with fewest
-    # errors); if none got past the type check, say once what the alternatives are.
-    keep: list = []
-    unions: dict[Key, dict[str, list]] = {}
-    for entry in entries:
-        if entry[2] is None:
-            keep.append(entry)
-        else:
-            unions.setdefault(entry[2][0], {}).setdefault(entry[2][1:], []).append(entry)
-    combined: list[Problem] = []
-    for prefix, by_tag in unions.items():
-        deep = {t: es for t, es in by_tag.items() if any(e[1] != prefix for e in es)}
-        if deep:
-            keep += min(deep.values(), key=len)
-            continue
-        alts = []
-        for (_, model), es in by_tag.items():
-            alts.append("{" + ", ".join(f"{n}: ..." for n in _fields(model)) + "}" if model
-                        else _expected(es[0][0]["msg"]).removeprefix("expected "))
-        found = by_tag[next(iter(by_tag))][0][0].get("input")
-        combined.append(Problem(format_path(prefix), f"expected {' or '.join(alts)}, found {_show(found)}",
-                                *_find(index, prefix)))
-
-    out: list[Problem] = []
-    for e, path, _, names in keep:
-        kind, where = e["type"], _find(index, path)
-        if kind == "missing":
-            out.append(Problem(format_path(path), "required field missing", *where))
-        elif kind == "extra_forbidden":
-            word = str(path[-1])
-            guess = did_you_mean(word, names) if len(out) < 1000 else None   # difflib is slow; few are read
-            out.append(Problem(format_path(path), f"unknown field '{word}'", *where,
-                               hint=guess or (f"fields: {', '.join(names)}" if names else None)))
-        elif kind == "union_tag_invalid":
-            tags = " or ".join(str(e.get("ctx", {}).get("expected_tags", "")).rsplit(", ", 1))
-            tag_path = path + (str(e.get("ctx", {}).get("discriminator", "kind")).strip("'"),)
-            out.append(Problem(format_path(tag_path), f"expected {tags}, found {_show(e.get('ctx', {}).get('tag'))}",
-                               *_find(index, tag_path)))
-        elif kind == "union_tag_not_found":
-            field = str(e.get("ctx", {}).get("discriminator", "kind")).strip("'")
-            out.append(Problem(format_path(path), f"'{field}' is required here, found {_show(e.get('input'))}", *where,
-                               hint=f"add {field}: ..."))
-        elif kind == "string_pattern_mismatch" and path == ("name",):
-            out.append(Problem("name", f"expected letters, digits, '_', '.' or '-' only (the name becomes a run "
-                                       f"directory), found {_show(e.get('input'))}", *where,
-                               hint="replace spaces with '_'"))
-        elif kind == "value_error":
-            out.append(Problem(format_path(path), e["msg"].removeprefix("Value error, "), *where))
-        else:
-            out.append(Problem(format_path(path), f"{_expected(e['msg'])}, found {_show(e.get('input'))}", *where))
-    out += combined
-    unique = {(p.path, p.message): p for p in out}     # union branches can repeat an error
-    return sorted(unique.values(), key=Problem.sort_key)
 
 
 def _jsonable(v: Any) -> Any:
@@ -481,7 +217,7 @@ def _finish(doc: dict, positions: dict[Key, Pos], overrides: Iterable[str], path
         text = json.dumps(doc, default=_jsonable, ensure_ascii=False)
         spec = Spec.model_validate_json(text, strict=True)
     except ValidationError as err:
-        raise SpecError(problems + _problems(err, positions)) from None
+        raise SpecError(problems + problems_of(err, positions)) from None
     if problems:
         raise SpecError(problems)
     document = spec.model_dump(mode="json", by_alias=True)
@@ -519,7 +255,7 @@ def load_document(document: dict, overrides: Iterable[str] = (), source: str = "
     """Validate an already-plain document (e.g. the spec saved in a checkpoint or run dir).
     `extends` is not followed: a saved document is already resolved."""
     if not isinstance(document, dict):
-        raise SpecError(Problem("", f"a spec must be a mapping of fields, found {_show(document)}", source))
+        raise SpecError(Problem("", f"a spec must be a mapping of fields, found {show_value(document)}", source))
     doc = upgrade(copy.deepcopy(document))
     positions: dict[Key, Pos] = {(): (source, None, None)}
     _check_version(doc, positions)

@@ -11,6 +11,8 @@ Run by hand (never as a timed test):
     python bench/bench.py step --device cuda --dtype bf16 --batch 32 [--compile]
     python bench/bench.py reference --davi-src PATH/src --tf-python PATH/bin/python
                                                     # avi vs the authors' TF code (not in "all")
+    python bench/breakdown.py SPEC --batch 8        # a step's time per module class; the fp32 floor
+    bash bench/gpu_session.sh                       # issue 12 part 2 on a lent GPU (see its header)
 
 Each benchmark prints a table and one JSON line (prefix "BENCH "), the median of --repeats
 timed runs after --warmup untimed ones, and the device, dtype, batch and threads it used.
@@ -33,10 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from avi_spec import load_spec  # noqa: E402
-from builders.build import build_model  # noqa: E402
-from builders.depthwise_attention import depthwise_attend  # noqa: E402
 from builders.devices import ieee_fp32  # noqa: E402
-from builders.optim import build_optimizer  # noqa: E402
+from builders.network.build import build_model  # noqa: E402
+from builders.network.depthwise_attention import depthwise_attend  # noqa: E402
+from builders.train.optim import build_optimizer  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- helpers

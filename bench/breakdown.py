@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import batch_for, model_for, train_step_fn  # noqa: E402
 
-from builders import attention_paths, conv, depthwise_attention, merge, nonlocal_block  # noqa: E402
+from builders.network import attention_paths, conv, depthwise_attention, merge, nonlocal_block  # noqa: E402
 
 aten = torch.ops.aten
 # SDPA's CPU flash kernels have no FLOP formula in torch; count them as torch counts the CUDA ones.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .evaluate import load_trained
+from .evaluation.evaluate import load_trained
 
 
 class TrainedRun:
@@ -38,7 +38,7 @@ class TrainedRun:
 
     def reconstruct(self, images: torch.Tensor, seed: int | None = None,
                     mode: str = "mean") -> torch.Tensor:
-        """Model-input images ([N, C, H, W] in [-1, 1], as builders.evaluate.eval_images gives
+        """Model-input images ([N, C, H, W] in [-1, 1], as builders.evaluation.evaluate.eval_images gives
         them) through the posterior and back: [N, C, H', W'] in [0, 1] on the CPU. ValueError
         names the expected shape when `images` have another (e.g. the unpadded output of
         `sample`)."""
@@ -49,7 +49,7 @@ class TrainedRun:
             got = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"reconstruct takes model input [N, {expected[0]}, {side}, {side}] in [-1, 1] "
                              f"(the {data.image.size}x{data.image.size} images padded by data.pad = "
-                             f"{data.pad}, as builders.evaluate.eval_images gives them); got {got}")
+                             f"{data.pad}, as builders.evaluation.evaluate.eval_images gives them); got {got}")
         with _seeded(seed, self.device), torch.no_grad():
             return self.model.reconstruct(images.to(self.device), mode).float().cpu()
 
@@ -68,5 +68,5 @@ def _seeded(seed: int | None, device: torch.device):
 def load_run(path: str | Path, device: str = "auto", ema: bool = True) -> TrainedRun:
     """Load a trained run (see the module's docstring) onto `device` (auto: CUDA if there is
     one). ema=False takes the trained weights even where the run kept EMA weights. Raises
-    builders.evaluate.RunError for a path that holds no trained avi model."""
+    builders.evaluation.evaluate.RunError for a path that holds no trained avi model."""
     return TrainedRun(*load_trained(path, device, ema))

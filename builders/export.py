@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .evaluate import RunError, load_trained
+from .evaluation.evaluate import RunError, load_trained
 from .files import write_atomically
 
 SUFFIX = ".safetensors"
@@ -60,13 +60,13 @@ def export_run(path: str | Path, out: str | Path | None = None,
 
 def load_exported(path: str | Path, device: str | torch.device = "cpu"):
     """A model exported by export_run -> (model in eval mode, ResolvedSpec, None), like
-    builders.evaluate.load_trained. Raises RunError when the file is not an avi export."""
+    builders.evaluation.evaluate.load_trained. Raises RunError when the file is not an avi export."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     from avi_spec import SpecError, load_document
 
-    from .build import build_model
+    from .network.build import build_model
     from .devices import place, resolve_device
 
     dev = resolve_device(device)

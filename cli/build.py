@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from .common import JsonOption, SetOption, err, load, out
+from .common import JsonOption, SetOption, err, load_valid, out
 
 
 class BuildDevice(str, Enum):
@@ -41,17 +41,11 @@ def build(
 
         avi build specs/cifar10_l16.yaml
     """
-    from avi_spec import SpecError
-    from avi_spec.validate import validate
-
-    resolved = load(spec, overrides)
-    problems = validate(resolved)
-    if problems:
-        raise SpecError(problems)
+    resolved = load_valid(spec, overrides)
 
     import torch
 
-    from builders.build import build_model, summary
+    from builders.network.build import build_model, summary
 
     if device is BuildDevice.cuda and not torch.cuda.is_available():
         from .common import UserError
@@ -65,10 +59,19 @@ def build(
         sys.stdout.write(json.dumps(info, indent=2) + "\n")
         return
 
-    from rich.table import Table
+    out.print(_group_table(info, resolved.short_hash))
+    out.print(_layer_table(info))
+    w = info["widths"]
+    out.print(f"widths: bottom-up {w['bottom_up']}, context {w['context']}, "
+              f"decoder {min(w['decoder'])}..{max(w['decoder'])}, postprocess {w['postprocess']}")
+    err.print(f"built on {device.value} in {seconds:.2f} s")
 
+
+def _group_table(info: dict, short_hash: str):
+    """Parameters by module group, with the share of each and the total."""
+    from rich.table import Table
     total = info["parameters"]
-    groups = Table(title=f"{info['name']}  ({resolved.short_hash})", title_justify="left")
+    groups = Table(title=f"{info['name']}  ({short_hash})", title_justify="left")
     groups.add_column("module group")
     groups.add_column("parameters", justify="right")
     groups.add_column("share", justify="right")
@@ -76,12 +79,15 @@ def build(
         groups.add_row(name, f"{n:,}", f"{100 * n / total:.1f}%")
     groups.add_section()
     groups.add_row("[bold]total[/]", f"[bold]{total:,}[/]", "100%")
-    ctx_ln = info["groups"]["context layer norms"]
-    if ctx_ln:
+    if info["groups"]["context layer norms"]:
         groups.add_row("total without the context layer norms (the authors' counter)",
                        f"{info['parameters_reference_count']:,}", "")
-    out.print(groups)
+    return groups
 
+
+def _layer_table(info: dict):
+    """Per stochastic layer: latent shape, prior/posterior/attention parameters, what it reads."""
+    from rich.table import Table
     layers = Table(title="stochastic layers (0 = top; pre = preprocessing output)", title_justify="left")
     for col in ("layer", "latent", "prior", "posterior", "attention", "prior reads", "posterior reads"):
         layers.add_column(col, justify="left" if col.endswith("reads") else "right")
@@ -91,11 +97,7 @@ def build(
                        f"{row['posterior']:,}", f"{row['attention']:,}",
                        _sources(row["generative_sources"]),
                        _sources(row["inference_sources"]).replace(str(L), "pre"))
-    out.print(layers)
-    w = info["widths"]
-    out.print(f"widths: bottom-up {w['bottom_up']}, context {w['context']}, "
-              f"decoder {min(w['decoder'])}..{max(w['decoder'])}, postprocess {w['postprocess']}")
-    err.print(f"built on {device.value} in {seconds:.2f} s")
+    return layers
 
 
 def register(app: typer.Typer) -> None:

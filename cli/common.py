@@ -53,6 +53,17 @@ def load(path: str | Path, overrides: Iterable[str] | None = None) -> ResolvedSp
     return load_spec(spec_file(path), list(overrides or ()))
 
 
+def load_valid(path: str | Path, overrides: Iterable[str] | None = None) -> ResolvedSpec:
+    """load() plus the graph-level validation; raises SpecError before anything is built."""
+    from avi_spec import SpecError
+    from avi_spec.validate import validate
+    resolved = load(path, overrides)
+    problems = validate(resolved)
+    if problems:
+        raise SpecError(problems)
+    return resolved
+
+
 def print_problems(problems: Iterable[Problem], console: Console | None = None) -> None:
     """One line per problem (at most errors.MAX_SHOWN, then how many more)."""
     for line in format_problems(list(problems)):

@@ -1,6 +1,6 @@
 """`avi eval`: marginal log-likelihood by importance sampling (and the ELBO) of a trained run.
 
-The work lives in builders.evaluate; this module parses flags, shows progress and prints.
+The work lives in builders.evaluation.evaluate; this module parses flags, shows progress and prints.
 It also holds the helpers the other trained-model commands (sample, reconstruct, plot) share.
 """
 from __future__ import annotations
@@ -40,10 +40,10 @@ LimitOption = Annotated[Optional[int], typer.Option("--limit", min=1, metavar="N
 # ------------------------------------------------------------------ shared helpers
 
 def load_model(path: str, device: Device | str = "auto", use_ema: bool = True, overrides=None):
-    """builders.evaluate.load_trained (``overrides``: --set on the run's spec), with the user's
+    """builders.evaluation.evaluate.load_trained (``overrides``: --set on the run's spec), with the user's
     mistakes turned into UserError."""
     from builders.devices import DeviceError
-    from builders.evaluate import RunError, load_trained
+    from builders.evaluation.evaluate import RunError, load_trained
     try:
         return load_trained(path, device.value if isinstance(device, Device) else device, use_ema,
                             overrides or (), warn=lambda text: err.print(f"warning: {text}", markup=False))
@@ -53,8 +53,8 @@ def load_model(path: str, device: Device | str = "auto", use_ema: bool = True, o
 
 def images(resolved, split: str = "test", limit: int | None = None):
     """Model-input images of the run's dataset (test split binarised with a fixed seed)."""
-    from builders.datasets import DatasetError
-    from builders.evaluate import eval_images
+    from builders.data.datasets import DatasetError
+    from builders.evaluation.evaluate import eval_images
     try:
         x = eval_images(resolved.spec, split, limit)
     except (DatasetError, FileNotFoundError) as e:
@@ -140,7 +140,7 @@ def _check_feasible(model, x, k: int, b: int, seed: int) -> None:
     run for more than a week (e.g. -k 1e20), and say how long a long one will take."""
     import time
 
-    from builders.evaluate import batched, importance_sampled_nll
+    from builders.evaluation.evaluate import batched, importance_sampled_nll
     first = x[:b]
     t0 = time.perf_counter()
     importance_sampled_nll(model, batched(first, b), 1, chunk=1, seed=seed)
@@ -192,7 +192,7 @@ def eval_command(
 
         avi eval runs/quickstart --importance-samples 500 --json
     """
-    from builders.evaluate import batched, importance_sampled_nll
+    from builders.evaluation.evaluate import batched, importance_sampled_nll
 
     model, resolved, run_dir = load_model(run, device, not no_ema, overrides)
     spec = resolved.spec
@@ -230,7 +230,7 @@ def _provenance(model, resolved, split: str, batch_size: int, seed: int) -> dict
 def _record(path: Path, document: dict, quiet: bool) -> None:
     """Keep the result in eval.json; the result is printed already, so a failed write is a
     warning (e.g. a read-only run directory), not an error."""
-    from builders.eval_results import record_result
+    from builders.evaluation.eval_results import record_result
     try:
         record_result(path, jsonable(document))
     except OSError as e:

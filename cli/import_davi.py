@@ -73,7 +73,7 @@ def _read_weights(weights: Path, flags: dict, name: str) -> dict:
         from builders.davi.source import read_npz
         return read_npz(weights)
     from avi_spec.loader import load_document
-    from builders.build import build_model
+    from builders.network.build import build_model
     from builders.davi.h5 import read_h5
     from builders.davi.importer import spec_mapping
     # The file is read by position against the model of the flags (temperatures fixed: the

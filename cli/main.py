@@ -249,7 +249,7 @@ def _parameter_counts(resolved: list) -> list[int | None]:
     """Trainable parameters of each spec's model, built on torch's meta device (shapes only);
     None where torch is missing or the spec does not build."""
     try:
-        from builders.build import build_model, summary
+        from builders.network.build import build_model, summary
     except Exception:  # noqa: BLE001 - no torch here: the diff still works without counts
         return [None] * len(resolved)
     counts: list[int | None] = []
@@ -263,11 +263,11 @@ def _parameter_counts(resolved: list) -> list[int | None]:
 
 def _run_results(arg: str, resolved) -> dict | None:
     """The result `avi eval` kept for this spec or run (the full test split at the largest K;
-    builders.eval_results): ARG/eval.json for a run directory, runs/<name>/eval.json
+    builders.evaluation.eval_results): ARG/eval.json for a run directory, runs/<name>/eval.json
     (relative to the working directory) for a spec file."""
     from pathlib import Path
 
-    from builders.eval_results import best_result, describe, read_results
+    from builders.evaluation.eval_results import best_result, describe, read_results
 
     p = Path(arg)
     path = p / "eval.json" if p.is_dir() else Path("runs") / resolved.document["name"] / "eval.json"

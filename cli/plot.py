@@ -1,4 +1,4 @@
-"""`avi plot kl | attention | curves`: figures of trained runs (drawn by builders.figures with
+"""`avi plot kl | attention | curves`: figures of trained runs (drawn by builders.evaluation.figures with
 matplotlib; the format follows the output's extension: .png, .svg or .pdf)."""
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ class Axis(str, Enum):
 def _output(output: Optional[Path], runs: list[str], name: str) -> Path:
     """--out, checked before any work; default RUN/plots/<name> for one run directory, else
     ./<name>."""
-    from builders.figures import figure_format
+    from builders.evaluation.figures import figure_format
     if output is None:
         run = Path(runs[0]).expanduser()
         output = default_output(run if len(runs) == 1 and run.is_dir() else None, "plots", name)
@@ -63,7 +63,7 @@ def _label(p: Path) -> str:
 
 
 def _save(fig, path: Path) -> Path:
-    from builders.figures import save_figure
+    from builders.evaluation.figures import save_figure
     try:
         return save_figure(fig, path)
     except OSError as e:
@@ -71,7 +71,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def _batches(resolved, split: Split, limit, batch_size):
-    from builders.evaluate import batched
+    from builders.evaluation.evaluate import batched
     x = images(resolved, split.value, limit)
     return batched(x, batch_size or resolved.spec.eval.batch_size)
 
@@ -105,8 +105,8 @@ def kl_command(
 
         avi plot kl runs/case09 runs/case16 --out kl.pdf --json
     """
-    from builders.evaluate import kl_per_layer
-    from builders.figures import kl_figure
+    from builders.evaluation.evaluate import kl_per_layer
+    from builders.evaluation.figures import kl_figure
 
     path = _output(output, runs, "kl.png")
     kl = {}
@@ -147,8 +147,8 @@ def attention_command(
 
         avi plot attention runs/quickstart --out attention.svg
     """
-    from builders.evaluate import attention_maps
-    from builders.figures import attention_figure
+    from builders.evaluation.evaluate import attention_maps
+    from builders.evaluation.figures import attention_figure
 
     path = _output(output, [run], "attention.png")
     model, resolved, _ = load_model(run, device, not no_ema, overrides)
@@ -178,7 +178,7 @@ def curves_command(
 
         avi plot curves runs/case09 runs/case16 --x epoch --out curves.svg
     """
-    from builders.figures import Curves, curves_figure, read_metrics
+    from builders.evaluation.figures import Curves, curves_figure, read_metrics
 
     path = _output(output, runs, "curves.png")
     curves = {}

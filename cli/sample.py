@@ -54,7 +54,7 @@ def sample_command(
     """
     import math
 
-    from builders.images import save_grid
+    from builders.evaluation.images import save_grid
 
     if not math.isfinite(temperature):
         raise UserError(f"--temperature must be a finite number, not {temperature}")
@@ -89,7 +89,7 @@ def reconstruct_command(
     """
     import torch
 
-    from builders.images import save_grid
+    from builders.evaluation.images import save_grid
 
     _check_format(output)
     model, resolved, run_dir = load_model(run, device, not no_ema, overrides)
@@ -114,7 +114,7 @@ def _center_crop(x, size: int):
 
 def _check_format(output: Optional[Path]) -> None:
     """Refuse an --out that Pillow cannot write before any model is loaded."""
-    from builders.images import image_format
+    from builders.evaluation.images import image_format
     if output is not None:
         try:
             image_format(output)

@@ -1,4 +1,4 @@
-"""`avi train`: train a spec into a run directory (the work is in builders.training)."""
+"""`avi train`: train a spec into a run directory (the work is in builders.train.training)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import SetOption, UserError, load, spec_file
+from .common import SetOption, UserError, load_valid, spec_file
 
 
 # The workers' interpreter must not look in the current folder for modules: a user's own
@@ -62,73 +62,73 @@ def _summary(result: dict, epochs: int) -> str:
     return text
 
 
-def register(app: typer.Typer) -> None:
-    @app.command()
-    def train(
-        spec: Annotated[str, typer.Argument(metavar="SPEC", help="Spec file (or a run directory, with --resume).")],
-        overrides: SetOption = None,
-        out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default: runs/<name>).")] = None,
-        resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from checkpoints/last.pt.")] = False,
-        device: Annotated[str, typer.Option("--device", help="auto (CUDA if available), cpu or cuda.")] = "auto",
-        max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Stop after this many steps in total (last.pt is written).")] = None,
-        devices: Annotated[Optional[int], typer.Option("--devices", min=1, help="Data-parallel processes (relaunches itself under torchrun).")] = None,
-        quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
-        jsonl: Annotated[bool, typer.Option("--jsonl", help="Print every metrics line as JSON on stdout.")] = False,
-    ) -> None:
-        """Train a model: writes spec.yaml, metrics.jsonl, samples/ and checkpoints/ into the run directory.
+def train(
+    spec: Annotated[str, typer.Argument(metavar="SPEC", help="Spec file (or a run directory, with --resume).")],
+    overrides: SetOption = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default: runs/<name>).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from checkpoints/last.pt.")] = False,
+    device: Annotated[str, typer.Option("--device", help="auto (CUDA if available), cpu or cuda.")] = "auto",
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Stop after this many steps in total (last.pt is written).")] = None,
+    devices: Annotated[Optional[int], typer.Option("--devices", min=1, help="Data-parallel processes (relaunches itself under torchrun).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
+    jsonl: Annotated[bool, typer.Option("--jsonl", help="Print every metrics line as JSON on stdout.")] = False,
+) -> None:
+    """Train a model: writes spec.yaml, metrics.jsonl, samples/ and checkpoints/ into the run directory.
 
-        A progress bar shows on a terminal; otherwise one line per epoch goes to stderr.
-        Resuming continues at the same step, schedule and data order; it is refused if
-        the spec or the number of processes changed. Ctrl-C stops after the current step
-        and writes checkpoints/last.pt first, so --resume loses nothing; a run killed at any
-        point resumes to the files an uninterrupted run writes. One `avi train` writes a run
-        directory at a time (a second one is refused, naming the first).
+    A progress bar shows on a terminal; otherwise one line per epoch goes to stderr.
+    Resuming continues at the same step, schedule and data order; it is refused if
+    the spec or the number of processes changed. Ctrl-C stops after the current step
+    and writes checkpoints/last.pt first, so --resume loses nothing; a run killed at any
+    point resumes to the files an uninterrupted run writes. One `avi train` writes a run
+    directory at a time (a second one is refused, naming the first).
 
-        Example:
+    Example:
 
-            avi train specs/quickstart.yaml
+        avi train specs/quickstart.yaml
 
-            avi train specs/quickstart.yaml --set train.epochs=2 --max-steps 50 --out runs/try
-        """
-        if device not in ("auto", "cpu", "cuda"):
-            raise UserError(f"--device must be auto, cpu or cuda, not {device!r}")
-        if quiet and jsonl:
-            raise UserError("--quiet and --jsonl cannot be used together")
-        resolved = load(spec, overrides)
-        from avi_spec import SpecError
-        from avi_spec.validate import validate
-        problems = validate(resolved)
-        if problems:                      # nothing is built or written for an invalid spec
-            raise SpecError(problems)
-        p = Path(spec)
-        if out is None:
-            out = p if (p.is_dir() and spec_file(p) != p) else Path("runs") / resolved.spec.name
+        avi train specs/quickstart.yaml --set train.epochs=2 --max-steps 50 --out runs/try
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, not {device!r}")
+    if quiet and jsonl:
+        raise UserError("--quiet and --jsonl cannot be used together")
+    resolved = load_valid(spec, overrides)       # nothing is built or written for an invalid spec
+    p = Path(spec)
+    if out is None:
+        out = p if (p.is_dir() and spec_file(p) != p) else Path("runs") / resolved.spec.name
 
-        from builders.checkpoint import CheckpointError
-        from builders.datasets import DatasetError
-        from builders.devices import DeviceError
-        from builders.training import TrainingError, preflight, train as run_training
+    from builders.checkpoint import CheckpointError
+    from builders.data.datasets import DatasetError
+    from builders.devices import DeviceError
+    from builders.train.training import TrainingError, preflight, train as run_training
 
-        user_errors = (CheckpointError, DatasetError, DeviceError, TrainingError)
-        if devices and devices > 1 and "WORLD_SIZE" not in os.environ:
-            try:                          # one clear message here, not one traceback per process
-                preflight(resolved, out, resume, devices)
-            except user_errors as e:
-                raise UserError(str(e)) from None
-            raise typer.Exit(_relaunch(devices))
-        mode = "quiet" if quiet else "jsonl" if jsonl else "auto"
-        try:
-            result = run_training(resolved, out, resume=resume, device=device, max_steps=max_steps,
-                                  progress_mode=mode, devices=devices)
+    user_errors = (CheckpointError, DatasetError, DeviceError, TrainingError)
+    if devices and devices > 1 and "WORLD_SIZE" not in os.environ:
+        try:                          # one clear message here, not one traceback per process
+            preflight(resolved, out, resume, devices)
         except user_errors as e:
             raise UserError(str(e)) from None
-        except KeyboardInterrupt:               # training wrote checkpoints/last.pt first
-            sys.stderr.write(_interrupted_hint(spec, out))
-            raise typer.Exit(130) from None
-        if os.environ.get("RANK", "0") != "0":
-            return
-        if jsonl:
-            from builders.reporting import strict
-            sys.stdout.write(json.dumps({"result": strict(result)}, allow_nan=False) + "\n")
-        elif not quiet:
-            sys.stdout.write(_summary(result, resolved.spec.train.epochs) + "\n")
+        raise typer.Exit(_relaunch(devices))
+    mode = "quiet" if quiet else "jsonl" if jsonl else "auto"
+    try:
+        result = run_training(resolved, out, resume=resume, device=device, max_steps=max_steps,
+                              progress_mode=mode, devices=devices)
+    except user_errors as e:
+        raise UserError(str(e)) from None
+    except KeyboardInterrupt:               # training wrote checkpoints/last.pt first
+        sys.stderr.write(_interrupted_hint(spec, out))
+        raise typer.Exit(130) from None
+    if os.environ.get("RANK", "0") == "0":
+        _print_result(result, resolved.spec.train.epochs, mode)
+
+
+def _print_result(result: dict, epochs: int, mode: str) -> None:
+    if mode == "jsonl":
+        from builders.train.reporting import strict
+        sys.stdout.write(json.dumps({"result": strict(result)}, allow_nan=False) + "\n")
+    elif mode != "quiet":
+        sys.stdout.write(_summary(result, epochs) + "\n")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)

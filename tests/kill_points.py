@@ -22,7 +22,7 @@ torch.set_num_threads(1)       # before any parallel region: forks stay safe
 import torch._dynamo  # noqa: E402,F401 - imported lazily by torch.optim; once here, not per fork
 
 from builders.checkpoint import load_checkpoint  # noqa: E402
-from builders.train_state import tensors_hash  # noqa: E402
+from builders.train.train_state import tensors_hash  # noqa: E402
 from cli.main import app  # noqa: E402
 
 TIMING = ("it_per_s", "epoch_seconds")

@@ -13,8 +13,8 @@ import torch
 
 from avi_spec import load_spec
 from avi_spec.schema import Flips
-from builders.datasets import DatasetError, load_images, load_mnist5k_labels, load_spec_images
-from builders.preprocess import (BinarizedTestSet, EpochBatches, binarize, likelihood_dims,
+from builders.data.datasets import DatasetError, load_images, load_mnist5k_labels, load_spec_images
+from builders.data.preprocess import (BinarizedTestSet, EpochBatches, binarize, likelihood_dims,
                                  model_input_binary, model_input_cifar, pad_images, prepare_batch,
                                  random_flip, to_unit)
 
@@ -292,7 +292,7 @@ def test_epoch_batches():
 def test_transpose_swaps_rows_and_columns(tmp_path):
     """data.transpose: the orientation the authors' OMNIGLOT reader gives their models."""
     from types import SimpleNamespace
-    from builders.datasets import load_spec_images
+    from builders.data.datasets import load_spec_images
     import numpy as np
     import scipy.io
     data = np.random.RandomState(0).rand(784, 3).astype(np.float32)
@@ -311,7 +311,7 @@ def test_compressed_data_files_are_bounded(tmp_path, monkeypatch):
     """A few KB of gzip can expand to gigabytes (a data.root in a run someone sent you): an
     MNIST .gz or a CIFAR-10 archive member larger than such a file can be is refused before
     it is read whole."""
-    import builders.datasets as datasets
+    import builders.data.datasets as datasets
     monkeypatch.setattr(datasets, "MAX_MNIST_BYTES", 4000)
     monkeypatch.setattr(datasets, "MAX_CIFAR_BATCH_BYTES", 20000)
     raw = idx_bytes(np.zeros((10, 28, 28), dtype=np.uint8))        # 7,856 bytes

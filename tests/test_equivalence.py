@@ -102,7 +102,7 @@ def test_h5_read_by_position_equals_the_attribute_paths(name, h5):
     in its up-sampling shortcut, the trained file has trained attention-score scales)."""
     pytest.importorskip("h5py", reason="reading .h5 files needs h5py (the [import] extra)")
     from avi_spec.loader import load_document
-    from builders.build import build_model
+    from builders.network.build import build_model
     from builders.davi.h5 import read_h5
     from builders.davi.importer import spec_mapping
     model = build_model(load_document(spec_mapping(_flags(name), name).document).spec, "meta")
@@ -162,7 +162,7 @@ def test_layer0_constant_initialised_as_the_reference():
     """Their VariableLayer uses variance scaling (0.33, fan-in, uniform) on a [1, S, S, C]
     variable: fan-in S * S, so U(-sqrt(0.99 / S^2), +sqrt(0.99 / S^2)), about +-0.062 at 16x16."""
     from avi_spec.loader import load_document
-    from builders.build import build_model
+    from builders.network.build import build_model
     from builders.davi.importer import spec_mapping
     spec = load_document(spec_mapping(_flags("tiny_nvae"), "t").document).spec
     c = build_model(spec).constant.detach()
@@ -176,7 +176,7 @@ def test_h5_without_attention_scales_loads(tmp_path):
     not track them): they load, with fixed temperatures, and every other tensor in place."""
     h5py = pytest.importorskip("h5py", reason="reading .h5 files needs h5py (the [import] extra)")
     from avi_spec.loader import load_document
-    from builders.build import build_model
+    from builders.network.build import build_model
     from builders.davi.h5 import read_h5
     from builders.davi.importer import spec_mapping
     path = tmp_path / "old.h5"

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from avi_spec import load_spec
-from builders.evaluate import (RunError, attention_maps, auto_chunk, data_dims,
+from builders.evaluation.evaluate import (RunError, attention_maps, auto_chunk, data_dims,
                                importance_sampled_nll, kl_per_layer, load_trained)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,8 +161,8 @@ def test_data_dims_from_the_spec():
 
 @pytest.fixture(scope="module")
 def quick_model():
-    from builders.build import build_model
-    from builders.evaluate import eval_images
+    from builders.network.build import build_model
+    from builders.evaluation.evaluate import eval_images
     resolved = load_spec(ROOT / "specs" / "quickstart.yaml")
     model = build_model(resolved.spec).eval()
     return model, eval_images(resolved.spec, "test", limit=6)
@@ -198,7 +198,7 @@ def test_real_model_reproducible_with_seed(quick_model):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A tiny quickstart run: two training steps of batch 8 with EMA (checkpoints/last.pt)."""
-    from builders.training import train
+    from builders.train.training import train
     out = tmp_path_factory.mktemp("runs") / "tiny"
     resolved = load_spec(ROOT / "specs" / "quickstart.yaml",
                          ["train.batch_size=8", "train.ema={decay: 0.5}"])
@@ -321,6 +321,6 @@ def test_one_device_resolver_and_its_exit_code(run_dir, tmp_path):
 def test_eval_images_are_padded_as_in_training():
     unpadded = load_spec(ROOT / "specs" / "quickstart.yaml",
                          ["data.pad=0", "data.distribution.crop=0", "hierarchy.latent.size=7"]).spec
-    from builders.evaluate import eval_images
+    from builders.evaluation.evaluate import eval_images
     assert eval_images(unpadded, "test", limit=3).shape == (3, 1, 28, 28)
     assert data_dims(SimpleNamespace(spec=unpadded)) is None           # binary: nats only

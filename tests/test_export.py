@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from avi_spec import load_spec
-from builders.evaluate import RunError, load_trained
+from builders.evaluation.evaluate import RunError, load_trained
 from cli.main import app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """Two training steps of the quickstart spec, with EMA weights that differ from the trained."""
-    from builders.training import train
+    from builders.train.training import train
     out = tmp_path_factory.mktemp("runs") / "tiny"
     train(load_spec(ROOT / "specs" / "quickstart.yaml", ["train.batch_size=8", "train.ema={decay: 0.5}"]),
           out, device="cpu", max_steps=2, progress_mode="quiet")
@@ -100,7 +100,7 @@ def test_python_api_reconstruct_names_the_input_it_takes(run):
     """reconstruct() of what sample() returns (unpadded [0, 1] images) was a RuntimeError deep
     in the attention; it is a ValueError naming the shape reconstruct takes."""
     from builders import load_run
-    from builders.evaluate import eval_images
+    from builders.evaluation.evaluate import eval_images
     trained = load_run(run, device="cpu")
     with pytest.raises(ValueError, match=r"model input \[N, 1, 32, 32\] in \[-1, 1\].*got \[2, 1, 28, 28\]"):
         trained.reconstruct(trained.sample(2))

@@ -4,7 +4,7 @@ items 6-10, 12-17; issue 11 items 3, 4, 6).
 
 A tiny spec (2 layers, 8 filters) on a 48/16-image folder: 3 steps per epoch, 2 epochs.
 CLI cases run `python -m cli.main` in a subprocess; checks of builders' own errors call
-builders.training.train in the test process.
+builders.train.training.train in the test process.
 """
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ import torch
 
 from avi_spec import load_spec
 from builders.checkpoint import load_checkpoint, save_checkpoint
-from builders.datasets import load_images
-from builders.run_dir import TrainingError
-from builders.training import train
+from builders.data.datasets import load_images
+from builders.train.run_dir import TrainingError
+from builders.train.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "specs" / "quickstart.yaml"
@@ -126,7 +126,7 @@ def test_stale_temporaries_of_a_killed_run_are_removed(tiny, run, tmp_path):
 HOLDER = """
 import sys, time
 from pathlib import Path
-from builders.run_dir import RunLock
+from builders.train.run_dir import RunLock
 Path(sys.argv[1]).mkdir(parents=True, exist_ok=True)
 RunLock(Path(sys.argv[1])).acquire()
 print("locked", flush=True)
@@ -156,7 +156,7 @@ def test_second_writer_is_refused_and_a_dead_holders_lock_is_taken_over(tiny, tm
 def test_non_finite_weights_are_never_checkpointed(tiny, tmp_path, monkeypatch):
     """An update that leaves inf in the weights (the loss and gradient were finite) stops the
     run at the next checkpoint: last.pt and last.prev.pt keep the last finite states."""
-    import builders.training as training
+    import builders.train.training as training
     real = training.build_optimizer
 
     def poisoned(model, cfg):
@@ -419,7 +419,7 @@ def test_devices_relaunch_ignores_a_decoy_cli_package(tiny, tmp_path):
 def test_an_unreadable_eval_json_is_kept_not_replaced(tmp_path):
     """A damaged eval.json may be the only copy of earlier results: recording a new result leaves
     it as it is (an OSError the CLI shows as a warning) instead of silently dropping it."""
-    from builders.eval_results import read_results, record_result
+    from builders.evaluation.eval_results import read_results, record_result
     path = tmp_path / "eval.json"
     path.write_text('{"format": "avi-evaluations", "results": [{"importance_samples": 500')
     with pytest.raises(OSError, match="left as it is"):
@@ -437,7 +437,7 @@ def test_an_unreadable_eval_json_is_kept_not_replaced(tmp_path):
 def test_concurrent_evaluations_are_all_kept(tmp_path):
     """Two `avi eval` of one run at once: each read-modify-write of eval.json is exclusive."""
     import threading
-    from builders import eval_results
+    from builders.evaluation import eval_results
     path = tmp_path / "eval.json"
     slow = eval_results.read_results
 
@@ -489,7 +489,7 @@ def test_figures_and_grids_on_a_full_disk_are_clear_errors(run, tmp_path):
 def test_evaluations_of_other_weights_are_kept_apart(tmp_path):
     """A `--no-ema` or last.pt check at the same split and K is another result, not a
     replacement for the EMA best.pt one; a re-evaluation of the same weights replaces."""
-    from builders.eval_results import read_results, record_result
+    from builders.evaluation.eval_results import read_results, record_result
     path = tmp_path / "eval.json"
     base = {"split": "test", "importance_samples": 500, "examples": 10000}
     record_result(path, base | {"checkpoint": "runs/x/checkpoints/best.pt", "ema": True, "nll_nats": 1.0})

@@ -1,4 +1,4 @@
-"""Figures (builders.figures, `avi plot curves`) and image grids (builders.images): the files
+"""Figures (builders.evaluation.figures, `avi plot curves`) and image grids (builders.evaluation.images): the files
 open in Pillow at the size the figure claims, are not blank, carry their titles and labels
 as SVG text, and bad output paths or metrics are a user's error (exit 2)."""
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from builders.figures import (DPI, NOT_A_SOURCE, Curves, attention_figure, curves_figure,
+from builders.evaluation.figures import (DPI, NOT_A_SOURCE, Curves, attention_figure, curves_figure,
                               kl_figure, save_figure)
-from builders.images import grid, save_grid
+from builders.evaluation.images import grid, save_grid
 from cli.main import app
 
 runner = CliRunner()
@@ -83,7 +83,7 @@ def _metrics(run: Path, steps_per_epoch: int, epochs: int, lr: float, start_loss
 
 
 def test_curves_epoch_axis_counts_finished_epochs(tmp_path):
-    from builders.figures import read_metrics
+    from builders.evaluation.figures import read_metrics
     c = Curves(read_metrics(_metrics(tmp_path / "a", 10, 2, 1e-3, 400.0) / "metrics.jsonl"))
     assert c.x(c.epochs, "epoch").tolist() == [1.0, 2.0]
     assert c.x([{"step": 5}, {"step": 15}, {"step": 25}], "epoch").tolist() == [0.5, 1.5, 2.5]

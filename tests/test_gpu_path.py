@@ -17,11 +17,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from avi_spec import Spec, load_spec
-from builders.build import build_model
-from builders.datasets import load_images
-from builders.evaluate import importance_sampled_nll
-from builders.optim import KerasAdamax, _fast_kwargs, build_optimizer
-from builders.training import train
+from builders.network.build import build_model
+from builders.data.datasets import load_images
+from builders.evaluation.evaluate import importance_sampled_nll
+from builders.train.optim import KerasAdamax, _fast_kwargs, build_optimizer
+from builders.train.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from avi_spec import SpecError, load_spec, load_text
 from avi_spec.schema import Spec
 from avi_spec.validate import validate as check_graph
-from builders.datasets import DatasetError, load_images
+from builders.data.datasets import DatasetError, load_images
 from cli.main import app
 
 REPO = Path(__file__).resolve().parents[1]

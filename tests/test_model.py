@@ -1,4 +1,4 @@
-"""Faithfulness tests of the whole model (builders/model.py, builders/build.py).
+"""Faithfulness tests of the whole model (builders/network/model.py, builders/network/build.py).
 
 What is checked, against ARCHITECTURE.md sections 4-6, 8, 10 and 11:
   * parameter counts of every shipped spec against the published numbers and our exact
@@ -28,8 +28,8 @@ from avi_spec.derived import derive
 from avi_spec.loader import load_spec
 from avi_spec.schema import Spec
 from avi_spec.validate import validate
-from builders.build import build_model, parameter_groups, summary
-from builders.distributions import Gaussian
+from builders.network.build import build_model, parameter_groups, summary
+from builders.network.distributions import Gaussian
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = ROOT / "specs"

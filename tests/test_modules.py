@@ -6,13 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from builders.cells import CellGroup, FactorizedReduce, Node, ResidualBlock
-from builders.conv import WNConv2d
-from builders.depthwise_attention import (ChannelLayerNorm, ResidualGeluNorm,
+from builders.network.cells import CellGroup, FactorizedReduce, Node, ResidualBlock
+from builders.network.conv import WNConv2d
+from builders.network.depthwise_attention import (ChannelLayerNorm, ResidualGeluNorm,
                                           depthwise_attend)
-from builders.distributions import (BernoulliHead, DiscretizedLogisticMixtureHead, Gaussian,
+from builders.network.distributions import (BernoulliHead, DiscretizedLogisticMixtureHead, Gaussian,
                                     bound_asymmetric, bound_symmetric, kl)
-from builders.nonlocal_block import NonLocal
+from builders.network.nonlocal_block import NonLocal
 
 
 def depthwise_attend_loop(query: torch.Tensor, keys_list: Sequence[torch.Tensor],

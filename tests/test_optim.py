@@ -3,7 +3,7 @@ import copy
 
 import torch
 
-from builders.optim import KerasAdamax
+from builders.train.optim import KerasAdamax
 
 
 def test_keras_adamax_matches_its_equations():

@@ -5,6 +5,7 @@ an epoch is 6 steps of 16 images and every run takes a few seconds.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -20,12 +21,12 @@ import pytest
 import torch
 
 from avi_spec import load_spec
-from builders.build import build_model
+from builders.network.build import build_model
 from builders.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from builders.datasets import load_images
-from builders.optim import KerasAdamax, attention_parameter_names, build_optimizer, parameter_groups
-from builders.schedules import kl_beta, learning_rate
-from builders.training import tensors_hash
+from builders.data.datasets import load_images
+from builders.train.optim import KerasAdamax, attention_parameter_names, build_optimizer, parameter_groups
+from builders.train.schedules import kl_beta, learning_rate
+from builders.train.training import tensors_hash
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "specs" / "quickstart.yaml"
@@ -301,8 +302,8 @@ def test_non_finite_updates_are_skipped_then_abort(tiny, tmp_path):
 
 
 def test_epoch_test_nelbo_is_the_evaluation_estimator(tiny, reference):
-    """The per-epoch test NELBO is builders.evaluate's K = 1 estimate (one implementation)."""
-    from builders.evaluate import batched, eval_images, importance_sampled_nll, load_trained
+    """The per-epoch test NELBO is builders.evaluation.evaluate's K = 1 estimate (one implementation)."""
+    from builders.evaluation.evaluate import batched, eval_images, importance_sampled_nll, load_trained
     model, resolved, _ = load_trained(reference, "cpu")
     x = eval_images(resolved.spec, "test")
     r = importance_sampled_nll(model, batched(x, resolved.spec.train.batch_size), 1, chunk=1, seed=0)
@@ -313,8 +314,8 @@ def test_epoch_test_nelbo_is_the_evaluation_estimator(tiny, reference):
 
 def test_unpadded_binary_data_trains_and_evaluates(tiny, tmp_path):
     """data.pad drives the preprocessing: 28x28 digits unpadded, 7x7 latents."""
-    from builders.evaluate import eval_images, load_trained
-    from builders.training import train
+    from builders.evaluation.evaluate import eval_images, load_trained
+    from builders.train.training import train
     resolved = load_spec(tiny.spec, ["data.pad=0", "data.distribution.crop=0", "hierarchy.latent.size=7"])
     train(resolved, tmp_path / "run", device="cpu", max_steps=2, progress_mode="quiet")
     model, resolved, _ = load_trained(tmp_path / "run", "cpu")
@@ -324,7 +325,7 @@ def test_unpadded_binary_data_trains_and_evaluates(tiny, tmp_path):
 
 
 def test_skipped_update_keeps_batch_norm_statistics(tiny, tmp_path, monkeypatch):
-    import builders.training as training
+    import builders.train.training as training
     real_build = training.build_model
 
     def build_nan_loss(spec, device):
@@ -350,7 +351,7 @@ def test_skipped_update_keeps_batch_norm_statistics(tiny, tmp_path, monkeypatch)
 
 DDP_SCRIPT = """
 import json, sys, torch, torch.distributed as dist
-from builders.training import Distributed, all_processes_agree, batchnorm_buffers, wrap_data_parallel
+from builders.train.training import Distributed, all_processes_agree, batchnorm_buffers, wrap_data_parallel
 rank, store = int(sys.argv[1]), sys.argv[2]
 dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2)
 ddp, cpu = Distributed(rank, 2, 0, True), torch.device("cpu")
@@ -410,10 +411,51 @@ def test_ctrl_c_writes_last_then_resume_matches_uninterrupted(tiny, reference):
 
 
 def test_resume_drops_metrics_written_after_the_last_checkpoint(tmp_path):
-    from builders.training import trim_metrics
+    from builders.train.training import trim_metrics
     path = tmp_path / "metrics.jsonl"
     lines = [json.dumps({"step": s, "loss": float(s)}) + "\n" for s in range(1, 11)]
     deep = "[" * 100_000 + "]" * 100_000 + "\n"                 # a RecursionError, not a record
     path.write_text("".join(lines) + deep + '{"step": 11, "lo')  # killed mid-write
     trim_metrics(path, 5)
     assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
+
+
+def test_one_step_follows_the_recipe_and_a_skipped_one_changes_nothing(tiny, tmp_path):
+    """Trainer.step on its own: the loss is NLL + beta * KL at the given learning rate; a step
+    whose loss is not finite leaves the weights, the Adamax moments and step counts and the
+    batch-norm statistics as they were, and only counts the skip."""
+    from builders.train.distributed import Distributed
+    from builders.train.train_data import TrainData
+    from builders.train.training import setup_trainer
+    resolved = load_spec(tiny.spec)
+    cpu = torch.device("cpu")
+    trainer = setup_trainer(resolved, tmp_path / "run", Distributed(), cpu, TrainData(resolved.spec, cpu), None)
+    try:
+        raw = trainer.data.train[:16]
+        before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        assert trainer.step(raw, lr=0.003, beta=0.25)
+        c = trainer.state.counters
+        assert c["window_loss"] == pytest.approx(c["window_nll"] + 0.25 * c["window_kl"], rel=1e-6)
+        assert [g["lr"] for g in trainer.optimizer.param_groups] == [0.003] * len(trainer.optimizer.param_groups)
+        params = dict(trainer.model.named_parameters())
+        assert sum(not torch.equal(p, before[n]) for n, p in params.items()) > len(params) // 2
+
+        model_state = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        opt_state = copy.deepcopy(trainer.optimizer.state_dict()["state"])
+        real_forward = trainer.forward
+
+        def nan_forward(x):
+            out = real_forward(x)              # updates the batch-norm statistics ...
+            out.nll = out.nll * math.nan       # ... of a step that must be undone
+            return out
+        trainer.forward = nan_forward
+        assert trainer.step(raw, lr=0.003, beta=1.0)
+        s = trainer.state
+        assert (s.step, s.batch, s.skipped, s.consecutive_skipped) == (2, 2, 1, 1)
+        after = trainer.model.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in model_state.items())
+        now = trainer.optimizer.state_dict()["state"]
+        assert now.keys() == opt_state.keys() and all(
+            torch.equal(torch.as_tensor(now[i][k]), torch.as_tensor(v)) for i in opt_state for k, v in opt_state[i].items())
+    finally:
+        trainer.reporter.close()

@@ -7,8 +7,8 @@ import numpy as np
 
 from avi_spec.loader import ResolvedSpec, load_document
 
-from ..build import build_model
-from ..model import DeepAttentiveVAE
+from ..network.build import build_model
+from ..network.model import DeepAttentiveVAE
 from .flags import Mapping, to_spec
 from .weights import convert, learned_scales
 

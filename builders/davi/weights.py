@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..cells import CellGroup, FactorizedReduce, Node, ResidualBlock
-from ..conv import WNConv2d
-from ..nonlocal_block import NonLocal
+from ..network.cells import CellGroup, FactorizedReduce, Node, ResidualBlock
+from ..network.conv import WNConv2d
+from ..network.nonlocal_block import NonLocal
 
 # Their tensors that hold no model state: weight norm's data-init flag.
 IGNORED_SUFFIXES = ("/initialized",)

@@ -108,7 +108,7 @@ def _read_later(d: Derived, m: int, l: int) -> bool:
 
 
 class DeepAttentiveVAE(nn.Module):
-    """Built by `builders.build.build_model(spec)`; see the module docstring for the flow.
+    """Built by `builders.network.build.build_model(spec)`; see the module docstring for the flow.
 
     API used by training, evaluation and sampling:
       forward(x) -> ModelOutput(nll [B], kl [B, L])        one posterior sample per image

@@ -24,9 +24,9 @@ import inspect
 import torch
 from torch import nn
 
-from .attention_paths import GenerativeAttention, InferenceAttention
-from .depthwise_attention import ContextLayerNorm
-from .nonlocal_block import NonLocal
+from ..network.attention_paths import GenerativeAttention, InferenceAttention
+from ..network.depthwise_attention import ContextLayerNorm
+from ..network.nonlocal_block import NonLocal
 
 
 class KerasAdamax(torch.optim.Optimizer):
@@ -123,7 +123,7 @@ def _fast_kwargs(cls, params: list[torch.Tensor]) -> dict:
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     """The optimizer of ``train.optimizer`` (``cfg``) over ``model``'s two L2 groups. The
-    learning rate is set on every step by the trainer (builders.schedules)."""
+    learning rate is set on every step by the trainer (builders.train.schedules)."""
     groups = parameter_groups(model, cfg.l2, cfg.l2_attention)
     classes = {"adamax": torch.optim.Adamax, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
     if cfg.name == "adamax" and cfg.eps_mode == "keras":

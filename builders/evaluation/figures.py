@@ -21,7 +21,7 @@ from matplotlib.patches import Patch
 
 from avi_spec.yaml_io import read_text_file
 
-from .files import write_atomically
+from ..files import write_atomically
 
 FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
 NOT_A_SOURCE = "0.82"                 # grey of the attention cells that are not sources
@@ -147,7 +147,7 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 class Curves:
     """One run's series from its metrics records: the step records (every `log_every` steps:
-    loss, lr) and the epoch-end records (test_nelbo, train_loss) of builders.training."""
+    loss, lr) and the epoch-end records (test_nelbo, train_loss) of builders.train.training."""
 
     def __init__(self, records: list[dict]):
         self.steps = [r for r in records if "loss" in r or "lr" in r]

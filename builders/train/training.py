@@ -1,7 +1,7 @@
 """Training loop of `avi train` (ARCHITECTURE.md section 7, PRODUCT.md "A run directory").
 
     loss = mean_b [ nll_b + beta(epoch) * sum_l KL_bl ]        (nats per image)
-    + L2 as coupled weight decay in the optimizer (builders.optim)
+    + L2 as coupled weight decay in the optimizer (builders.train.optim)
 
 Reproducibility: the data order comes from (seed, epoch) (EpochBatches), and every step
 reseeds both the binarisation/flip generator and torch's global generator (posterior noise)
@@ -9,14 +9,15 @@ from (seed, step, rank). So the random numbers of a step depend only on its posi
 run resumed from a checkpoint takes exactly the steps an uninterrupted run takes (bit for bit
 on the CPU). The RNG states are still saved in checkpoints and restored on resume.
 
-Run directory (only rank 0 writes, holding its lock; builders.run_dir): spec.yaml,
+Run directory (only rank 0 writes, holding its lock; builders.train.run_dir): spec.yaml,
 metrics.jsonl, samples/epoch_XXXX.png, checkpoints/last.pt (every checkpoint_every steps, each
 epoch end and on Ctrl-C, atomic; the previous one kept as last.prev.pt), checkpoints/best.pt
 (best test NELBO), TensorBoard events in tb/ when tensorboard is installed. A run killed at
-any point resumes to the files of an uninterrupted run (builders.train_loop).
+any point resumes to the files of an uninterrupted run (builders.train.train_loop).
 
-This module checks and prepares a run (spec, data, run directory, checkpoint to resume from)
-and hands it to builders.train_loop.Trainer.
+This module checks and prepares a run (spec, data, run directory, checkpoint to resume from:
+train, setup_trainer, build_parts) and hands it to builders.train.train_loop.Trainer, whose loop reads
+as the recipe.
 
 A step whose loss or gradient is not finite (on any process) is skipped: no update, and the
 batch-norm running statistics of its forward pass are put back.
@@ -38,13 +39,13 @@ import torch
 from avi_spec import ResolvedSpec, dump_yaml
 from avi_spec.diff import changed_fields
 
-from .build import build_model
-from .checkpoint import CheckpointError, load_with_fallback, previous_path, set_rng_state
-from .devices import place, resolve_device
+from ..network.build import build_model
+from ..checkpoint import CheckpointError, load_with_fallback, previous_path, set_rng_state
+from ..devices import place, resolve_device
 from .distributed import (Distributed, all_processes_agree, setup_distributed,  # noqa: F401 (API)
                           teardown_distributed, wrap_data_parallel)
 from .optim import build_optimizer
-from .preprocess import EpochBatches
+from ..data.preprocess import EpochBatches
 from .reporting import Reporter, warn
 from .run_dir import (TrainingError, check_out_dir, open_run_dir, trim_metrics, write_error,
                       write_text_atomic)
@@ -117,20 +118,26 @@ def resume_payload(resolved: ResolvedSpec, out_dir: Path, resume: bool, world_si
     return payload
 
 
+def check_batch_size(batch_size: int, world_size: int, n_train: int | None = None) -> None:
+    """Every process takes an equal share of a global batch, and with several processes every
+    one of them gets a batch each epoch (the last partial batch is dropped)."""
+    if batch_size % world_size:
+        raise TrainingError(f"train.batch_size {batch_size} is not divisible by the number "
+                            f"of processes ({world_size})")
+    if n_train is not None and world_size > 1 and n_train < batch_size:
+        raise TrainingError(f"train.batch_size {batch_size} exceeds the {n_train} training images")
+
+
 def preflight(resolved: ResolvedSpec, out_dir: str | Path, resume: bool, world_size: int) -> None:
     """Every check `avi train` makes before it builds anything, for a launcher to run before
     it starts its processes: --out, the checkpoint to resume from, the data (no empty split),
     the batch size, and that no other run holds the run directory."""
     out_dir = Path(out_dir)
-    cfg = resolved.spec.train
-    if cfg.batch_size % world_size:
-        raise TrainingError(f"train.batch_size {cfg.batch_size} is not divisible by the number "
-                            f"of processes ({world_size})")
+    check_batch_size(resolved.spec.train.batch_size, world_size)
     check_out_dir(out_dir)
     resume_payload(resolved, out_dir, resume, world_size)
     data = TrainData(resolved.spec, torch.device("cpu"))
-    if world_size > 1 and len(data.train) < cfg.batch_size:
-        raise TrainingError(f"train.batch_size {cfg.batch_size} exceeds the {len(data.train)} training images")
+    check_batch_size(resolved.spec.train.batch_size, world_size, len(data.train))
     if out_dir.is_dir():
         open_run_dir(out_dir).release()         # is another run writing there?
 
@@ -151,9 +158,7 @@ def train(resolved: ResolvedSpec, out_dir: str | Path, resume: bool = False,
     lock = None
     try:
         dev = resolve_device(device, ddp.local_rank)
-        if resolved.spec.train.batch_size % ddp.world_size:
-            raise TrainingError(f"train.batch_size {resolved.spec.train.batch_size} must be divisible "
-                                f"by the number of processes ({ddp.world_size})")
+        check_batch_size(resolved.spec.train.batch_size, ddp.world_size)
         check_out_dir(out_dir)
         payload = resume_payload(resolved, out_dir, resume, ddp.world_size, warn if ddp.main else None)
         data = TrainData(resolved.spec, dev)
@@ -168,50 +173,72 @@ def train(resolved: ResolvedSpec, out_dir: str | Path, resume: bool = False,
 
 def _run(resolved, out_dir: Path, ddp: Distributed, dev: torch.device, data: TrainData,
          payload: dict | None, resume: bool, max_steps, progress_mode) -> dict:
-    """Build model, optimizer and EMA (from the checkpoint when resuming), write spec.yaml,
-    and run the Trainer."""
-    spec, cfg = resolved.spec, resolved.spec.train
-    n_train = len(data.train)
-    if ddp.world_size > 1 and n_train < cfg.batch_size:
-        raise TrainingError(f"train.batch_size {cfg.batch_size} exceeds the {n_train} training images")
-    batches_per_epoch = EpochBatches(data.train, cfg.batch_size, cfg.seed, 0, ddp.world_size > 1,
-                                     ddp.rank, ddp.world_size).num_batches
-    model = place(build_model(spec, dev), dev)
-    optimizer = build_optimizer(model, cfg.optimizer)
-    ema = EMA(model, cfg.ema.decay) if cfg.ema is not None else None
-    state = State()
-    if payload is not None:
-        state = restore(payload, out_dir / "checkpoints" / "last.pt", model, optimizer, ema)
-        if ddp.main:
-            set_rng_state(payload["rng"])
-    net = wrap_data_parallel(model, dev) if ddp.world_size > 1 else model
-    forward = torch.compile(net) if cfg.compile else net
-    if ddp.main:
-        try:
-            if payload is None or not (out_dir / "spec.yaml").exists():
-                write_text_atomic(out_dir / "spec.yaml", f"# resolved spec trained by avi; hash "
-                                  f"{resolved.hash}\n" + dump_yaml(resolved.document))
-            trim_metrics(out_dir / "metrics.jsonl", state.step, state.epoch)
-        except OSError as e:
-            raise write_error(e, out_dir, "Nothing was trained.") from None
-    reporter = Reporter(out_dir, progress_mode, ddp.main, batches_per_epoch, cfg.epochs, state.step)
+    trainer = setup_trainer(resolved, out_dir, ddp, dev, data, payload, max_steps, progress_mode)
     if resume and ddp.main:
-        if payload is None:
-            reporter.message(f"resuming {out_dir} from step 0 (it had no checkpoint yet)")
-        elif state.epoch >= cfg.epochs:
-            reporter.message(f"{out_dir} has finished its {cfg.epochs} epochs (step {state.step}); "
-                             f"nothing to train")
-        else:
-            reporter.message(f"resuming {out_dir} at step {state.step} (epoch {state.epoch + 1}/"
-                             f"{cfg.epochs}, batch {state.batch})")
-    trainer = Trainer(resolved, out_dir, ddp, dev, data, model, optimizer, ema, state, forward,
-                      reporter, max_steps)
+        _say_where_resuming(trainer, payload is None)
     try:
         result = trainer.run()
     finally:
-        reporter.close()
-    _report_weights_hash(model, ddp)
+        trainer.reporter.close()
+    _report_weights_hash(trainer.model, ddp)
     return result
+
+
+def setup_trainer(resolved: ResolvedSpec, out_dir: Path, ddp: Distributed, dev: torch.device,
+                  data: TrainData, payload: dict | None, max_steps: int | None = None,
+                  progress_mode: str = "quiet") -> Trainer:
+    """A Trainer at step 0, or where ``payload`` (a checkpoint) left off; on rank 0 the run
+    directory is made ready for it (spec.yaml, metrics.jsonl trimmed to the checkpoint)."""
+    cfg = resolved.spec.train
+    check_batch_size(cfg.batch_size, ddp.world_size, len(data.train))
+    batches_per_epoch = EpochBatches(data.train, cfg.batch_size, cfg.seed, 0, ddp.world_size > 1,
+                                     ddp.rank, ddp.world_size).num_batches
+    model, optimizer, ema, state = build_parts(resolved.spec, dev, payload, out_dir / "checkpoints" / "last.pt",
+                                               restore_rng=ddp.main)
+    net = wrap_data_parallel(model, dev) if ddp.world_size > 1 else model
+    forward = torch.compile(net) if cfg.compile else net
+    if ddp.main:
+        _prepare_run_dir(resolved, out_dir, payload, state)
+    reporter = Reporter(out_dir, progress_mode, ddp.main, batches_per_epoch, cfg.epochs, state.step)
+    return Trainer(resolved, out_dir, ddp, dev, data, model, optimizer, ema, state, forward,
+                   reporter, max_steps)
+
+
+def build_parts(spec, dev: torch.device, payload: dict | None, path: Path, restore_rng: bool = True):
+    """Model, optimizer (Adamax with the two L2 strengths, builders.train.optim), EMA and the loop
+    position State: fresh, or put back from the checkpoint ``payload`` read from ``path``."""
+    model = place(build_model(spec, dev), dev)
+    optimizer = build_optimizer(model, spec.train.optimizer)
+    ema = EMA(model, spec.train.ema.decay) if spec.train.ema is not None else None
+    state = State()
+    if payload is not None:
+        state = restore(payload, path, model, optimizer, ema)
+        if restore_rng:
+            set_rng_state(payload["rng"])
+    return model, optimizer, ema, state
+
+
+def _prepare_run_dir(resolved: ResolvedSpec, out_dir: Path, payload: dict | None, state: State) -> None:
+    """spec.yaml for a new run; metrics.jsonl without the records written after the checkpoint."""
+    try:
+        if payload is None or not (out_dir / "spec.yaml").exists():
+            write_text_atomic(out_dir / "spec.yaml", f"# resolved spec trained by avi; hash "
+                              f"{resolved.hash}\n" + dump_yaml(resolved.document))
+        trim_metrics(out_dir / "metrics.jsonl", state.step, state.epoch)
+    except OSError as e:
+        raise write_error(e, out_dir, "Nothing was trained.") from None
+
+
+def _say_where_resuming(trainer: Trainer, from_start: bool) -> None:
+    state, epochs, out_dir = trainer.state, trainer.cfg.epochs, trainer.out_dir
+    if from_start:
+        trainer.reporter.message(f"resuming {out_dir} from step 0 (it had no checkpoint yet)")
+    elif state.epoch >= epochs:
+        trainer.reporter.message(f"{out_dir} has finished its {epochs} epochs (step {state.step}); "
+                                 f"nothing to train")
+    else:
+        trainer.reporter.message(f"resuming {out_dir} at step {state.step} (epoch {state.epoch + 1}/"
+                                 f"{epochs}, batch {state.batch})")
 
 
 def _report_weights_hash(model: torch.nn.Module, ddp: Distributed) -> None:

@@ -15,9 +15,9 @@ import socket
 import time
 from pathlib import Path
 
-from .checkpoint import remove_stale_temporaries
-from .files import write_atomically
-from .faults import fault_point
+from ..checkpoint import remove_stale_temporaries
+from ..files import write_atomically
+from ..faults import fault_point
 
 LOCK_NAME = ".avi-train.lock"
 

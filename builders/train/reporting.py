@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from .faults import fault_point
+from ..faults import fault_point
 
 LINE_SECONDS = 30.0          # without a terminal: a progress line at least this often
 

@@ -1,5 +1,11 @@
-"""The loop of `avi train`: steps, step records, the epoch end (test NELBO, samples, best.pt),
-and checkpoints written so that a run killed at any point resumes to the same files.
+"""The loop of `avi train`: the paper's recipe (ARCHITECTURE.md section 7), one step at a time.
+
+    for epoch:   beta = kl_beta(epoch)            KL warm-up: linear from kl_warmup.start to 1
+      for batch: lr = learning_rate(step)         cosine schedule after a linear warm-up
+                 loss = NLL + beta * KL           nats per image (Trainer.step)
+                 clip the gradient norm; Adamax update with the two L2 strengths as weight
+                 decay (builders.train.optim); EMA of the weights
+      epoch end: test NELBO, samples, best.pt, last.pt (Trainer.end_epoch)
 
 Order at an epoch end: the test record, the sample grid, best.pt (when the test NELBO
 improved), then last.pt. A run killed before last.pt is renamed resumes from the previous
@@ -20,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import save_checkpoint
-from .checkpoint import rng_state
+from ..checkpoint import save_checkpoint
+from ..checkpoint import rng_state
 from .distributed import Distributed, all_processes_agree
-from .faults import fault_point
-from .images import save_grid
-from .preprocess import EpochBatches
+from ..faults import fault_point
+from ..evaluation.images import save_grid
+from ..data.preprocess import EpochBatches
 from .reporting import Reporter
 from .run_dir import TrainingError, write_error
 from .schedules import kl_beta, learning_rate
@@ -70,7 +76,11 @@ def autocast_for(device: torch.device, precision: str):
 
 
 class Trainer:
-    """One training run of a built model into a run directory (rank 0 writes)."""
+    """One training run of a built model into a run directory (rank 0 writes); made by
+    builders.train.training.setup_trainer. run() calls train_epoch() per epoch, which calls step()
+    per batch, then end_epoch(); checkpoint() writes last.pt or best.pt. The loop position and
+    the running sums a resumed run needs are in ``state`` (saved in every checkpoint); the
+    rest is fixed for the run or rebuilt each step."""
 
     def __init__(self, resolved, out_dir: Path, ddp: Distributed, dev: torch.device, data: TrainData,
                  model: torch.nn.Module, optimizer, ema: EMA | None, state: State, forward,
@@ -94,17 +104,19 @@ class Trainer:
         self.interrupt = StopOnInterrupt()
         self.last_test = None
         self.window_t0 = time.perf_counter()
+        self.it_per_s = 0.0                   # steps per second of this epoch so far
 
     # ------------------------------------------------------------------ the run
 
     def run(self) -> dict:
+        """Train to the last epoch (or --max-steps); the summary `avi train` prints."""
         state, cfg = self.state, self.cfg
         try:
             self.interrupt.start()
             while state.epoch < cfg.epochs:
-                if not self._epoch(state.epoch):
+                if not self.train_epoch(state.epoch):
                     break
-            if self.max_steps is not None and state.step >= self.max_steps:
+            if self._max_steps_reached():
                 self.checkpoint()
         except OSError as e:
             raise write_error(e, self.out_dir, self._saved_text()) from None
@@ -119,7 +131,7 @@ class Trainer:
             return "No checkpoint was written yet."
         return f"{self.last_path} is intact (step {self.saved_step})."
 
-    def _epoch(self, epoch: int) -> bool:
+    def train_epoch(self, epoch: int) -> bool:
         """Train the rest of one epoch; False when --max-steps stopped it first."""
         state, cfg = self.state, self.cfg
         beta = kl_beta(epoch, cfg.kl_warmup)
@@ -131,61 +143,85 @@ class Trainer:
         epoch_t0 = time.perf_counter()
         self.model.train()
         for raw in batches:
-            if self.max_steps is not None and state.step >= self.max_steps:
+            if self._max_steps_reached():
                 return False
             lr = learning_rate(state.step, self.steps_per_epoch, cfg.schedule, cfg.optimizer.lr, cfg.epochs)
-            go_on = self._step(raw, lr, beta)
-            elapsed = time.perf_counter() - epoch_t0
-            self.it_per_s = (state.batch - batches.start_batch) / elapsed if elapsed > 0 else 0.0
-            last_step = ((self.max_steps is not None and state.step >= self.max_steps)
-                         or (epoch + 1 == cfg.epochs and state.batch == batches.num_batches))
-            if state.step % cfg.log_every == 0 or not go_on or last_step:
-                self._record_window(epoch, lr, beta)
-            if state.step % cfg.checkpoint_every == 0 or not go_on:
-                self.checkpoint()
-            if not go_on:                            # Ctrl-C: stop at this step boundary
+            go_on = self.step(raw, lr, beta)
+            self._measure_speed(state.batch - batches.start_batch, epoch_t0)
+            last = self._max_steps_reached() or (epoch + 1 == cfg.epochs and state.batch == batches.num_batches)
+            self._record_and_checkpoint(epoch, lr, beta, stopping=not go_on, last=last)
+            if not go_on:                            # Ctrl-C: last.pt is written, stop here
                 raise KeyboardInterrupt
-        self._end_epoch(epoch, beta, epoch_t0)
+        self.end_epoch(epoch, beta, epoch_t0)
         return True
+
+    def _max_steps_reached(self) -> bool:
+        return self.max_steps is not None and self.state.step >= self.max_steps
+
+    def _measure_speed(self, steps: int, since: float) -> None:
+        elapsed = time.perf_counter() - since
+        self.it_per_s = steps / elapsed if elapsed > 0 else 0.0
+
+    def _record_and_checkpoint(self, epoch: int, lr: float, beta: float, stopping: bool, last: bool) -> None:
+        """After a step: the step record every log_every steps, at the last step and when
+        stopping; last.pt every checkpoint_every steps and when stopping."""
+        if self.state.step % self.cfg.log_every == 0 or stopping or last:
+            self._record_window(epoch, lr, beta)
+        if self.state.step % self.cfg.checkpoint_every == 0 or stopping:
+            self.checkpoint()
 
     # ------------------------------------------------------------------ one step
 
-    def _step(self, raw: torch.Tensor, lr: float, beta: float) -> bool:
-        """One optimizer step (skipped when the loss or gradient is not finite on any process).
-        Returns False when Ctrl-C asked to stop after it."""
-        state, cfg = self.state, self.cfg
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        self.generator.manual_seed(derive_seed(cfg.seed, 1, state.step, self.ddp.rank))
-        torch.manual_seed(derive_seed(cfg.seed, 2, state.step, self.ddp.rank))
-        x = self.data.prepare(raw, self.generator)
-        x = x.contiguous(memory_format=torch.channels_last)    # the model's layout (devices.place)
-        torch._foreach_copy_(self.bn_snapshot, self.bn_buffers)
-        with self.autocast():
-            out = self.forward(x)
-        nll = out.nll.float().mean()
-        kl = out.kl.float().sum(1).mean()
-        loss = nll + beta * kl
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm, foreach=True)
+    def step(self, raw: torch.Tensor, lr: float, beta: float) -> bool:
+        """One optimisation step on a raw batch: loss = NLL + beta * KL, gradient clipped, an
+        update at ``lr``, the EMA. Skipped (no update, the batch-norm statistics of its forward
+        put back) when the loss or the gradient is not finite on any process. Returns False
+        when Ctrl-C asked to stop after it."""
+        self._set_learning_rate(lr)
+        x = self._inputs(raw)
+        torch._foreach_copy_(self.bn_snapshot, self.bn_buffers)    # to undo the forward's BN updates
+        loss, nll, kl = self._loss(x, beta)
+        grad_norm = self._backward(loss)
         values = torch.stack([loss.detach(), nll.detach(), kl.detach(), grad_norm.float()]).tolist()
         finite, go_on = all_processes_agree(
             [all(math.isfinite(v) for v in values[::3]), not self.interrupt.requested], self.ddp, self.dev)
         if finite:
-            self._optimizer_step()
-            if self.ema is not None:
-                self.ema.update(self.model)
-            state.consecutive_skipped = 0
+            self._update()
         else:
             self._skip(values)
-        state.step += 1
-        state.batch += 1
-        self._accumulate(dict(zip(WINDOW, values)))
-        self._show_step(values)
+        self._count_step(values)
         return go_on
 
-    def _optimizer_step(self) -> None:
+    def _set_learning_rate(self, lr: float) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
+    def _inputs(self, raw: torch.Tensor) -> torch.Tensor:
+        """The model input of a step. Its random numbers (binarisation and flips here, the
+        posterior noise of the forward) come from (seed, step, rank) alone, so a resumed run
+        draws what the uninterrupted one drew."""
+        step, rank, seed = self.state.step, self.ddp.rank, self.cfg.seed
+        self.generator.manual_seed(derive_seed(seed, 1, step, rank))
+        torch.manual_seed(derive_seed(seed, 2, step, rank))
+        x = self.data.prepare(raw, self.generator)
+        return x.contiguous(memory_format=torch.channels_last)    # the model's layout (devices.place)
+
+    def _loss(self, x: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """loss = mean over images of [NLL + beta * sum over layers of KL] (nats), with its terms."""
+        with self.autocast():
+            out = self.forward(x)
+        nll = out.nll.float().mean()
+        kl = out.kl.float().sum(1).mean()
+        return nll + beta * kl, nll, kl
+
+    def _backward(self, loss: torch.Tensor) -> torch.Tensor:
+        """Gradients of ``loss``, clipped to train.grad_clip; the norm before clipping."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return torch.nn.utils.clip_grad_norm_(self.params, self.max_norm, foreach=True)
+
+    def _update(self) -> None:
+        """The optimizer's update (L2 is its weight decay, builders.train.optim), then the EMA."""
         try:
             self.optimizer.step()
         except RuntimeError as e:          # e.g. lr = 1e300: the update is not a float32
@@ -194,6 +230,9 @@ class Trainer:
             raise TrainingError(f"the update of step {self.state.step + 1} overflows float32 "
                                 f"(train.optimizer.lr = {self.cfg.optimizer.lr:g}); use a smaller "
                                 f"learning rate. {self._saved_text()}") from None
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.state.consecutive_skipped = 0
 
     def _skip(self, values: list[float]) -> None:
         state, cfg = self.state, self.cfg
@@ -211,6 +250,12 @@ class Trainer:
                 f"{state.consecutive_skipped} consecutive non-finite updates (train.max_skipped "
                 f"= {cfg.max_skipped}) at step {state.step + 1}: training diverged. Try a lower "
                 f"train.optimizer.lr, set train.grad_clip, or a longer warm-up.")
+
+    def _count_step(self, values: list[float]) -> None:
+        self.state.step += 1
+        self.state.batch += 1
+        self._accumulate(dict(zip(WINDOW, values)))
+        self._show_step(values)
 
     def _accumulate(self, values: dict[str, float]) -> None:
         """Running sums of the step record and the epoch's train loss, in State.counters so
@@ -230,7 +275,7 @@ class Trainer:
         loss, nll, kl, _ = values
         unit = (f"NELBO {(nll + kl) / (self.data.dims * math.log(2)):.3f} bits/dim" if self.bits
                 else f"NELBO {nll + kl:.2f} nats")
-        speed = getattr(self, "it_per_s", 0.0)          # of the steps before this one
+        speed = self.it_per_s                           # of the steps before this one
         self.reporter.step(f"loss {loss:.2f}  KL {kl:.2f}  {unit}" + (f"  {speed:.2f} it/s" if speed else ""),
                            self.state.epoch, self.state.step)
 
@@ -256,7 +301,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ epoch end
 
-    def _end_epoch(self, epoch: int, beta: float, epoch_t0: float) -> None:
+    def end_epoch(self, epoch: int, beta: float, epoch_t0: float) -> None:
         """Test NELBO record, samples, then best.pt (if improved) and last.pt, in that order."""
         state, cfg, c = self.state, self.cfg, self.state.counters
         eval_model = self.ema.model if self.ema is not None else self.model
@@ -272,7 +317,7 @@ class Trainer:
         if self.reporter.progress is None:
             self.reporter.message(f"epoch {epoch + 1}/{cfg.epochs}  step {state.step}  "
                                   f"train loss {rec['train_loss']:.3f}  test NELBO {unit}  "
-                                  f"{getattr(self, 'it_per_s', 0.0):.2f} it/s")
+                                  f"{self.it_per_s:.2f} it/s")
         if self.ddp.main and ((epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs):
             self._samples(epoch, eval_model)
         state.epoch += 1

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from avi_spec.yaml_io import read_text_file
 
-from .files import write_atomically
+from ..files import write_atomically
 
 FORMAT = "avi-evaluations"
 MAX_EVAL_BYTES = 64 << 20          # about 60,000 kept evaluations

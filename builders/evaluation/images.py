@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import write_atomically
+from ..files import write_atomically
 
 
 def grid(images, columns: int | None = None, pad: int = 2) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 Every loader returns images as ``[N, C, H, W]``: uint8 (0..255) for mnist5k, mnist, cifar10
 and uint8 folders; float32 in [0, 1] for omniglot (chardata.mat stores grey levels as floats).
-Nothing here needs torch; turning images into model input is ``builders.preprocess``'s job.
+Nothing here needs torch; turning images into model input is ``builders.data.preprocess``'s job.
 
 Any missing, truncated or malformed file raises ``DatasetError`` with a message that names the
 files expected, the folder searched and where to obtain them, never a raw traceback. So do

@@ -207,7 +207,7 @@ def _mean_stderr(values: np.ndarray) -> tuple[float, float | None]:
 def data_dims(model: nn.Module) -> int | None:
     """D of bits/dim (preprocess.likelihood_dims, as training uses) for 8-bit data; None for
     binary data (reported in nats) or a model without a spec."""
-    from .preprocess import data_kind, likelihood_dims
+    from ..data.preprocess import data_kind, likelihood_dims
     spec = getattr(model, "spec", None)
     if spec is None or data_kind(spec) == "binary":
         return None
@@ -272,13 +272,13 @@ def eval_images(spec, split: str = "test", limit: int | None = None, seed: int =
     padded by data.pad as in training.
 
     Binary data: binarised once with a fixed ``seed`` (BinarizedTestSet; 0 =
-    builders.training.TEST_BINARIZATION_SEED, so eval scores the bits training tested on).
+    builders.train.training.TEST_BINARIZATION_SEED, so eval scores the bits training tested on).
     8-bit data: mapped to [-1, 1], no flips, as the trainer feeds it. ``limit`` keeps the
     first N images.
-    Raises builders.datasets.DatasetError when the files are missing or of another shape.
+    Raises builders.data.datasets.DatasetError when the files are missing or of another shape.
     """
-    from .datasets import load_spec_images
-    from .preprocess import BinarizedTestSet, data_kind, prepare_batch
+    from ..data.datasets import load_spec_images
+    from ..data.preprocess import BinarizedTestSet, data_kind, prepare_batch
     images = load_spec_images(spec.data, split)
     if limit is not None:
         images = images[:limit]
@@ -320,7 +320,7 @@ def _checkpoint_candidates(path: str | Path) -> tuple[list[Path], Path | None]:
 
 def _read_checkpoint(path: Path) -> dict:
     """The checkpoint's payload (builders.checkpoint: weights_only=True, on the CPU)."""
-    from .checkpoint import CheckpointError, load_checkpoint
+    from ..checkpoint import CheckpointError, load_checkpoint
     try:
         return load_checkpoint(path)          # refuses anything but an avi checkpoint
     except CheckpointError as e:
@@ -357,7 +357,7 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", use_ema: 
 
     ``path`` is a run directory (checkpoints/best.pt if present and readable, else
     checkpoints/last.pt, else last.prev.pt; ``warn`` hears of a fallback), a .pt checkpoint
-    of `avi train` (builders.training's payload: "spec", "model", "ema", "state"), or a
+    of `avi train` (builders.train.training's payload: "spec", "model", "ema", "state"), or a
     .safetensors file of `avi export`. The spec is the resolved document saved in the
     checkpoint (else the run directory's spec.yaml), with ``overrides`` (--set) applied. With
     ``use_ema`` and EMA weights in the checkpoint, those replace the trained weights. Raises
@@ -366,11 +366,11 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", use_ema: 
     """
     from avi_spec import SpecError, load_document, load_spec
 
-    from .build import build_model
-    from .devices import place, resolve_device
+    from ..network.build import build_model
+    from ..devices import place, resolve_device
 
     if Path(path).suffix == ".safetensors":           # a file of `avi export`
-        from .export import load_exported
+        from ..export import load_exported
         return load_exported(path, device)
     dev = resolve_device(device)
     candidates, run = _checkpoint_candidates(path)

@@ -7,10 +7,10 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .datasets import load_spec_images
+from ..data.datasets import load_spec_images
 from .distributed import Distributed
-from .evaluate import importance_sampled_nll
-from .preprocess import BinarizedTestSet, data_kind, likelihood_dims, prepare_batch
+from ..evaluation.evaluate import importance_sampled_nll
+from ..data.preprocess import BinarizedTestSet, data_kind, likelihood_dims, prepare_batch
 from .run_dir import TrainingError
 
 TEST_BINARIZATION_SEED = 0
@@ -51,7 +51,7 @@ class TrainData:
 
 def mean_test_nelbo(model: torch.nn.Module, data: TrainData, batch_size: int, dev: torch.device,
                     autocast: Callable, ddp: Distributed) -> float:
-    """Mean single-sample NELBO (nats, beta = 1) over the test set: builders.evaluate's
+    """Mean single-sample NELBO (nats, beta = 1) over the test set: builders.evaluation.evaluate's
     estimator with K = 1 (model in eval mode, fixed noise seed). Under data parallelism every
     process scores its share and the sums are reduced."""
     idx = torch.arange(ddp.rank, data.n_test, ddp.world_size)
