@@ -366,10 +366,12 @@ def _print_paired_notes(paired: dict | None, names: list[str], console: Any) -> 
     if not paired:
         return
     ref = names[paired.get("baseline", 0)]
-    console.print(Text(f"Δ: paired difference from {ref} (the reference) on the same images: mean ± "
-                       f"standard error [{round(100 * paired.get('confidence', 0.95))}% interval, Student's t]; "
-                       f"* the interval excludes 0; negative: lower than {ref}.", style="dim"))
-    for name, c in zip(names, _per_spec(paired.get("comparisons"), len(names))):
+    comparisons = _per_spec(paired.get("comparisons"), len(names))
+    if any(c and c.get("paired") for c in comparisons):
+        console.print(Text(f"Δ: paired difference from {ref} (the reference) on the same images: mean ± "
+                           f"standard error [{round(100 * paired.get('confidence', 0.95))}% interval, Student's t]; "
+                           f"* the interval excludes 0; negative: lower than {ref}.", style="dim"))
+    for name, c in zip(names, comparisons):
         if c is None:
             continue
         if c.get("paired"):

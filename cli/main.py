@@ -291,7 +291,7 @@ def diff(
 
         avi diff specs/ablations/*.yaml
 
-        avi diff runs/quickstart runs/quickstart_no_attention --baseline runs/quickstart_no_attention
+        avi diff runs/quickstart_1ep runs/quickstart_1ep_no_attention --baseline runs/quickstart_1ep_no_attention
     """
     from avi_spec.diff import diff_specs, render, render_switches
 
