@@ -108,6 +108,10 @@ def compare(reference: tuple[Path, list[dict]], other: tuple[Path, list[dict]]) 
         return {"paired": False, "reasons": [str(e)]}
     if not np.array_equal(a.index, b.index):
         return {"paired": False, "reasons": ["the per-example files hold other images"]}
+    finite = [np.isfinite(e.nll_nats).all() and np.isfinite(e.nelbo_nats).all() for e in (a, b)]
+    if not all(finite):
+        who = "the reference" if not finite[0] else "this run"
+        return {"paired": False, "reasons": [f"{who} has non-finite estimates (a diverged model?)"]}
     dims = chosen[0].get("dims")
     unit, scale = ("bits_per_dim", 1 / (dims * math.log(2))) if dims else ("nats", 1.0)
     doc = chosen[0]

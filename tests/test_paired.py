@@ -225,3 +225,20 @@ def test_a_changed_or_hostile_file_is_refused(tmp_path):
         per_example.read(tmp_path, hostile)
     with pytest.raises(per_example.PerExampleError, match="outside the run"):
         per_example.read(tmp_path, {"per_example": {"file": "../elsewhere.npz"}})
+
+
+def test_eight_bit_data_are_compared_in_bits_per_dim(tmp_path):
+    doc = _doc(dataset="cifar10", binarization_seed=None, dims=3072, checkpoint="best.pt", ema=True)
+    nll = np.array([6000.0, 6100.0, 5900.0])
+    for name, shift in (("a", 0.0), ("b", [3.0, 5.0, 4.0])):
+        record_result(tmp_path / name / "eval.json", doc, {"nll_nats": nll + shift, "nelbo_nats": nll + 50})
+    runs = [(tmp_path / n, read_results(tmp_path / n / "eval.json")) for n in ("a", "b")]
+    c = paired.compare_runs(runs)["comparisons"][1]
+    assert c["unit"] == "bits_per_dim"
+    assert c["nll"]["mean"] == pytest.approx(4.0 / (3072 * math.log(2)))
+    assert c["nll"]["stderr"] == pytest.approx(1.0 / math.sqrt(3) / (3072 * math.log(2)))
+    assert c["nelbo"]["mean"] == 0.0
+    record_result(tmp_path / "b" / "eval.json", doc, {"nll_nats": [np.inf, 1, 2], "nelbo_nats": nll})
+    runs[1] = (tmp_path / "b", read_results(tmp_path / "b" / "eval.json"))
+    assert paired.compare_runs(runs)["comparisons"][1]["reasons"] == \
+        ["this run has non-finite estimates (a diverged model?)"]
