@@ -103,6 +103,9 @@ def best_result(results: list[dict]) -> dict | None:
 
 
 def describe(doc: dict) -> str:
-    """"test, K=500, 10000 images" (", first N" when --limit cut the split)."""
+    """"test, K=500, 10000 images" (" (--limit)" when --limit cut the split; the binarisation
+    seed when it is not the one training tested on)."""
     text = f"{doc.get('split', '?')}, K={doc.get('importance_samples', '?')}, {doc.get('examples', '?')} images"
+    if doc.get("binarization_seed") not in (None, 0):
+        text += f", binarisation seed {doc['binarization_seed']}"
     return text if doc.get("full_split", True) else text + " (--limit)"

@@ -170,6 +170,7 @@ def test_runs_scored_on_other_images_are_not_paired(runs):
     assert "re-run avi eval" in comparisons["old"]["reasons"][0]
 
     text = avi("diff", *(runs[n] for n in names), "--no-params", cwd=runs["a"].parent).stdout
+    assert "test, K=3, 16 images, binarisation seed 1" in text          # the evaluated column
     assert "not paired with tiny: binarisation seed differs (0 vs 1)" in text
     assert "not paired with tiny: split differs (test vs train); K differs (3 vs 2)" in text
 
