@@ -376,9 +376,9 @@ def _print_paired_notes(paired: dict | None, names: list[str], console: Any) -> 
             continue
         if c.get("paired"):
             seed = c.get("binarization_seed")
-            console.print(Text(f"{name}: paired with {ref} on {c.get('split')}, K={c.get('importance_samples')}, "
-                               f"{c.get('examples')} images" + (f", binarisation seed {seed}" if seed is not None else ""),
-                               style="dim"))
+            on = f"{c.get('split')}, K={c.get('importance_samples')}, {c.get('examples')} images"
+            on += f", binarisation seed {seed}" if seed is not None else ""
+            console.print(Text(f"{name}: paired with {ref} on {on}", style="dim"))
         else:
             console.print(Text(f"{name}: not paired with {ref}: {'; '.join(c.get('reasons') or ['unknown'])}"))
 
