@@ -6,7 +6,8 @@ leaving it out are the same spec) and returns plain data (`avi diff --json` prin
 prints the compact view of Table 5 of the paper: one row per spec, one column per switch that
 differs, then the parameter count and the results of runs. Parameter counts and results come
 from the caller (building a model needs torch, which avi_spec never imports): `parameters` and
-`results`, one entry per spec; other rows go in `extra_rows`.
+`results`, one entry per spec; other rows go in `extra_rows`; the paired comparisons of runs
+(builders.evaluation.paired.compare_runs) in result["paired"].
 """
 from __future__ import annotations
 
@@ -280,11 +281,14 @@ def render(result: dict, console: Any = None, extra_rows: dict[str, list] | None
     evaluated = _evaluated(runs, len(names))
     if evaluated:
         table.add_row(Text("evaluated"), *[Text(v, style="dim") for v in evaluated])
+    for label, cells in _paired_columns(result.get("paired"), names).items():
+        table.add_row(Text(label), *cells)
     for label, values in extra.items():
         vals = list(values) + [None] * (len(names) - len(values))
         table.add_row(Text(label), *[Text(_cell(v)) for v in vals[:len(names)]])
 
     console.print(table)
+    _print_paired_notes(result.get("paired"), names, console)
     _print_summary(result, console)
 
 
@@ -315,6 +319,68 @@ def _evaluated(runs: list, n: int) -> list[str]:
     """What each run's result was computed on ("test, K=500, 10000 images"), [] if unknown."""
     cells = [r.get("evaluated") if isinstance(r, dict) else None for r in _per_spec(runs, n)]
     return [c or "-" for c in cells] if any(cells) else []
+
+
+PAIRED_UNIT = {"bits_per_dim": "bits/dim", "nats": "nats"}
+
+
+def _paired_columns(paired: dict | None, names: list[str]) -> dict[str, list]:
+    """{"Δ NLL (unit)": cells, "Δ -ELBO (unit)": cells} of the paired comparisons: the mean
+    difference from the reference ± its standard error [95% interval], * where the interval
+    excludes 0; "reference" for the reference, "not paired" (why: below the table) elsewhere."""
+    from rich.text import Text
+
+    if not paired:
+        return {}
+    comparisons = _per_spec(paired.get("comparisons"), len(names))
+    done = [c for c in comparisons if c and c.get("paired")]
+    unit = PAIRED_UNIT.get(done[0]["unit"], done[0]["unit"]) if done else ""
+    columns = {}
+    for key, label in (("nll", "Δ NLL"), ("nelbo", "Δ -ELBO")):
+        cells = []
+        for i, c in enumerate(comparisons):
+            if i == paired.get("baseline"):
+                cells.append(Text("reference", style="dim"))
+            elif c and c.get("paired"):
+                cells.append(_paired_cell(c[key], c["unit"]))
+            else:
+                cells.append(Text("not paired", style="dim"))
+        columns[f"{label} ({unit})" if unit else label] = cells
+    return columns
+
+
+def _paired_cell(stats: dict, unit: str) -> Any:
+    from rich.text import Text
+
+    digits = 4 if unit == "bits_per_dim" else 2
+    text = f"{stats['mean']:+.{digits}f}"
+    if stats.get("stderr") is not None:
+        text += f" ± {stats['stderr']:.{digits}f} [{stats['low']:+.{digits}f}, {stats['high']:+.{digits}f}]"
+    return Text(text + (" *" if stats.get("significant") else "  "), style="bold" if stats.get("significant") else "")
+
+
+def _print_paired_notes(paired: dict | None, names: list[str], console: Any) -> None:
+    """Under the table: what Δ means, and per run what it was paired on or why it was not."""
+    from rich.text import Text
+
+    if not paired:
+        return
+    ref = names[paired.get("baseline", 0)]
+    comparisons = _per_spec(paired.get("comparisons"), len(names))
+    if any(c and c.get("paired") for c in comparisons):
+        console.print(Text(f"Δ: paired difference from {ref} (the reference) on the same images: mean ± "
+                           f"standard error [{round(100 * paired.get('confidence', 0.95))}% interval, Student's t]; "
+                           f"* the interval excludes 0; negative: lower than {ref}.", style="dim"))
+    for name, c in zip(names, comparisons):
+        if c is None:
+            continue
+        if c.get("paired"):
+            seed = c.get("binarization_seed")
+            on = f"{c.get('split')}, K={c.get('importance_samples')}, {c.get('examples')} images"
+            on += f", binarisation seed {seed}" if seed is not None else ""
+            console.print(Text(f"{name}: paired with {ref} on {on}", style="dim"))
+        else:
+            console.print(Text(f"{name}: not paired with {ref}: {'; '.join(c.get('reasons') or ['unknown'])}"))
 
 
 def render_switches(result: dict, console: Any = None) -> None:
@@ -349,6 +415,7 @@ def render_switches(result: dict, console: Any = None) -> None:
     evaluated = _evaluated(result.get("results") or [], n)
     if evaluated:
         columns.append(("evaluated", [Text(v, style="dim") for v in evaluated], "left"))
+    columns += [(label, cells, "right") for label, cells in _paired_columns(result.get("paired"), names).items()]
     columns += [(label, [Text(_cell(v)) for v in _per_spec(vals, n)], "right") for label, vals in extra.items()]
     for header, cells, justify in columns:
         words = [len(w) for w in header.split()]
@@ -360,6 +427,7 @@ def render_switches(result: dict, console: Any = None) -> None:
     for s in sw:
         if len(s["paths"]) > 1:
             console.print(Text(f"{_header(s)}: {', '.join(s['paths'])} (switched together)", style="dim"))
+    _print_paired_notes(result.get("paired"), names, console)
     _print_summary(result, console)
 
 

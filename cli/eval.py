@@ -51,12 +51,12 @@ def load_model(path: str, device: Device | str = "auto", use_ema: bool = True, o
         raise UserError(str(e)) from None
 
 
-def images(resolved, split: str = "test", limit: int | None = None):
-    """Model-input images of the run's dataset (test split binarised with a fixed seed)."""
+def images(resolved, split: str = "test", limit: int | None = None, binarization_seed: int = 0):
+    """Model-input images of the run's dataset (binary data binarised with a fixed seed)."""
     from builders.data.datasets import DatasetError
     from builders.evaluation.evaluate import eval_images
     try:
-        x = eval_images(resolved.spec, split, limit)
+        x = eval_images(resolved.spec, split, limit, seed=binarization_seed)
     except (DatasetError, FileNotFoundError) as e:
         raise UserError(f"cannot load the {split} images of {resolved.spec.data.dataset}: {e}") from None
     if x.shape[0] == 0:
@@ -178,6 +178,10 @@ def eval_command(
     seed: SeedOption = 0,
     limit: LimitOption = None,
     no_ema: NoEmaOption = False,
+    binarization_seed: Annotated[int, typer.Option(
+        "--binarization-seed", metavar="S",
+        help="Binary data: the seed of the one binarisation of the images (default 0: the "
+             "bits training tested on). Runs are paired by `avi diff` only on the same bits.")] = 0,
     overrides: SetOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -186,7 +190,9 @@ def eval_command(
     Prints -log p(x) in nats (mean over the images, +- standard error), bits/dim for 8-bit
     data, and the negative ELBO. Given a run directory, adds the result to RUN/eval.json,
     where every evaluation is kept by split, K and number of images (`avi diff` shows the
-    full test split at the largest K). --set changes the run's spec (e.g. data.root=...).
+    full test split at the largest K), and the estimates of every image to RUN/eval/*.npz
+    (`avi diff` pairs two runs scored on the same images). --set changes the run's spec
+    (e.g. data.root=...).
 
     Example:
 
@@ -198,21 +204,31 @@ def eval_command(
     spec = resolved.spec
     k = importance_samples or spec.eval.importance_samples
     b = batch_size or spec.eval.batch_size
-    x = images(resolved, split.value)
+    x = images(resolved, split.value, binarization_seed=binarization_seed)
     total = x.shape[0]
     x = x[:limit] if limit is not None else x
     _check_feasible(model, x, k, b, seed)
     with _Progress(x.shape[0], f"eval K={k}") as progress:
         result = importance_sampled_nll(model, batched(x, b), k, chunk=chunk, progress=progress,
                                         seed=seed)
+    per_example = result.pop("per_example")
     document = {**result, **_provenance(model, resolved, split.value, b, seed),
-                "limit": limit, "full_split": x.shape[0] == total}
+                "limit": limit, "full_split": x.shape[0] == total,
+                **_evaluated_images(spec, x, binarization_seed)}
     if as_json:
         print_json(document)
     else:
         _print_table(document)
     if run_dir is not None and Path(run).expanduser().is_dir():
-        _record(run_dir / "eval.json", document, quiet=as_json)
+        _record(run_dir / "eval.json", document, per_example, quiet=as_json)
+
+
+def _evaluated_images(spec, x, binarization_seed: int) -> dict:
+    """Which images were scored: what `avi diff` checks before pairing two evaluations."""
+    from builders.evaluation.per_example import images_sha256
+    from builders.data.preprocess import data_kind
+    return {"binarization_seed": binarization_seed if data_kind(spec) == "binary" else None,
+            "data_sha256": images_sha256(x)}
 
 
 def _provenance(model, resolved, split: str, batch_size: int, seed: int) -> dict:
@@ -227,17 +243,18 @@ def _provenance(model, resolved, split: str, batch_size: int, seed: int) -> dict
             "dataset": spec.data.dataset}
 
 
-def _record(path: Path, document: dict, quiet: bool) -> None:
-    """Keep the result in eval.json; the result is printed already, so a failed write is a
-    warning (e.g. a read-only run directory), not an error."""
+def _record(path: Path, document: dict, per_example: dict, quiet: bool) -> None:
+    """Keep the result in eval.json and its per-example estimates beside it (RUN/eval/); the
+    result is printed already, so a failed write is a warning (e.g. a read-only run
+    directory), not an error."""
     from builders.evaluation.eval_results import record_result
     try:
-        record_result(path, jsonable(document))
+        saved = record_result(path, jsonable(document), per_example)
     except OSError as e:
         err.print(f"warning: the result was not saved to {path}: {e.strerror or e}", markup=False)
         return
     if not quiet:
-        out.print(f"saved to {path}", markup=False)
+        out.print(f"saved to {path} (per image: {path.parent / saved['per_example']['file']})", markup=False)
 
 
 def _fmt(value, se, digits: int = 2) -> str:

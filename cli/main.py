@@ -14,7 +14,7 @@ import json
 import sys
 import traceback
 from enum import Enum
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from typer.core import TyperGroup
@@ -242,9 +242,6 @@ class DiffLayout(str, Enum):
     switches = "switches"
 
 
-RESULT_KEYS = ("nll_nats", "nll_stderr_nats", "nelbo_nats", "bits_per_dim", "importance_samples")
-
-
 def _parameter_counts(resolved: list) -> list[int | None]:
     """Trainable parameters of each spec's model, built on torch's meta device (shapes only);
     None where torch is missing or the spec does not build."""
@@ -261,34 +258,6 @@ def _parameter_counts(resolved: list) -> list[int | None]:
     return counts
 
 
-def _run_results(arg: str, resolved) -> dict | None:
-    """The result `avi eval` kept for this spec or run (the full test split at the largest K;
-    builders.evaluation.eval_results): ARG/eval.json for a run directory, runs/<name>/eval.json
-    (relative to the working directory) for a spec file."""
-    from pathlib import Path
-
-    from builders.evaluation.eval_results import best_result, describe, read_results
-
-    p = Path(arg)
-    path = p / "eval.json" if p.is_dir() else Path("runs") / resolved.document["name"] / "eval.json"
-    if not path.is_file():
-        return None
-    try:
-        data = best_result(read_results(path))
-    except (OSError, ValueError, RecursionError) as e:       # RecursionError: brackets nested too deep
-        err.print(f"[yellow]warning:[/] {_esc(str(path))} is not readable JSON ({_esc(str(e))}); its results are left out")
-        return None
-    if not isinstance(data, dict):
-        return None
-    res = {k: data[k] for k in RESULT_KEYS if k in data}
-    eight_bit = resolved.spec.data.binarize == "none"
-    metric = "bits_per_dim" if eight_bit and isinstance(res.get("bits_per_dim"), (int, float)) else "nll_nats"
-    if not isinstance(res.get(metric), (int, float)) or isinstance(res.get(metric), bool):
-        return None
-    res.update(metric=metric, value=float(res[metric]), file=str(path), evaluated=describe(data))
-    return res
-
-
 @app.command()
 def diff(
     specs: Annotated[list[str], typer.Argument(metavar="SPEC_OR_RUN...", help="Two or more specs or run directories.")],
@@ -299,20 +268,34 @@ def diff(
              "(the paper's Table 5); auto: fields for two specs, switches for more.")] = DiffLayout.auto,
     params: Annotated[bool, typer.Option(
         "--params/--no-params", help="Count each model's parameters (builds it on torch's meta device).")] = True,
+    baseline: Annotated[Optional[str], typer.Option(
+        "--baseline", metavar="SPEC_OR_RUN",
+        help="The reference of the paired differences: one of the arguments, or its name in "
+             "the table (default: the first).")] = None,
 ) -> None:
     """Compare specs and runs: differing fields, attention edges, parameters and results.
 
     Attention edges are added or removed relative to the first spec. Results are bits/dim
     for 8-bit data, else NLL in nats; the best in bold green. A spec file's results are read
-    from runs/<name>/eval.json when that exists.
+    from runs/<name>/eval.json when that exists (unless that run is an argument too).
+
+    Runs evaluated on the same images (same data, split, K, binarisation seed and images)
+    are also compared image by image: Δ is the mean paired difference from the reference
+    (the first argument, or --baseline) of -log p(x) and of -ELBO, ± its standard error,
+    with a 95% interval (Student's t); * marks an interval that excludes 0. Runs that cannot
+    be paired say why.
 
     Exits 0 when all specs are the same, 1 when they differ, 2 on bad input.
 
     Example:
 
         avi diff specs/ablations/*.yaml
+
+        avi diff runs/quickstart_1ep runs/quickstart_1ep_no_attention --baseline runs/quickstart_1ep_no_attention
     """
     from avi_spec.diff import diff_specs, render, render_switches
+
+    from .diff_runs import baseline_index, paired_comparisons, run_evaluations, shown_result
 
     if len(specs) < 2:
         raise UserError("avi diff needs at least two specs to compare")
@@ -325,8 +308,10 @@ def diff(
     if problems:
         raise SpecError(problems)
     counts = _parameter_counts(resolved) if params else None
-    results = [_run_results(path, r) for path, r in zip(specs, resolved)]
+    evaluations = run_evaluations(specs, resolved)
+    results = [shown_result(run, docs, r) for (run, docs), r in zip(evaluations, resolved)]
     result = diff_specs(resolved, parameters=counts, results=results)
+    result["paired"] = paired_comparisons(evaluations, baseline_index(baseline, specs, result["names"]))
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
     else:

@@ -201,6 +201,18 @@ def test_spec_file_results_come_from_runs_name(tmp_path):
     assert r["parameters"] == [None, None]
 
 
+def test_a_spec_does_not_repeat_the_result_of_its_run_given_too(tmp_path):
+    """`avi diff SPEC runs/<name>`: the run's result is in the run's column only (it used to
+    show under the spec as well, as if the spec had a result of its own)."""
+    run = make_run(tmp_path / "runs", "case16", CASE16, evaluation(6000.0, 2.91))
+    for other in (run, Path("runs") / "case16", Path("runs") / "case16" / ""):
+        proc = avi("diff", CASE16, other, "--json", "--no-params", cwd=tmp_path)
+        r = json.loads(proc.stdout)
+        assert r["results"][0] is None and r["results"][1]["bits_per_dim"] == 2.91, other
+        assert r["paired"]["comparisons"][1] == {"paired": False,
+                                                 "reasons": ["the reference has no evaluation: run avi eval"]}
+
+
 def test_binary_data_is_compared_in_nats(tmp_path):
     omni = SPECS / "omniglot_l15.yaml"
     a = make_run(tmp_path, "with_attention", omni, evaluation(89.5))

@@ -1,10 +1,13 @@
-"""Every evaluation of a run, kept in RUN/eval.json keyed by split, K, number of images and
-the weights evaluated (checkpoint file, EMA or not), so that a quick `avi eval --limit 50 -k 2`
-or a `--no-ema` check never replaces a full K = 500 result of the EMA weights; and the
-result a run is compared by (`avi diff`): the full test split at the largest K.
+"""Every evaluation of a run, kept in RUN/eval.json keyed by split, K, number of images, the
+weights evaluated (checkpoint file, EMA or not) and the binarisation seed, so that a quick
+`avi eval --limit 50 -k 2` or a `--no-ema` check never replaces a full K = 500 result of the
+EMA weights; and the result a run is compared by (`avi diff`): the full test split at the
+largest K.
 
 eval.json: {"format": "avi-evaluations", "results": [document, ...]}, each document as
-`avi eval --json` prints it. An older eval.json holding one document reads as one result.
+`avi eval --json` prints it, with "per_example": {"file", "sha256"} naming the file of its
+per-example estimates (builders.evaluation.per_example; absent in evaluations of older avi versions).
+An older eval.json holding one document reads as one result.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from pathlib import Path
 from avi_spec.yaml_io import read_text_file
 
 from ..files import write_atomically
+from . import per_example as per_example_file
 
 FORMAT = "avi-evaluations"
 MAX_EVAL_BYTES = 64 << 20          # about 60,000 kept evaluations
@@ -24,7 +28,8 @@ MAX_EVAL_BYTES = 64 << 20          # about 60,000 kept evaluations
 def result_key(doc: dict) -> tuple:
     checkpoint = doc.get("checkpoint")
     weights = (Path(checkpoint).name if isinstance(checkpoint, str) else None, doc.get("ema"))
-    return (doc.get("split"), doc.get("importance_samples"), doc.get("examples"), weights)
+    return (doc.get("split"), doc.get("importance_samples"), doc.get("examples"), weights,
+            doc.get("binarization_seed"))
 
 
 def read_results(path: Path) -> list[dict]:
@@ -35,12 +40,14 @@ def read_results(path: Path) -> list[dict]:
     return [data] if isinstance(data, dict) else []
 
 
-def record_result(path: Path, document: dict) -> None:
+def record_result(path: Path, document: dict, per_example: dict | None = None) -> dict:
     """Add ``document`` to eval.json, replacing an earlier one with the same key (atomic
-    write; OSError when it cannot be written)."""
+    writes; OSError when it cannot be written). ``per_example`` (the arrays of
+    builders.evaluation.evaluate.importance_sampled_nll) goes to its own file beside eval.json, written
+    first, and the document recorded names it. Returns the document recorded."""
     path = Path(path)
     with _locked(path.parent):
-        _record_unlocked(path, document)
+        return _record_unlocked(path, document, per_example)
 
 
 class UnreadableResults(OSError):
@@ -48,15 +55,20 @@ class UnreadableResults(OSError):
     of earlier results), so the new result is not saved."""
 
 
-def _record_unlocked(path: Path, document: dict) -> None:
+def _record_unlocked(path: Path, document: dict, per_example: dict | None) -> dict:
     try:
         results = read_results(path) if os.path.lexists(path) else []
     except (OSError, ValueError, RecursionError) as e:
         raise UnreadableResults(0, f"{path} exists but cannot be read as avi's eval.json ({e}); it "
                                    f"was left as it is: move it aside and evaluate again") from None
+    if per_example is not None:
+        name, data = per_example_file.file_name(document), per_example_file.encode(document, per_example)
+        write_atomically(path.parent / name, data)
+        document = {**document, "per_example": {"file": name, "sha256": per_example_file.sha256(data)}}
     results = [d for d in results if result_key(d) != result_key(document)] + [document]
     write_atomically(path, (json.dumps({"format": FORMAT, "results": results}, indent=2,
                                        allow_nan=False) + "\n").encode("utf-8"))
+    return document
 
 
 @contextmanager
@@ -77,18 +89,23 @@ def _locked(folder: Path):
         os.close(fd)
 
 
+def rank(doc: dict) -> tuple:
+    """How good a result is to compare runs by: the test split before train, the full split
+    before a --limit, then the largest K, then the most images (higher is better)."""
+    k, n = doc.get("importance_samples"), doc.get("examples")
+    return (doc.get("split", "test") == "test", doc.get("full_split", doc.get("limit") is None),
+            k if isinstance(k, int) else 0, n if isinstance(n, int) else 0)
+
+
 def best_result(results: list[dict]) -> dict | None:
-    """The result a run is compared by: the test split before train, the full split before a
-    --limit, then the largest K, then the most images, then the latest."""
-    def rank(item):
-        i, d = item
-        k, n = d.get("importance_samples"), d.get("examples")
-        return (d.get("split", "test") == "test", d.get("full_split", d.get("limit") is None),
-                k if isinstance(k, int) else 0, n if isinstance(n, int) else 0, i)
-    return max(enumerate(results), key=rank)[1] if results else None
+    """The result a run is compared by: the best rank, then the latest."""
+    return max(enumerate(results), key=lambda item: (rank(item[1]), item[0]))[1] if results else None
 
 
 def describe(doc: dict) -> str:
-    """"test, K=500, 10000 images" (", first N" when --limit cut the split)."""
+    """"test, K=500, 10000 images" (" (--limit)" when --limit cut the split; the binarisation
+    seed when it is not the one training tested on)."""
     text = f"{doc.get('split', '?')}, K={doc.get('importance_samples', '?')}, {doc.get('examples', '?')} images"
+    if doc.get("binarization_seed") not in (None, 0):
+        text += f", binarisation seed {doc['binarization_seed']}"
     return text if doc.get("full_split", True) else text + " (--limit)"

@@ -134,7 +134,9 @@ def importance_sampled_nll(model: nn.Module, batches: Iterable[torch.Tensor], k:
 
     Returns a dict: importance_samples, examples, chunk, nll_nats (mean -log p(x)),
     nll_stderr_nats, nelbo_nats, nelbo_stderr_nats, bits_per_dim, bits_per_dim_stderr
-    (None for binary data), seconds, images_per_s.
+    (None for binary data), seconds, images_per_s, and per_example: {"nll_nats",
+    "nelbo_nats"}, float64 arrays [N] in the order of the images (what paired comparisons of
+    two models on the same images need; builders.evaluation.per_example keeps them).
     """
     if k < 1:
         raise ValueError(f"importance samples must be >= 1, got {k}")
@@ -194,6 +196,7 @@ def importance_sampled_nll(model: nn.Module, batches: Iterable[torch.Tensor], k:
         "dims": int(dims) if dims else None,
         "seconds": seconds,
         "images_per_s": n / seconds if seconds > 0 else None,
+        "per_example": {"nll_nats": nll, "nelbo_nats": nelbo},
     }
 
 
