@@ -209,8 +209,35 @@ def _jsonable(v: Any) -> Any:
     return str(v)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _not_unicode(node: Any, path: Key = ()) -> Iterable[Key]:
+    """Paths of the keys and strings that hold lone surrogates: bytes that were not UTF-8,
+    smuggled in as Python does with file names and arguments. JSON, YAML and the schema
+    cannot carry them, so they are named here rather than failing the whole document."""
+    if isinstance(node, str):
+        if _SURROGATE.search(node):
+            yield path
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            yield from ([path + (k,)] if isinstance(k, str) and _SURROGATE.search(k)
+                        else _not_unicode(v, path + (k,)))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _not_unicode(v, path + (i,))
+
+
+def _escaped(part: Any) -> Any:
+    return part.encode("utf-8", "backslashreplace").decode() if isinstance(part, str) else part
+
+
 def _finish(doc: dict, positions: dict[Key, Pos], overrides: Iterable[str], path: Path | None) -> ResolvedSpec:
     problems = [p for item in overrides if (p := apply_override(doc, positions, item)) is not None]
+    undecodable = [Problem(format_path(tuple(map(_escaped, k))), "expected text (Unicode), found "
+                           "bytes that are not UTF-8", *locate(positions, k)) for k in _not_unicode(doc)]
+    if undecodable:
+        raise SpecError(problems + undecodable)
     try:
         # Strict JSON-mode validation: "5" is not an integer and 1 is not true, but YAML
         # lists are accepted for tuples and integers for floats.

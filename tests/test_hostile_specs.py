@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 from typer.testing import CliRunner
 
-from avi_spec import SpecError, load_spec, load_text
+from avi_spec import SpecError, load_document, load_spec, load_text
 from avi_spec.schema import Spec
 from avi_spec.validate import validate as check_graph
 from builders.data.datasets import DatasetError, load_images
@@ -531,3 +531,16 @@ def test_hostile_files_through_the_real_entry_point(tmp_path):
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 2 and "Traceback" not in r.stderr and "bug in avi" not in r.stderr
     assert r.stdout.count("FAIL") == len(files) + 1, r.stdout
+
+
+def test_text_that_is_not_utf8_is_named_field_by_field():
+    """Python smuggles non-UTF-8 bytes in as lone surrogates (file names, arguments, a saved
+    document): each such key or value is one problem at its path, and the message itself is
+    printable UTF-8 (it once echoed the whole document, unprintable)."""
+    doc = {"data": {"root": "runs/\udcff", "x\udcfe": 1}, "cells": {"encoder": {"scales": ["\ud800"]}}}
+    with pytest.raises(SpecError) as e:
+        load_document(doc)
+    assert sorted(p.path for p in e.value.problems) == ["cells.encoder.scales[0]", "data.root", "data.x\\udcfe"]
+    assert all("not UTF-8" in p.message for p in e.value.problems)
+    str(e.value).encode("utf-8")                     # printable: no UnicodeEncodeError
+    assert load_document({"data": {"root": "runs/é"}}).spec.data.root == "runs/é"

@@ -40,7 +40,7 @@ valid_documents = st.fixed_dictionaries({}, optional={
     "description": st.text(max_size=40),
     "data": st.fixed_dictionaries({}, optional={
         "dataset": st.sampled_from(["mnist5k", "mnist", "omniglot", "cifar10", "folder"]),
-        "root": st.none() | st.text(st.characters(blacklist_characters="\x00"), max_size=20),
+        "root": st.none() | st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=20),
         "pad": ints(0, 8), "binarize": st.sampled_from(["dynamic", "none"]),
         "flips": st.none() | st.fixed_dictionaries({"horizontal": st.booleans(), "vertical": st.booleans()}),
         "distribution": distribution}),
