@@ -180,6 +180,51 @@ class DeepAttentiveVAE(nn.Module):
             s = s + self.prior_noise * randn_as(s)
         return mu, s
 
+    def _context(self, l: int, layer: VariationalLayer, contexts: list[torch.Tensor],
+                 z: torch.Tensor | None, n: int, scores: dict | None):
+        """Layer l's top-down step (Eq. 7-9): the stored context c_l ([values | key]), its raw
+        values and the prior's condition. Layer 0 reads the learned constant."""
+        d = self.derived
+        if l == 0:
+            stored = self.constant.expand(n, -1, -1, -1)
+            ctx = stored[:, :d.context_width]
+            return stored, ctx, ctx
+        if layer.renorm_old is not None:
+            contexts[l - 2] = layer.renorm_old(contexts[l - 2])
+        values_prev = self._split_context(contexts[l - 1])[0]
+        out = layer.decoder(layer.merge(values_prev, z))
+        ctx = out[:, :d.context_width]
+        key = out[:, d.context_width:d.context_width + d.k_d] if d.emits_key(l) else None
+        condition, ctx_next = ctx, ctx
+        if layer.gen_attention is not None:
+            query = out[:, -d.q_d:]
+            ks = [self._split_context(contexts[m])[1] for m in layer.gen_sources]
+            vs = [self._split_context(contexts[m])[0] for m in layer.gen_sources]
+            condition, ctx_next, a = layer.gen_attention(ctx, query, ks, vs)
+            if scores is not None:
+                scores["generative"][l] = a.detach()
+        stored = torch.cat([ctx_next, key], 1) if key is not None else ctx_next
+        return stored, ctx, condition
+
+    def _posterior_params(self, l: int, layer: VariationalLayer, e: list[torch.Tensor],
+                          ctx: torch.Tensor, condition: torch.Tensor, scores: dict | None):
+        """Raw (mean, log-scale) of q(z_l | x, z_<l) (Eq. 10-11). The inference query is the
+        first q_E channels of this layer's raw context (section 5 step 3)."""
+        d = self.derived
+        merged = e[0] if l == 0 else layer.bottomup_merge(e[l][:, :d.c_e], condition)
+        h_own, k_own = merged[:, :d.c_e], merged[:, d.c_e:]
+        if layer.inf_attention is not None:
+            ks = [k_own if m == l else e[m][:, d.c_e:] for m in layer.inf_sources]
+            vs = [h_own if m == l else e[m][:, :d.c_e] for m in layer.inf_sources]
+            h_own, a = layer.inf_attention(h_own, ctx[:, :d.q_e], ks, vs)
+            if scores is not None:
+                scores["inference"][l] = a.detach()
+            merged = torch.cat([h_own, k_own], 1) if d.k_e else h_own
+        dmu, ds = _fp32(layer.posterior_head, merged).chunk(2, dim=1)
+        if self.training and self.post_noise > 0:
+            ds = ds + self.post_noise * randn_as(ds)
+        return dmu, ds
+
     def top_down(self, e: list[torch.Tensor] | None, n: int, temperature: float = 1.0,
                  record_attention: bool = False, noise: list[torch.Tensor] | None = None,
                  record_latents: bool = False) -> tuple[torch.Tensor, dict]:
@@ -194,64 +239,21 @@ class DeepAttentiveVAE(nn.Module):
         z = None
         kls, log_pz, log_qz, latents = [], 0.0, 0.0, []
         scores: dict = {"generative": {}, "inference": {}}
+        recorded = scores if record_attention else None
         for l, layer in enumerate(self.layers):
-            if l == 0:
-                stored = self.constant.expand(n, -1, -1, -1)
-                ctx = condition = stored[:, :d.context_width]
-            else:
-                if layer.renorm_old is not None:
-                    contexts[l - 2] = layer.renorm_old(contexts[l - 2])
-                values_prev = self._split_context(contexts[l - 1])[0]
-                out = layer.decoder(layer.merge(values_prev, z))
-                w = d.context_width
-                ctx = out[:, :w]
-                key = out[:, w:w + d.k_d] if d.emits_key(l) else None
-                if layer.gen_attention is not None:
-                    query = out[:, -d.q_d:]
-                    ks = [self._split_context(contexts[m])[1] for m in layer.gen_sources]
-                    vs = [self._split_context(contexts[m])[0] for m in layer.gen_sources]
-                    condition, ctx_next, a = layer.gen_attention(ctx, query, ks, vs)
-                    if record_attention:
-                        scores["generative"][l] = a.detach()
-                else:
-                    condition, ctx_next = ctx, ctx
-                stored = torch.cat([ctx_next, key], 1) if key is not None else ctx_next
+            stored, ctx, condition = self._context(l, layer, contexts, z, n, recorded)
             contexts.append(stored)
-
             if l == 0:
                 prior = Gaussian.standard(torch.empty(n, d.latent_channels, d.feature_size,
                                                       d.feature_size, device=stored.device))
-                mu_p = s_p = None
             else:
                 mu_p, s_p = self._prior(layer, condition)
                 prior = Gaussian.from_raw(mu_p, s_p, self.prior_bounds)
-
             eps = noise[l] if noise is not None else None
             if e is None:
                 z = prior.sample(temperature, eps)
                 continue
-
-            # Posterior (Eq. 10-11). The inference query is the first q_E channels of this
-            # layer's raw context (section 5 step 3).
-            query_e = ctx[:, :d.q_e]
-            h_l = e[l][:, :d.c_e]
-            if l == 0:
-                merged = e[0]
-            else:
-                merged = layer.bottomup_merge(h_l, condition)
-            h_own, k_own = merged[:, :d.c_e], merged[:, d.c_e:]
-            if layer.inf_attention is not None:
-                ks, vs = [], []
-                for m in layer.inf_sources:
-                    ks.append(k_own if m == l else e[m][:, d.c_e:])
-                    vs.append(h_own if m == l else e[m][:, :d.c_e])
-                h_own, a = layer.inf_attention(h_own, query_e, ks, vs)
-                if record_attention:
-                    scores["inference"][l] = a.detach()
-                merged = torch.cat([h_own, k_own], 1) if d.k_e else h_own
-            dmu, ds = _fp32(layer.posterior_head, merged).chunk(2, dim=1)
-            if self.training and self.post_noise > 0:
-                ds = ds + self.post_noise * randn_as(ds)
+            dmu, ds = self._posterior_params(l, layer, e, ctx, condition, recorded)
             if l >= 1 and self.residual:
                 dmu, ds = mu_p + dmu, s_p + ds
             q = Gaussian.from_raw(dmu, ds, self.post_bounds)
