@@ -158,13 +158,9 @@ def importance_sampled_nll(model: nn.Module, batches: Iterable[torch.Tensor], k:
                 used_chunk = auto_chunk(model, x, k)       # before reseeding: the probe draws
             if seed is not None:
                 _reseed(seed, i, device)
-            parts, total = [], torch.zeros(b, dtype=torch.float64, device=device)
-            for s in range(0, k, used_chunk):
-                w = model.log_weights(x, min(used_chunk, k - s)).double()   # [b, chunk]
-                parts.append(torch.logsumexp(w, dim=1))
-                total += w.sum(1)
-            log_px.append((torch.logsumexp(torch.stack(parts, 1), dim=1) - math.log(k)).cpu())
-            elbo.append((total / k).cpu())
+            lp, lb = _per_image(model, x, k, used_chunk)
+            log_px.append(lp)
+            elbo.append(lb)
             if progress is not None:
                 progress(b)
     finally:
@@ -174,8 +170,23 @@ def importance_sampled_nll(model: nn.Module, batches: Iterable[torch.Tensor], k:
     seconds = time.perf_counter() - start
     if not log_px:
         raise ValueError("no images to evaluate")
-    nll = -torch.cat(log_px).numpy()
-    nelbo = -torch.cat(elbo).numpy()
+    summary = _summary(-torch.cat(log_px).numpy(), -torch.cat(elbo).numpy(), dims, seconds)
+    return {"importance_samples": int(k), "examples": summary.pop("examples"),
+            "chunk": int(used_chunk or k), **summary}
+
+
+def _per_image(model: nn.Module, x: torch.Tensor, k: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(x) (streaming logsumexp over chunks of the k log-weights, minus log k) and the
+    ELBO (their mean) of every image of batch x, float64 on the CPU."""
+    parts, total = [], torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    for s in range(0, k, chunk):
+        w = model.log_weights(x, min(chunk, k - s)).double()       # [b, chunk]
+        parts.append(torch.logsumexp(w, dim=1))
+        total += w.sum(1)
+    return (torch.logsumexp(torch.stack(parts, 1), dim=1) - math.log(k)).cpu(), (total / k).cpu()
+
+
+def _summary(nll: np.ndarray, nelbo: np.ndarray, dims: int, seconds: float) -> dict:
     n = nll.shape[0]
     nll_mean, nll_se = _mean_stderr(nll)
     nelbo_mean, nelbo_se = _mean_stderr(nelbo)
@@ -184,9 +195,7 @@ def importance_sampled_nll(model: nn.Module, batches: Iterable[torch.Tensor], k:
         bpd = nll_mean / (dims * math.log(2))
         bpd_se = None if nll_se is None else nll_se / (dims * math.log(2))
     return {
-        "importance_samples": int(k),
         "examples": int(n),
-        "chunk": int(used_chunk or k),
         "nll_nats": nll_mean,
         "nll_stderr_nats": nll_se,
         "nelbo_nats": nelbo_mean,
