@@ -97,6 +97,26 @@ def test_omniglot_missing_and_corrupt(tmp_path):
         load_images("omniglot", tmp_path, "train")
 
 
+def test_omniglot_declared_size_is_checked_before_reading(tmp_path, monkeypatch):
+    """A compressed variable can declare an array far larger than its file: the shape in its
+    header is checked before scipy allocates it (bound lowered here to keep the test small)."""
+    import scipy.io as scipy_io
+
+    from builders.data import datasets
+    monkeypatch.setattr(datasets, "OMNIGLOT_MAX_IMAGES", 10)
+    read = []
+    monkeypatch.setattr(scipy_io, "loadmat", lambda *a, **k: read.append(a) or {})
+    scipy_io.savemat(tmp_path / "chardata.mat", {"data": np.zeros((784, 11), np.uint8),
+                                                 "testdata": np.zeros((784, 3), np.uint8)},
+                     do_compression=True)
+    with pytest.raises(DatasetError, match=r"declares shape \(784, 11\).*N <= 10 images"):
+        load_images("omniglot", tmp_path, "train")
+    assert read == []                                   # refused before any data was read
+    scipy_io.savemat(tmp_path / "chardata.mat", {"data": np.zeros((28, 28, 5), np.uint8)})
+    with pytest.raises(DatasetError, match=r"declares shape \(28, 28, 5\)"):
+        load_images("omniglot", tmp_path, "train")
+
+
 # ---------------------------------------------------------------------------------- cifar10
 
 def cifar_batches(n_per_batch=4):

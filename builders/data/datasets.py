@@ -135,6 +135,9 @@ def _load_mnist(root: Path, split: str) -> np.ndarray:
 # decompresses to more is not such a file (a few KB of gzip can expand to gigabytes).
 MAX_MNIST_BYTES = 128 << 20
 MAX_CIFAR_BATCH_BYTES = 64 << 20
+# chardata.mat holds 24,345 + 8,070 images; its variables are zlib-compressed, so a small file
+# can declare a huge array. The declared shapes are read (headers only) before any data.
+OMNIGLOT_MAX_IMAGES = 200_000
 
 
 def _gunzip(path: Path) -> bytes:
@@ -177,7 +180,10 @@ def _load_omniglot(root: Path, split: str) -> np.ndarray:
         raise DatasetError("reading OMNIGLOT's chardata.mat needs scipy: pip install scipy") from e
     key = "data" if split == "train" else "testdata"
     try:
+        _check_declared_size(scipy.io.whosmat(str(path)), key, path)
         mat = scipy.io.loadmat(str(path), variable_names=[key])
+    except DatasetError:
+        raise
     except Exception as e:  # scipy raises a zoo of types (ValueError, MatReadError, OSError...)
         raise DatasetError(f"OMNIGLOT file {path} could not be read as a MATLAB file ({e}); "
                            f"download it again from {OMNIGLOT_URL}") from e
@@ -196,6 +202,14 @@ def _load_omniglot(root: Path, split: str) -> np.ndarray:
     images = np.ascontiguousarray(images, dtype=np.float32)
     _check_grey_levels(images, f"OMNIGLOT variable {key!r} in {path}")
     return images[:, None]
+
+
+def _check_declared_size(variables: list, key: str, path: Path) -> None:
+    for name, shape, _ in variables:
+        if name == key and (len(shape) != 2 or shape[0] != 784 or shape[1] > OMNIGLOT_MAX_IMAGES):
+            raise DatasetError(f"OMNIGLOT variable {key!r} in {path} declares shape {tuple(shape)}, "
+                               f"expected [784, N] with N <= {OMNIGLOT_MAX_IMAGES:,} images; "
+                               f"expected the IWAE chardata.mat from {OMNIGLOT_URL}")
 
 
 def _check_grey_levels(values: np.ndarray, where: str) -> None:
