@@ -227,6 +227,26 @@ def test_a_changed_or_hostile_file_is_refused(tmp_path):
         per_example.read(tmp_path, hostile)
     with pytest.raises(per_example.PerExampleError, match="outside the run"):
         per_example.read(tmp_path, {"per_example": {"file": "../elsewhere.npz"}})
+    path.write_bytes(b"hello")                  # numpy would call it a pickle and suggest allow_pickle
+    with pytest.raises(per_example.PerExampleError, match=r"not a numpy \.npz archive"):
+        per_example.read(tmp_path, {**saved, "per_example": {**saved["per_example"], "sha256": per_example.sha256(b"hello")}})
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs and /dev/zero are POSIX")
+def test_a_device_or_fifo_is_refused_unread(tmp_path):
+    """A copied run directory whose per-example file is a symlink to /dev/zero (read to the
+    end: memory exhausted) or a FIFO (open waits for a writer for ever) is refused at once."""
+    saved = record_result(tmp_path / "eval.json", _doc(checkpoint="best.pt", ema=True),
+                          {"nll_nats": [1.0, 2.0], "nelbo_nats": [2.0, 3.0]})
+    path = tmp_path / saved["per_example"]["file"]
+    path.unlink()
+    path.symlink_to("/dev/zero")
+    with pytest.raises(per_example.PerExampleError, match="not a regular file"):
+        per_example.read(tmp_path, saved)
+    path.unlink()
+    os.mkfifo(path)
+    with pytest.raises(per_example.PerExampleError, match="not a regular file"):
+        per_example.read(tmp_path, saved)
 
 
 def test_eight_bit_data_are_compared_in_bits_per_dim(tmp_path):
