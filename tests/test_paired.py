@@ -264,3 +264,24 @@ def test_eight_bit_data_are_compared_in_bits_per_dim(tmp_path):
     runs[1] = (tmp_path / "b", read_results(tmp_path / "b" / "eval.json"))
     assert paired.compare_runs(runs)["comparisons"][1]["reasons"] == \
         ["this run has non-finite estimates (a diverged model?)"]
+
+
+def test_an_edited_eval_json_neither_crashes_nor_prints_nan(tmp_path):
+    """dims that is not a positive whole number compares in nats (it raised TypeError, or
+    scaled by a negative or boolean D); a NaN, infinite or overflowing result is not shown
+    (it printed 'nan' and made --json invalid JSON, or raised OverflowError)."""
+    from cli.diff_runs import shown_result
+
+    est = {"nll_nats": [1.0, 2.0, 4.0], "nelbo_nats": [2.0, 3.0, 5.0]}
+    for name in ("a", "b"):
+        record_result(tmp_path / name / "eval.json", _doc(checkpoint="best.pt", ema=True), est)
+    runs = [(tmp_path / n, read_results(tmp_path / n / "eval.json")) for n in ("a", "b")]
+    for dims in ("x", [1], True, -5, 0):
+        runs[0][1][0]["dims"] = dims
+        c = paired.compare_runs(runs)["comparisons"][1]
+        assert c["unit"] == "nats" and c["nll"]["mean"] == 0.0
+    resolved = load_spec(REPO / "specs" / "quickstart.yaml")
+    good = {"nll_nats": 90.5, "importance_samples": 5}
+    assert shown_result(tmp_path / "a", [good], resolved)["value"] == 90.5
+    for bad in (float("nan"), float("inf"), 10 ** 400, True, "90"):
+        assert shown_result(tmp_path / "a", [{**good, "nll_nats": bad}], resolved) is None
