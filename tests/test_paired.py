@@ -285,3 +285,17 @@ def test_an_edited_eval_json_neither_crashes_nor_prints_nan(tmp_path):
     assert shown_result(tmp_path / "a", [good], resolved)["value"] == 90.5
     for bad in (float("nan"), float("inf"), 10 ** 400, True, "90"):
         assert shown_result(tmp_path / "a", [{**good, "nll_nats": bad}], resolved) is None
+
+
+@pytest.mark.parametrize("argv", [["eval", "RUN", "--binarization-seed", str(2 ** 70)],
+                                  ["eval", "RUN", "--seed", str(-2 ** 64)],
+                                  ["sample", "RUN", "--seed", str(2 ** 64)]])
+def test_a_seed_past_64_bits_is_a_bad_flag(argv, runs):
+    """torch's generators overflow past 64 bits (ValueError: Overflow when unpacking long long,
+    a traceback after the model was loaded): refused as a flag, exit 2, before any work."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    r = CliRunner().invoke(app, [str(runs["a"]) if a == "RUN" else a for a in argv])
+    assert r.exit_code == 2 and "a seed is a whole number" in r.output, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)
