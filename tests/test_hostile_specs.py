@@ -531,3 +531,14 @@ def test_hostile_files_through_the_real_entry_point(tmp_path):
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 2 and "Traceback" not in r.stderr and "bug in avi" not in r.stderr
     assert r.stdout.count("FAIL") == len(files) + 1, r.stdout
+
+
+def test_a_train_seed_past_64_bits_is_a_spec_error_before_anything_is_built(tmp_path):
+    """torch.manual_seed overflows past 64 bits: it was a traceback after checkpoints/ and
+    samples/ were made; now the spec is refused at the field (exit 2, nothing written)."""
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["train", str(QUICKSTART), "--set", f"train.seed={2 ** 64}",
+                                 "--out", str(out), "--device", "cpu"])
+    assert r.exit_code == 2 and "train.seed" in r.output, r.output
+    assert not out.exists()
+    assert load_spec(QUICKSTART, [f"train.seed={-2 ** 63}"]).spec.train.seed == -2 ** 63
