@@ -260,8 +260,9 @@ def _record(path: Path, document: dict, per_example: dict, quiet: bool) -> None:
     from builders.evaluation.eval_results import record_result
     try:
         saved = record_result(path, jsonable(document), per_example)
-    except OSError as e:
-        err.print(f"warning: the result was not saved to {path}: {e.strerror or e}", markup=False)
+    except OSError as e:          # name the file at fault: it may be RUN/eval/, not eval.json
+        where = f" ({e.filename})" if e.filename and str(e.filename) != str(path) else ""
+        err.print(f"warning: the result was not saved to {path}: {e.strerror or e}{where}", markup=False)
         return
     if not quiet:
         out.print(f"saved to {path} (per image: {path.parent / saved['per_example']['file']})", markup=False)

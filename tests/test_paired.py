@@ -299,3 +299,16 @@ def test_a_seed_past_64_bits_is_a_bad_flag(argv, runs):
     r = CliRunner().invoke(app, [str(runs["a"]) if a == "RUN" else a for a in argv])
     assert r.exit_code == 2 and "a seed is a whole number" in r.output, r.output
     assert r.exception is None or isinstance(r.exception, SystemExit)
+
+
+def test_a_file_in_the_way_of_eval_folder_is_named(runs, tmp_path):
+    """RUN/eval being a file: the result is printed, not saved, and the warning names RUN/eval
+    (it said 'eval.json: File exists')."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["a"] / "checkpoints", run / "checkpoints")
+    shutil.copy(runs["a"] / "spec.yaml", run / "spec.yaml")
+    (run / "eval").write_text("")
+    r = avi("eval", run, "--device", "cpu", "-k", "1", "--limit", "2", cwd=tmp_path)
+    assert r.returncode == 0 and "-log p(x)" in r.stdout, r.stderr
+    assert f"not saved to {run / 'eval.json'}: File exists ({run / 'eval'}" in r.stderr
+    assert not (run / "eval.json").exists()
