@@ -195,6 +195,9 @@ def test_every_difference_is_named():
     assert paired.choose_pair(ref, [_doc(examples=50), _doc()]) == (ref[0], _doc())
     assert paired.choose_pair(ref, [_doc(importance_samples=5)]) == ["K differs (500 vs 5)"]
     assert "this run has no evaluation" in paired.choose_pair(ref, [])[0]
+    # a spec whose run is an argument too has no results of its own: say how to pick that run
+    assert paired.choose_pair([], ref) == ["the reference has no evaluation: run avi eval (or pick an "
+                                           "evaluated one with --baseline)"]
 
 
 def test_one_image_has_no_standard_error():

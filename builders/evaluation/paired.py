@@ -81,9 +81,10 @@ def choose_pair(reference: list[dict], other: list[dict]) -> tuple[dict, dict] |
     """The best pair of evaluations (one of each run) that scored the same images (the test
     split before train, the full split, the largest K, the most images, the latest), or the
     reasons their best evaluations cannot be paired."""
-    for docs, who in ((reference, "the reference has"), (other, "this run has")):
+    for docs, who, hint in ((reference, "the reference has", " (or pick an evaluated one with --baseline)"),
+                            (other, "this run has", "")):
         if not docs:
-            return [NOT_EVALUATED.format(who)]
+            return [NOT_EVALUATED.format(who) + hint]
         if not _with_estimates(docs):
             return [NO_ESTIMATES.format(who)]
     ref, oth = _with_estimates(reference), _with_estimates(other)
