@@ -283,6 +283,8 @@ def test_an_edited_eval_json_neither_crashes_nor_prints_nan(tmp_path):
         runs[0][1][0]["dims"] = dims
         c = paired.compare_runs(runs)["comparisons"][1]
         assert c["unit"] == "nats" and c["nll"]["mean"] == 0.0
+    runs[0][1].append({**runs[0][1][0], "full_split": "yes"})
+    assert paired.compare_runs(runs)["comparisons"][1]["paired"]    # rank compared bool with str
     resolved = load_spec(REPO / "specs" / "quickstart.yaml")
     good = {"nll_nats": 90.5, "importance_samples": 5}
     assert shown_result(tmp_path / "a", [good], resolved)["value"] == 90.5
