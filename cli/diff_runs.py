@@ -43,7 +43,7 @@ def shown_result(run: Path | None, documents: list[dict], resolved) -> dict | No
     data = best_result(documents)
     if not isinstance(data, dict):
         return None
-    res = {k: data[k] for k in RESULT_KEYS if k in data}
+    res = {k: data[k] for k in RESULT_KEYS if k in data and (data[k] is None or _finite_number(data[k]))}
     eight_bit = resolved.spec.data.binarize == "none"
     metric = "bits_per_dim" if eight_bit and isinstance(res.get("bits_per_dim"), (int, float)) else "nll_nats"
     if not _finite_number(res.get(metric)):

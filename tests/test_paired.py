@@ -290,6 +290,8 @@ def test_an_edited_eval_json_neither_crashes_nor_prints_nan(tmp_path):
     assert shown_result(tmp_path / "a", [good], resolved)["value"] == 90.5
     for bad in (float("nan"), float("inf"), 10 ** 400, True, "90"):
         assert shown_result(tmp_path / "a", [{**good, "nll_nats": bad}], resolved) is None
+        shown = shown_result(tmp_path / "a", [{**good, "nll_stderr_nats": bad, "nelbo_nats": bad}], resolved)
+        assert "nll_stderr_nats" not in shown and "nelbo_nats" not in shown      # --json stays JSON
 
 
 @pytest.mark.parametrize("argv", [["eval", "RUN", "--binarization-seed", str(2 ** 70)],
