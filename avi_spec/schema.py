@@ -221,7 +221,8 @@ class Train(_Strict):
     grad_clip: Optional[float] = Field(None, gt=0.0, description="Clip the global gradient norm to this value; null for none (the paper).")
     max_skipped: int = Field(100, ge=1, description="Abort after this many consecutive non-finite updates (each one is skipped and counted).")
     ema: Optional[EMA] = Field(None, description="Exponential moving average of the weights; null for none.")
-    seed: int = Field(0, description="Seed of weights, data order, binarisation and sampling.")
+    seed: int = Field(0, ge=-(1 << 63), le=(1 << 63) - 1,    # torch seeds overflow past 64 bits
+                      description="Seed of weights, data order, binarisation and sampling.")
     log_every: int = Field(50, ge=1, description="Write a metrics line every this many steps.")
     sample_every: int = Field(1, ge=1, description="Write a sample grid every this many epochs.")
     checkpoint_every: int = Field(500, ge=1, description="Write checkpoints/last.pt every this many steps (and at every epoch end).")

@@ -78,8 +78,13 @@ def read_text_file(path: str | Path, limit: int) -> str:
     """The UTF-8 text of a regular file of at most `limit` bytes, for the files avi reads from
     a run directory (metrics.jsonl, eval.json): OSError when it cannot be read, ValueError when
     it is a device, FIFO or socket (/dev/zero, a pipe that would block) or larger than `limit`."""
+    return read_bytes_file(path, limit).decode("utf-8")
+
+
+def read_bytes_file(path: str | Path, limit: int) -> bytes:
+    """read_text_file's bytes, for binary files of a run directory (RUN/eval/*.npz)."""
     try:
-        return _read_regular(Path(path), limit).decode("utf-8")
+        return _read_regular(Path(path), limit)
     except _NotRegular:
         raise ValueError("not a regular file (a device, FIFO or socket)") from None
     except _TooLarge as e:

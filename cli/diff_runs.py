@@ -2,6 +2,7 @@
 shown per column, and the paired comparisons with the reference run (builders.evaluation.paired)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from .common import UserError, _escape, err
@@ -42,13 +43,24 @@ def shown_result(run: Path | None, documents: list[dict], resolved) -> dict | No
     data = best_result(documents)
     if not isinstance(data, dict):
         return None
-    res = {k: data[k] for k in RESULT_KEYS if k in data}
+    res = {k: data[k] for k in RESULT_KEYS if k in data and (data[k] is None or _finite_number(data[k]))}
     eight_bit = resolved.spec.data.binarize == "none"
     metric = "bits_per_dim" if eight_bit and isinstance(res.get("bits_per_dim"), (int, float)) else "nll_nats"
-    if not isinstance(res.get(metric), (int, float)) or isinstance(res.get(metric), bool):
+    if not _finite_number(res.get(metric)):
         return None
     res.update(metric=metric, value=float(res[metric]), file=str(run / "eval.json"), evaluated=describe(data))
     return res
+
+
+def _finite_number(value) -> bool:
+    """A result worth showing: not NaN or infinite (json reads both, and --json would print
+    them as invalid JSON), nor an integer too large for a float (an edited eval.json)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def baseline_index(baseline: str | None, args: list[str], names: list[str]) -> int:

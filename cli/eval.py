@@ -32,7 +32,17 @@ RunArgument = Annotated[str, typer.Argument(
     metavar="RUN_OR_CHECKPOINT", help="A run directory of `avi train` (its checkpoints/best.pt, "
     "else checkpoints/last.pt) or a .pt checkpoint file.")]
 DeviceOption = Annotated[Device, typer.Option("--device", help="Where to run: auto picks cuda when available.")]
-SeedOption = Annotated[int, typer.Option("--seed", help="Seed of the sampling (reproducible results).")]
+
+
+def seed_range(value: int) -> int:
+    """A seed torch takes (its generators overflow past 64 bits): a bad flag, not a traceback."""
+    if not -(1 << 63) <= value < (1 << 63):
+        raise typer.BadParameter("a seed is a whole number from -2**63 to 2**63 - 1")
+    return value
+
+
+SeedOption = Annotated[int, typer.Option("--seed", callback=seed_range,
+                                         help="Seed of the sampling (reproducible results).")]
 NoEmaOption = Annotated[bool, typer.Option("--no-ema", help="Use the trained weights even if the checkpoint has EMA weights.")]
 LimitOption = Annotated[Optional[int], typer.Option("--limit", min=1, metavar="N", help="Use only the first N images of the split.")]
 
@@ -179,7 +189,7 @@ def eval_command(
     limit: LimitOption = None,
     no_ema: NoEmaOption = False,
     binarization_seed: Annotated[int, typer.Option(
-        "--binarization-seed", metavar="S",
+        "--binarization-seed", metavar="S", callback=seed_range,
         help="Binary data: the seed of the one binarisation of the images (default 0: the "
              "bits training tested on). Runs are paired by `avi diff` only on the same bits.")] = 0,
     overrides: SetOption = None,
@@ -250,8 +260,9 @@ def _record(path: Path, document: dict, per_example: dict, quiet: bool) -> None:
     from builders.evaluation.eval_results import record_result
     try:
         saved = record_result(path, jsonable(document), per_example)
-    except OSError as e:
-        err.print(f"warning: the result was not saved to {path}: {e.strerror or e}", markup=False)
+    except OSError as e:          # name the file at fault: it may be RUN/eval/, not eval.json
+        where = f" ({e.filename})" if e.filename and str(e.filename) != str(path) else ""
+        err.print(f"warning: the result was not saved to {path}: {e.strerror or e}{where}", markup=False)
         return
     if not quiet:
         out.print(f"saved to {path} (per image: {path.parent / saved['per_example']['file']})", markup=False)

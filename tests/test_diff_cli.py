@@ -210,7 +210,8 @@ def test_a_spec_does_not_repeat_the_result_of_its_run_given_too(tmp_path):
         r = json.loads(proc.stdout)
         assert r["results"][0] is None and r["results"][1]["bits_per_dim"] == 2.91, other
         assert r["paired"]["comparisons"][1] == {"paired": False,
-                                                 "reasons": ["the reference has no evaluation: run avi eval"]}
+                                                 "reasons": ["the reference has no evaluation: run avi eval "
+                                                             "(or pick an evaluated one with --baseline)"]}
 
 
 def test_binary_data_is_compared_in_nats(tmp_path):

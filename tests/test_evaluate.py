@@ -300,6 +300,11 @@ def test_cli_bad_input(run_dir, tmp_path):
         assert "error:" in r.stderr and "Traceback" not in r.stderr
     r = _avi("eval", "--help", cwd=tmp_path)
     assert r.returncode == 0 and "avi eval runs/" in r.stdout
+    # a spec where a trained run belongs: said so (it was "is corrupt (Weights only load failed ...")
+    spec = ROOT / "specs" / "quickstart.yaml"
+    r = _avi("eval", str(spec), cwd=tmp_path)
+    assert r.returncode == 2 and f"{spec} is a spec, not a trained run" in r.stderr, r.stderr
+    assert "corrupt" not in r.stderr and f"avi train {spec}" in r.stderr
 
 
 def test_one_device_resolver_and_its_exit_code(run_dir, tmp_path):

@@ -544,3 +544,14 @@ def test_text_that_is_not_utf8_is_named_field_by_field():
     assert all("not UTF-8" in p.message for p in e.value.problems)
     str(e.value).encode("utf-8")                     # printable: no UnicodeEncodeError
     assert load_document({"data": {"root": "runs/é"}}).spec.data.root == "runs/é"
+
+
+def test_a_train_seed_past_64_bits_is_a_spec_error_before_anything_is_built(tmp_path):
+    """torch.manual_seed overflows past 64 bits: it was a traceback after checkpoints/ and
+    samples/ were made; now the spec is refused at the field (exit 2, nothing written)."""
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["train", str(QUICKSTART), "--set", f"train.seed={2 ** 64}",
+                                 "--out", str(out), "--device", "cpu"])
+    assert r.exit_code == 2 and "train.seed" in r.output, r.output
+    assert not out.exists()
+    assert load_spec(QUICKSTART, [f"train.seed={-2 ** 63}"]).spec.train.seed == -2 ** 63

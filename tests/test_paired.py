@@ -195,6 +195,9 @@ def test_every_difference_is_named():
     assert paired.choose_pair(ref, [_doc(examples=50), _doc()]) == (ref[0], _doc())
     assert paired.choose_pair(ref, [_doc(importance_samples=5)]) == ["K differs (500 vs 5)"]
     assert "this run has no evaluation" in paired.choose_pair(ref, [])[0]
+    # a spec whose run is an argument too has no results of its own: say how to pick that run
+    assert paired.choose_pair([], ref) == ["the reference has no evaluation: run avi eval (or pick an "
+                                           "evaluated one with --baseline)"]
 
 
 def test_one_image_has_no_standard_error():
@@ -227,6 +230,26 @@ def test_a_changed_or_hostile_file_is_refused(tmp_path):
         per_example.read(tmp_path, hostile)
     with pytest.raises(per_example.PerExampleError, match="outside the run"):
         per_example.read(tmp_path, {"per_example": {"file": "../elsewhere.npz"}})
+    path.write_bytes(b"hello")                  # numpy would call it a pickle and suggest allow_pickle
+    with pytest.raises(per_example.PerExampleError, match=r"not a numpy \.npz archive"):
+        per_example.read(tmp_path, {**saved, "per_example": {**saved["per_example"], "sha256": per_example.sha256(b"hello")}})
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs and /dev/zero are POSIX")
+def test_a_device_or_fifo_is_refused_unread(tmp_path):
+    """A copied run directory whose per-example file is a symlink to /dev/zero (read to the
+    end: memory exhausted) or a FIFO (open waits for a writer for ever) is refused at once."""
+    saved = record_result(tmp_path / "eval.json", _doc(checkpoint="best.pt", ema=True),
+                          {"nll_nats": [1.0, 2.0], "nelbo_nats": [2.0, 3.0]})
+    path = tmp_path / saved["per_example"]["file"]
+    path.unlink()
+    path.symlink_to("/dev/zero")
+    with pytest.raises(per_example.PerExampleError, match="not a regular file"):
+        per_example.read(tmp_path, saved)
+    path.unlink()
+    os.mkfifo(path)
+    with pytest.raises(per_example.PerExampleError, match="not a regular file"):
+        per_example.read(tmp_path, saved)
 
 
 def test_eight_bit_data_are_compared_in_bits_per_dim(tmp_path):
@@ -244,3 +267,55 @@ def test_eight_bit_data_are_compared_in_bits_per_dim(tmp_path):
     runs[1] = (tmp_path / "b", read_results(tmp_path / "b" / "eval.json"))
     assert paired.compare_runs(runs)["comparisons"][1]["reasons"] == \
         ["this run has non-finite estimates (a diverged model?)"]
+
+
+def test_an_edited_eval_json_neither_crashes_nor_prints_nan(tmp_path):
+    """dims that is not a positive whole number compares in nats (it raised TypeError, or
+    scaled by a negative or boolean D); a NaN, infinite or overflowing result is not shown
+    (it printed 'nan' and made --json invalid JSON, or raised OverflowError)."""
+    from cli.diff_runs import shown_result
+
+    est = {"nll_nats": [1.0, 2.0, 4.0], "nelbo_nats": [2.0, 3.0, 5.0]}
+    for name in ("a", "b"):
+        record_result(tmp_path / name / "eval.json", _doc(checkpoint="best.pt", ema=True), est)
+    runs = [(tmp_path / n, read_results(tmp_path / n / "eval.json")) for n in ("a", "b")]
+    for dims in ("x", [1], True, -5, 0):
+        runs[0][1][0]["dims"] = dims
+        c = paired.compare_runs(runs)["comparisons"][1]
+        assert c["unit"] == "nats" and c["nll"]["mean"] == 0.0
+    runs[0][1].append({**runs[0][1][0], "full_split": "yes"})
+    assert paired.compare_runs(runs)["comparisons"][1]["paired"]    # rank compared bool with str
+    resolved = load_spec(REPO / "specs" / "quickstart.yaml")
+    good = {"nll_nats": 90.5, "importance_samples": 5}
+    assert shown_result(tmp_path / "a", [good], resolved)["value"] == 90.5
+    for bad in (float("nan"), float("inf"), 10 ** 400, True, "90"):
+        assert shown_result(tmp_path / "a", [{**good, "nll_nats": bad}], resolved) is None
+        shown = shown_result(tmp_path / "a", [{**good, "nll_stderr_nats": bad, "nelbo_nats": bad}], resolved)
+        assert "nll_stderr_nats" not in shown and "nelbo_nats" not in shown      # --json stays JSON
+
+
+@pytest.mark.parametrize("argv", [["eval", "RUN", "--binarization-seed", str(2 ** 70)],
+                                  ["eval", "RUN", "--seed", str(-2 ** 64)],
+                                  ["sample", "RUN", "--seed", str(2 ** 64)]])
+def test_a_seed_past_64_bits_is_a_bad_flag(argv, runs):
+    """torch's generators overflow past 64 bits (ValueError: Overflow when unpacking long long,
+    a traceback after the model was loaded): refused as a flag, exit 2, before any work."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    r = CliRunner().invoke(app, [str(runs["a"]) if a == "RUN" else a for a in argv])
+    assert r.exit_code == 2 and "a seed is a whole number" in r.output, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+
+
+def test_a_file_in_the_way_of_eval_folder_is_named(runs, tmp_path):
+    """RUN/eval being a file: the result is printed, not saved, and the warning names RUN/eval
+    (it said 'eval.json: File exists')."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["a"] / "checkpoints", run / "checkpoints")
+    shutil.copy(runs["a"] / "spec.yaml", run / "spec.yaml")
+    (run / "eval").write_text("")
+    r = avi("eval", run, "--device", "cpu", "-k", "1", "--limit", "2", cwd=tmp_path)
+    assert r.returncode == 0 and "-log p(x)" in r.stdout, r.stderr
+    assert f"not saved to {run / 'eval.json'}: File exists ({run / 'eval'}" in r.stderr
+    assert not (run / "eval.json").exists()

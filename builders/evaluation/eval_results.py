@@ -92,8 +92,10 @@ def _locked(folder: Path):
 def rank(doc: dict) -> tuple:
     """How good a result is to compare runs by: the test split before train, the full split
     before a --limit, then the largest K, then the most images (higher is better)."""
-    k, n = doc.get("importance_samples"), doc.get("examples")
-    return (doc.get("split", "test") == "test", doc.get("full_split", doc.get("limit") is None),
+    k, n, full = doc.get("importance_samples"), doc.get("examples"), doc.get("full_split")
+    if not isinstance(full, bool):          # older results have none; an edited one any type
+        full = doc.get("limit") is None
+    return (doc.get("split", "test") == "test", full,
             k if isinstance(k, int) else 0, n if isinstance(n, int) else 0)
 
 

@@ -324,6 +324,9 @@ def _checkpoint_candidates(path: str | Path) -> tuple[list[Path], Path | None]:
             return found, p
         raise RunError(f"{p} holds no checkpoint: expected {p / 'checkpoints' / 'best.pt'} or "
                        f"{p / 'checkpoints' / 'last.pt'} (is it a run directory of `avi train`?)")
+    if p.is_file() and p.suffix.lower() in (".yaml", ".yml"):      # not "is corrupt (torch.load ...)"
+        raise RunError(f"{p} is a spec, not a trained run: train it first (avi train {p}), then "
+                       f"give its run directory (runs/<name>, or the --out of avi train)")
     if p.is_file():
         run = p.parent.parent if p.parent.name == "checkpoints" else None
         return [p], run if run is not None and (run / "spec.yaml").is_file() else None

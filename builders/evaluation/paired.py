@@ -81,9 +81,10 @@ def choose_pair(reference: list[dict], other: list[dict]) -> tuple[dict, dict] |
     """The best pair of evaluations (one of each run) that scored the same images (the test
     split before train, the full split, the largest K, the most images, the latest), or the
     reasons their best evaluations cannot be paired."""
-    for docs, who in ((reference, "the reference has"), (other, "this run has")):
+    for docs, who, hint in ((reference, "the reference has", " (or pick an evaluated one with --baseline)"),
+                            (other, "this run has", "")):
         if not docs:
-            return [NOT_EVALUATED.format(who)]
+            return [NOT_EVALUATED.format(who) + hint]
         if not _with_estimates(docs):
             return [NO_ESTIMATES.format(who)]
     ref, oth = _with_estimates(reference), _with_estimates(other)
@@ -112,14 +113,22 @@ def compare(reference: tuple[Path, list[dict]], other: tuple[Path, list[dict]]) 
     if not all(finite):
         who = "the reference" if not finite[0] else "this run"
         return {"paired": False, "reasons": [f"{who} has non-finite estimates (a diverged model?)"]}
-    dims = chosen[0].get("dims")
-    unit, scale = ("bits_per_dim", 1 / (dims * math.log(2))) if dims else ("nats", 1.0)
     doc = chosen[0]
+    unit, scale = _unit(doc)
     return {"paired": True, "unit": unit, "split": doc.get("split"),
             "importance_samples": doc.get("importance_samples"), "examples": int(a.index.shape[0]),
             "binarization_seed": doc.get("binarization_seed"),
             "nll": paired_difference(a.nll_nats, b.nll_nats, scale),
             "nelbo": paired_difference(a.nelbo_nats, b.nelbo_nats, scale)}
+
+
+def _unit(doc: dict) -> tuple[str, float]:
+    """("bits_per_dim", 1 / (D log 2)) for 8-bit data (dims D recorded), else ("nats", 1). A
+    dims that is not a positive whole number (an edited eval.json) counts as not recorded."""
+    dims = doc.get("dims")
+    if isinstance(dims, int) and not isinstance(dims, bool) and dims > 0:
+        return "bits_per_dim", 1 / (dims * math.log(2))
+    return "nats", 1.0
 
 
 def compare_runs(runs: list[tuple[Path | None, list[dict]]], baseline: int = 0) -> dict:

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from avi_spec.yaml_io import read_bytes_file
+
 FORMAT = "avi-per-example"
 FOLDER = "eval"
 MAX_BYTES = 64 << 20              # 5 million images; anything larger is not avi's file
@@ -95,17 +97,19 @@ def read(run_dir: Path, doc: dict) -> PerExample:
     if Path(ref["file"]).is_absolute() or ".." in Path(ref["file"]).parts:
         raise PerExampleError(f"eval.json names {ref['file']}, outside the run directory")
     try:
-        if path.stat().st_size > MAX_BYTES:
-            raise PerExampleError(f"{path} is larger than {MAX_BYTES >> 20} MiB: not avi's per-example file")
-        data = path.read_bytes()
+        data = read_bytes_file(path, MAX_BYTES)
     except OSError as e:
         raise PerExampleError(f"cannot read {path} ({e.strerror or e}); re-run avi eval") from None
+    except ValueError as e:        # a device, FIFO (/dev/zero would fill the memory) or too large
+        raise PerExampleError(f"{path} is not a per-example file of avi ({e})") from None
     if sha256(data) != ref.get("sha256"):
         raise PerExampleError(f"{path} changed since its evaluation was recorded; re-run avi eval")
     return _parse(path, data)
 
 
 def _parse(path: Path, data: bytes) -> PerExample:
+    if not data.startswith(b"PK"):         # else numpy takes it for a pickle and says so
+        raise PerExampleError(f"{path} is not a per-example file of avi (not a numpy .npz archive)")
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             arrays = {k: z[k] for k in (*ARRAYS, "identity")}

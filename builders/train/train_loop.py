@@ -26,12 +26,11 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import save_checkpoint
-from ..checkpoint import rng_state
-from .distributed import Distributed, all_processes_agree
-from ..faults import fault_point
-from ..evaluation.images import save_grid
+from ..checkpoint import rng_state, save_checkpoint
 from ..data.preprocess import EpochBatches
+from ..evaluation.images import save_grid
+from ..faults import fault_point
+from .distributed import Distributed, all_processes_agree
 from .reporting import Reporter
 from .run_dir import TrainingError, write_error
 from .schedules import kl_beta, learning_rate
