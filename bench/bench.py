@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from avi_spec import load_spec  # noqa: E402
-from builders.devices import ieee_fp32  # noqa: E402
+from builders.devices import ieee_fp32, place  # noqa: E402
 from builders.network.build import build_model  # noqa: E402
 from builders.network.depthwise_attention import depthwise_attend  # noqa: E402
 from builders.train.optim import build_optimizer  # noqa: E402
@@ -100,15 +100,10 @@ def peak_memory_mb(args) -> float | None:
 def model_for(spec_path: str, args, overrides=()):
     spec = load_spec(ROOT / spec_path, list(overrides)).spec
     model = build_model(spec, args.device)
-    if args.memory_format == "channels_last":          # what `avi train` uses
-        model = model.to(memory_format=torch.channels_last)
-    ieee_fp32(torch.device(args.device))                # fp32 means IEEE fp32, as in avi train
+    if args.memory_format == "channels_last":          # as `avi train` places it
+        return place(model, args.device), spec
+    ieee_fp32(torch.device(args.device))                # fp32 means IEEE fp32 either way
     return model, spec
-
-
-def forward_of(model, args):
-    """The model, or torch.compile of it as `train.compile: true` does (`--compile`)."""
-    return torch.compile(model) if getattr(args, "compile", False) else model
 
 
 def batch_for(spec, n: int, device: str, memory_format: str = "channels_last") -> torch.Tensor:
@@ -124,7 +119,7 @@ def batch_for(spec, n: int, device: str, memory_format: str = "channels_last") -
 def train_step_fn(model, spec, x, args):
     opt = build_optimizer(model, spec.train.optimizer)      # the spec's Adamax and L2 groups
     model.train()
-    forward = forward_of(model, args)
+    forward = torch.compile(model) if getattr(args, "compile", False) else model   # --compile
 
     def step():
         with autocast(args):

@@ -49,7 +49,7 @@ FORWARD_ONLY = (merge.TopDownMerge, merge.BottomUpMerge, attention_paths.Generat
                 attention_paths.InferenceAttention)
 
 
-def step_flops(model, spec, x) -> int:
+def step_flops(model, x) -> int:
     with FlopCounterMode(display=False, custom_mapping=FLASH_CPU) as counter:
         out = model(x)
         (out.nll + out.kl.sum(1)).mean().backward()
@@ -121,7 +121,7 @@ def main() -> None:
     torch.manual_seed(0)
     model, spec = model_for(args.spec, args)
     x = batch_for(spec, args.batch, "cpu", args.memory_format)
-    flops = step_flops(model, spec, x)
+    flops = step_flops(model, x)
     step = train_step_fn(model, spec, x, args)
     step()
     runs = [module_times(model, step) for _ in range(args.repeats)]
