@@ -43,7 +43,7 @@ class TrainedRun:
         names the expected shape when `images` have another (e.g. the unpadded output of
         `sample`)."""
         data = self.spec.data
-        side = data.image.size + 2 * data.pad
+        side = self.model.derived.input_size           # the padded side the encoder takes
         expected = (data.image.channels, side, side)
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != expected:
             got = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__

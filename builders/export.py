@@ -88,8 +88,9 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu"):
     except (SpecError, ValueError, RecursionError) as e:    # RecursionError: nested too deep
         raise RunError(f"the avi metadata (spec, ema, step, epoch) in {path} is not valid: {e}") from None
     model = build_model(resolved.spec, device="cpu")
-    missing = sorted(model.state_dict().keys() - weights.keys())
-    unexpected = sorted(weights.keys() - model.state_dict().keys())
+    keys = model.state_dict().keys()
+    missing = sorted(keys - weights.keys())
+    unexpected = sorted(weights.keys() - keys)
     if missing or unexpected:     # torch's own message lists every key: thousands of names
         raise RunError(f"{path}: the weights do not fit the model of its spec: {len(missing)} "
                        f"missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. "

@@ -93,8 +93,8 @@ def _save(out_dir: Path, resolved, model, origin: dict) -> list[str]:
 
 
 def _write(path: Path, text: str) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    from builders.train.run_dir import write_text_atomic
+    write_text_atomic(path, text)          # as `avi train` writes spec.yaml: UTF-8, never partial
     return str(path)
 
 

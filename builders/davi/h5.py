@@ -86,8 +86,8 @@ def keras_order(model: nn.Module) -> list[tuple[str, list[str], set[str]]]:
     return groups
 
 
-def _names(group) -> list[str]:
-    return [n.decode() if isinstance(n, bytes) else str(n) for n in group.attrs.get("weight_names", [])]
+def _names(group, attr: str = "weight_names") -> list[str]:
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in group.attrs.get(attr, [])]
 
 
 def read_h5(path: str | Path, model: nn.Module) -> dict[str, np.ndarray]:
@@ -105,7 +105,7 @@ def read_h5(path: str | Path, model: nn.Module) -> dict[str, np.ndarray]:
         raise ConversionError(f"{path}: not a readable HDF5 file ({e})") from None
     with f:
         root = f["model_weights"] if "model_weights" in f else f
-        layer_names = [n.decode() if isinstance(n, bytes) else str(n) for n in root.attrs.get("layer_names", [])]
+        layer_names = _names(root, "layer_names")
         groups = keras_order(model)
         if len(layer_names) != len(groups):
             raise ConversionError(f"{path} holds {len(layer_names)} top-level layers; the model built from "
@@ -119,7 +119,7 @@ def read_h5(path: str | Path, model: nn.Module) -> dict[str, np.ndarray]:
             if len(names) != len(expected):
                 raise ConversionError(f"{path}: layer '{name}' ({top}) holds {len(names)} tensors; the model "
                                       f"built from the flags needs {len(expected)}")
-            for i, (n, p) in enumerate(zip(names, expected)):
+            for n, p in zip(names, expected):
                 out[p] = np.asarray(g[n][()])
             # Shapes are checked by convert(), which names the tensor; initialized flags are
             # scalars anywhere, so a shifted file fails there on the first mismatch.

@@ -147,11 +147,9 @@ def _layer(l: int, layer: nn.Module) -> Iterator[Rule]:
                               {"norm_output": "_encoder_attention_layer_norm_layer",
                                "norm_features": "_cond_attention_layer_norm_layer"})
     head = f"{path}/_posterior_network/_params_network/_conv2d_layers"
-    convs = [m for m in layer.posterior_head.modules() if isinstance(m, WNConv2d)]
-    names = ([f"{key}.posterior_head.{i}" for i, m in enumerate(layer.posterior_head)
-              if isinstance(m, WNConv2d)] if isinstance(layer.posterior_head, nn.Sequential)
-             else [f"{key}.posterior_head"])
-    for j, (name, conv) in enumerate(zip(names, convs)):
+    convs = [(name, m) for name, m in layer.posterior_head.named_modules(prefix=f"{key}.posterior_head")
+             if isinstance(m, WNConv2d)]          # one conv (.posterior_head) or a Sequential's (.i)
+    for j, (name, conv) in enumerate(convs):
         yield from _conv(name, f"{head}/{j}", conv)
 
 

@@ -185,12 +185,13 @@ def curves_figure(runs: dict[str, Curves], axis: str = "step") -> Figure:
     bits = all(c.bits for c in runs.values())
     test_key = "test_nelbo_bits_per_dim" if bits else "test_nelbo"
     for label, c in runs.items():
-        line, = loss_ax.plot(c.x(c.steps, axis), c.y(c.steps, "loss"), lw=1.0, label=label)
+        steps = c.x(c.steps, axis)
+        line, = loss_ax.plot(steps, c.y(c.steps, "loss"), lw=1.0, label=label)
         colour = line.get_color()
         if c.epochs:
             test_ax.plot(c.x(c.epochs, axis), c.y(c.epochs, test_key), "o-", ms=3.5, lw=1.2,
                          color=colour, label=label)
-        lr_ax.plot(c.x(c.steps, axis), c.y(c.steps, "lr"), lw=1.2, color=colour, label=label)
+        lr_ax.plot(steps, c.y(c.steps, "lr"), lw=1.2, color=colour, label=label)
     xlabel = "training step" if axis == "step" else "epoch"
     for ax, title, ylabel in (
             (loss_ax, "Training loss", "loss = NLL + β·KL  [nats per image]"),
