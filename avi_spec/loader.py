@@ -234,10 +234,12 @@ def _escaped(part: Any) -> Any:
 
 def _finish(doc: dict, positions: dict[Key, Pos], overrides: Iterable[str], path: Path | None) -> ResolvedSpec:
     problems = [p for item in overrides if (p := apply_override(doc, positions, item)) is not None]
-    undecodable = [Problem(format_path(tuple(map(_escaped, k))), "expected text (Unicode), found "
-                           "bytes that are not UTF-8", *locate(positions, k)) for k in _not_unicode(doc)]
+    undecodable = list(_not_unicode(doc))
     if undecodable:
-        raise SpecError(problems + undecodable)
+        index = index_positions(positions)      # once: locate() per key rebuilds it per key
+        raise SpecError(problems + [Problem(format_path(tuple(map(_escaped, k))), "expected text (Unicode), "
+                                            "found bytes that are not UTF-8", *find_position(index, k))
+                                    for k in undecodable])
     try:
         # Strict JSON-mode validation: "5" is not an integer and 1 is not true, but YAML
         # lists are accepted for tuples and integers for floats.

@@ -65,9 +65,10 @@ def load_valid(path: str | Path, overrides: Iterable[str] | None = None) -> Reso
 
 
 def print_problems(problems: Iterable[Problem], console: Console | None = None) -> None:
-    """One line per problem (at most errors.MAX_SHOWN, then how many more)."""
+    """One line per problem (at most errors.MAX_SHOWN, then how many more); Problem.format
+    already writes control characters as escapes (errors.literal)."""
     for line in format_problems(list(problems)):
-        (console or err).print(literal(line), markup=False)
+        (console or err).print(line, markup=False)
 
 
 def _escape(text: str, keep_newlines: bool = False) -> str:

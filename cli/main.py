@@ -21,7 +21,7 @@ from typer.core import TyperGroup
 
 from avi_spec import SpecError
 
-from .common import JsonOption, SetOption, UserError, err, fail, load, out, print_problems
+from .common import JsonOption, SetOption, UserError, _escape, err, fail, load, out, print_problems
 
 COMMAND_MODULES = ["cli.build", "cli.train", "cli.eval", "cli.sample", "cli.plot", "cli.export",
                    "cli.import_davi"]
@@ -160,9 +160,9 @@ def validate(
             if problems:
                 print_problems(problems)
                 n = len(problems)
-                out.print(f"[bold red]FAIL[/]  {_esc(path)}  ({n} problem{'s' * (n != 1)})")
+                out.print(f"[bold red]FAIL[/]  {_escape(path)}  ({n} problem{'s' * (n != 1)})")
             else:
-                out.print(f"[bold green]OK[/]  {_esc(path)}  ({_esc(r.document['name'])}, {r.short_hash})")
+                out.print(f"[bold green]OK[/]  {_escape(path)}  ({_escape(r.document['name'])}, {r.short_hash})")
     if any(problems for _, _, problems in results):
         raise typer.Exit(2)
 
@@ -324,11 +324,6 @@ def diff(
 
 
 # ------------------------------------------------------------ other commands
-
-def _esc(text: str) -> str:
-    from .common import _escape
-    return _escape(text)
-
 
 def _register_commands() -> None:
     for name in COMMAND_MODULES:
