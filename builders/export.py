@@ -58,9 +58,10 @@ def export_run(path: str | Path, out: str | Path | None = None,
     return out, metadata
 
 
-def load_exported(path: str | Path, device: str | torch.device = "cpu"):
+def load_exported(path: str | Path, device: str | torch.device = "cpu", overrides=()):
     """A model exported by export_run -> (model in eval mode, ResolvedSpec, None), like
-    builders.evaluation.evaluate.load_trained. Raises RunError when the file is not an avi export."""
+    builders.evaluation.evaluate.load_trained, with ``overrides`` (--set) applied to its spec.
+    Raises RunError when the file is not an avi export."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
@@ -82,7 +83,7 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu"):
     if SPEC_KEY not in metadata:
         raise RunError(f"{path} holds no avi spec in its metadata (was it written by `avi export`?)")
     try:
-        resolved = load_document(json.loads(metadata[SPEC_KEY]), source=str(path))
+        resolved = load_document(json.loads(metadata[SPEC_KEY]), list(overrides), source=str(path))
         info = {k: json.loads(metadata.get(f"avi.{k}", default))
                 for k, default in (("ema", "false"), ("step", "null"), ("epoch", "null"))}
     except (SpecError, ValueError, RecursionError) as e:    # RecursionError: nested too deep

@@ -82,8 +82,5 @@ def paired_comparisons(evaluations: list[tuple], baseline: int) -> dict | None:
     alone) or numpy/scipy are missing."""
     if not any(docs for _, docs in evaluations):
         return None
-    try:
-        from builders.evaluation.paired import compare_runs
-    except ImportError:
-        return None
+    from builders.evaluation.paired import compare_runs
     return compare_runs(evaluations, baseline)

@@ -52,6 +52,9 @@ def test_export_round_trip(run, tmp_path):
     assert runner.invoke(app, ["export", str(run), "--no-ema", "--out", str(trained)]).exit_code == 0
     plain = load_exported(trained)[0].state_dict()
     assert any(not torch.equal(plain[k], got[k]) for k in got if got[k].is_floating_point())
+    # --set applies to an export's spec as to a checkpoint's (it was silently ignored).
+    _, changed, _ = load_trained(path, "cpu", overrides=["eval.importance_samples=7"])
+    assert changed.spec.eval.importance_samples == 7 and changed.hash != resolved.hash
 
 
 def test_export_bad_input_exits_2(run, tmp_path):

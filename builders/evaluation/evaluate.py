@@ -375,7 +375,8 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", use_ema: 
     of `avi train` (builders.train.training's payload: "spec", "model", "ema", "state"), or a
     .safetensors file of `avi export`. The spec is the resolved document saved in the
     checkpoint (else the run directory's spec.yaml), with ``overrides`` (--set) applied. With
-    ``use_ema`` and EMA weights in the checkpoint, those replace the trained weights. Raises
+    ``use_ema`` and EMA weights in the checkpoint, those replace the trained weights (an export
+    holds the one set of weights chosen by `avi export`, so use_ema does not apply). Raises
     RunError on bad input (non-finite weights included) and builders.devices.DeviceError for
     an unavailable device.
     """
@@ -384,9 +385,9 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", use_ema: 
     from ..network.build import build_model
     from ..devices import place, resolve_device
 
-    if Path(path).suffix == ".safetensors":           # a file of `avi export`
+    if Path(path).suffix == ".safetensors":           # a file of `avi export`: one set of weights
         from ..export import load_exported
-        return load_exported(path, device)
+        return load_exported(path, device, overrides)
     dev = resolve_device(device)
     candidates, run = _checkpoint_candidates(path)
     ckpt, ck = _read_first_good(candidates, warn)
