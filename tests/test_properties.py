@@ -47,7 +47,8 @@ distribution = st.one_of(
 )
 
 valid_documents = st.fixed_dictionaries({}, optional={
-    "name": st.from_regex(r"[A-Za-z0-9_.\-]{1,20}", fullmatch=True),
+    # "." and ".." match the name pattern but would name the runs folder or its parent
+    "name": st.from_regex(r"[A-Za-z0-9_.\-]{1,20}", fullmatch=True).filter(lambda n: n not in (".", "..")),
     "description": st.text(max_size=40),
     "data": st.fixed_dictionaries({}, optional={
         "dataset": st.sampled_from(["mnist5k", "mnist", "omniglot", "cifar10", "folder"]),
