@@ -1,0 +1,168 @@
+"""Hostile run directories, result files, model files and terminals (issue 20 items 4-11): a
+run directory whose entries are links, FIFOs or junk, interrupted evaluations and exports,
+model files with non-finite or enormous contents, result files built to exhaust memory,
+evaluations of other images, escape sequences and mathtext in what avi prints or draws.
+Each must be one clear message (exit 2 through the CLI), write nothing outside the run
+directory and never replace a result with another one.
+
+One tiny run (2 layers, 8 filters, 2 steps on 48 images) is trained once for the module.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from avi_spec import load_spec
+from builders.data.datasets import load_images
+from builders.train.run_dir import LOCK_NAME, TrainingError
+from builders.train.training import train
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "specs" / "quickstart.yaml"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+SPEC = """extends: {base}
+name: hostile
+data: {{dataset: folder, root: {root}}}
+hierarchy: {{layers: 2, latent: {{channels: 4, size: 8}}}}
+cells:
+  preprocess: {{filters: 8}}
+  decoder: {{filters: 8}}
+train: {{batch_size: 16, epochs: 2, kl_warmup: {{epochs: 1, start: 0.1}}, log_every: 1, checkpoint_every: 2}}
+eval: {{importance_samples: 2, batch_size: 16}}
+"""
+
+
+def make_data(folder: Path, n_train: int = 48, n_test: int = 16) -> Path:
+    for split, n in (("train", n_train), ("test", n_test)):
+        (folder / split).mkdir(parents=True, exist_ok=True)
+        np.save(folder / split / "images.npy", load_images("mnist5k", None, split)[:n, 0])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile_runs")
+    make_data(root / "data")
+    spec = root / "tiny.yaml"
+    spec.write_text(SPEC.format(base=QUICKSTART, root=root / "data"))
+    run = root / "run"
+    train(load_spec(spec), run, device="cpu", max_steps=2, progress_mode="quiet")
+    return SimpleNamespace(root=root, spec=spec, run=run)
+
+
+def copy_run(tiny, tmp_path: Path, name: str = "run") -> Path:
+    return shutil.copytree(tiny.run, tmp_path / name)
+
+
+def avi(*args, cwd=REPO, env=None, check=None, **kw) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], cwd=cwd,
+                       env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=600, **kw)
+    if check is not None:
+        assert r.returncode == check, f"rc {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+        if check == 2:
+            assert "Traceback" not in r.stderr and "bug in avi" not in r.stderr, r.stderr
+    return r
+
+
+def resume(tiny, run: Path, steps: int = 3):
+    train(load_spec(tiny.spec), run, resume=True, device="cpu", max_steps=steps, progress_mode="quiet")
+
+
+# ------------------------------------------------------------- 4: run-directory entries
+
+@pytest.mark.parametrize("entry", [LOCK_NAME, "metrics.jsonl", "samples", "checkpoints"])
+@pytest.mark.parametrize("dangling", [False, True])
+def test_a_linked_run_entry_is_refused_and_nothing_outside_changes(tiny, tmp_path, entry, dangling):
+    run = copy_run(tiny, tmp_path)
+    outside = tmp_path / "outside"
+    is_dir = entry in ("samples", "checkpoints")
+    if not dangling:
+        if is_dir:
+            outside.mkdir()
+            (outside / "mine.tmp").write_text("keep")
+            (outside / ".x.tmp.1").write_text("keep")
+            for p in (run / entry).iterdir():
+                shutil.copy2(p, outside / p.name)
+        else:
+            outside.write_text("precious\n")
+    before = {p: p.read_bytes() for p in outside.rglob("*")} if is_dir and not dangling else None
+    shutil.rmtree(run / entry) if (run / entry).is_dir() else (run / entry).unlink(missing_ok=True)
+    (run / entry).symlink_to(outside, target_is_directory=is_dir)
+    with pytest.raises(TrainingError, match=rf"{entry} -> .*symbolic link"):
+        resume(tiny, run)
+    if dangling:
+        assert not outside.exists()
+    elif is_dir:
+        assert {p: p.read_bytes() for p in outside.rglob("*")} == before
+    else:
+        assert outside.read_text() == "precious\n"
+
+
+def test_a_linked_lock_through_the_cli_is_exit_2(tiny, tmp_path):
+    run = copy_run(tiny, tmp_path)
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    (run / LOCK_NAME).unlink(missing_ok=True)
+    (run / LOCK_NAME).symlink_to(victim)
+    r = avi("train", run, "--resume", "--max-steps", "3", "-q", check=2)
+    assert "symbolic link" in r.stderr and victim.read_text() == "precious\n"
+
+
+def test_clean_up_removes_only_avis_own_temporaries(tiny, tmp_path):
+    run = copy_run(tiny, tmp_path)
+    mine = [run / "notes.tmp", run / "samples" / "draft.tmp", run / "checkpoints" / "keep.pt.tmp",
+            run / "checkpoints" / ".hidden.tmp"]
+    stale = [run / ".spec.yaml.tmp.999999", run / "checkpoints" / ".last.pt.prev.tmp.999999",
+             run / "samples" / "epoch_0001.png.tmp", run / "checkpoints" / ".last.pt.tmp.42"]
+    for p in mine + stale:
+        p.write_text("x")
+    planted = run / "checkpoints" / f".last.pt.tmp.{os.getpid()}"      # this process's own name
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    planted.symlink_to(victim)
+    resume(tiny, run)
+    assert all(p.read_text() == "x" for p in mine)
+    assert not any(os.path.lexists(p) for p in stale + [planted])
+    assert victim.read_text() == "precious\n"
+
+
+def test_a_live_writers_temporary_is_kept(tmp_path):
+    """A temporary whose writer still holds its lock is not a dead writer's: kept."""
+    from builders.files import create_temporary, remove_dead_temporaries, write_atomically
+    target = tmp_path / "eval.json"
+    mine, fd = create_temporary(target)
+    tmp = tmp_path / ".eval.json.tmp.1"            # as if another process (pid 1) were writing
+    os.rename(mine, tmp)                           # (the lock goes with the open file)
+    try:
+        assert remove_dead_temporaries(tmp_path) == [] and tmp.exists()
+        write_atomically(target, b"{}")                # another writer of the same target
+        assert tmp.exists() and target.read_bytes() == b"{}"
+    finally:
+        os.close(fd)
+    assert remove_dead_temporaries(tmp_path) == [tmp] and not tmp.exists()
+
+
+@pytest.mark.parametrize("content", ["fifo", "binary", "devzero", "directory"])
+def test_a_metrics_file_that_is_not_text_is_a_clear_error(tiny, tmp_path, content):
+    run = copy_run(tiny, tmp_path)
+    metrics = run / "metrics.jsonl"
+    metrics.unlink()
+    if content == "fifo":
+        os.mkfifo(metrics)
+    elif content == "binary":
+        metrics.write_bytes(b"\x00\xff\xfe" * 1000)
+    elif content == "directory":
+        metrics.mkdir()
+    else:
+        os.mknod(metrics, 0o600 | __import__("stat").S_IFCHR, os.makedev(1, 5)) if os.geteuid() == 0 \
+            else pytest.skip("a device node needs root; /dev/zero by link is the symlink case")
+    r = avi("train", run, "--resume", "--max-steps", "3", "-q", check=2)
+    assert "metrics.jsonl" in r.stderr
