@@ -166,3 +166,32 @@ def test_a_metrics_file_that_is_not_text_is_a_clear_error(tiny, tmp_path, conten
             else pytest.skip("a device node needs root; /dev/zero by link is the symlink case")
     r = avi("train", run, "--resume", "--max-steps", "3", "-q", check=2)
     assert "metrics.jsonl" in r.stderr
+
+
+def test_eval_refuses_to_write_through_a_linked_eval_folder(tiny, tmp_path):
+    run = copy_run(tiny, tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (run / "eval").symlink_to(outside, target_is_directory=True)
+    r = avi("eval", run, "-k", "1", "--limit", "4", "--json", check=0)
+    assert "not saved" in r.stderr and "symbolic link" in r.stderr
+    assert list(outside.iterdir()) == [] and not (run / "eval.json").exists()
+
+
+# ------------------------------------------------------------- 11: interrupted eval and export
+
+def test_the_next_eval_and_export_remove_what_interrupted_ones_left(tiny, tmp_path):
+    run = copy_run(tiny, tmp_path)
+    (run / "eval").mkdir()
+    left = [run / ".eval.json.tmp.999999", run / "eval" / ".test_k9_n4_last_raw.npz.tmp.999999",
+            run / ".hostile.safetensors.tmp.999999"]
+    users = [run / "notes.tmp", run / "eval" / "notes.tmp", run / "eval" / ".mine.tmp",
+             run / ".other.safetensors.tmp.999999"]        # another export's: not this one's
+    for p in left + users:
+        p.write_bytes(b"partial")
+    avi("eval", run, "-k", "1", "--limit", "4", "--json", check=0)
+    assert not any(p.exists() for p in left[:2]) and left[2].exists()
+    r = avi("export", run, "--json", check=0)
+    assert json.loads(r.stdout)["file"] == str(run / "hostile.safetensors")
+    assert not any(p.exists() for p in left)
+    assert all(p.read_bytes() == b"partial" for p in users)

@@ -11,6 +11,7 @@ An older eval.json holding one document reads as one result.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 from contextlib import contextmanager
@@ -18,7 +19,8 @@ from pathlib import Path
 
 from avi_spec.yaml_io import read_text_file
 
-from ..files import write_atomically
+from ..files import (any_temporary, linked_entries, remove_dead_temporaries, temporary_of,
+                     write_atomically)
 from . import per_example as per_example_file
 
 FORMAT = "avi-evaluations"
@@ -56,6 +58,14 @@ class UnreadableResults(OSError):
 
 
 def _record_unlocked(path: Path, document: dict, per_example: dict | None) -> dict:
+    links = linked_entries(path.parent, (per_example_file.FOLDER,))
+    if links:
+        raise OSError(errno.ELOOP, f"{links[0]} is a symbolic link: the per-example estimates "
+                                   f"would be written where it points; remove it",
+                      str(path.parent / per_example_file.FOLDER))
+    # an interrupted `avi eval` left these (the lock is ours: no live writer owns them)
+    remove_dead_temporaries(path.parent, temporary_of(path.name))
+    remove_dead_temporaries(path.parent / per_example_file.FOLDER, any_temporary(".npz"))
     try:
         results = read_results(path) if os.path.lexists(path) else []
     except (OSError, ValueError, RecursionError) as e:
