@@ -195,3 +195,38 @@ def test_the_next_eval_and_export_remove_what_interrupted_ones_left(tiny, tmp_pa
     assert json.loads(r.stdout)["file"] == str(run / "hostile.safetensors")
     assert not any(p.exists() for p in left)
     assert all(p.read_bytes() == b"partial" for p in users)
+
+
+# ------------------------------------------------------------- 8: non-finite weights in every model file
+
+@pytest.fixture(scope="module")
+def exported(tiny):
+    from builders.export import export_run
+    path, _ = export_run(tiny.run, tiny.root / "tiny.safetensors")
+    return path
+
+
+def _altered_export(exported: Path, dest: Path, change) -> Path:
+    """A copy of an export with ``change(weights, metadata)`` applied."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    with safe_open(str(exported), framework="pt") as f:
+        metadata = dict(f.metadata())
+    weights = load_file(str(exported))
+    change(weights, metadata)
+    save_file(weights, str(dest), metadata=metadata)
+    return dest
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_in_an_export_are_refused_everywhere(exported, tmp_path, value):
+    def poison(weights, _):
+        name = next(k for k, t in weights.items() if t.is_floating_point())
+        weights[name].view(-1)[0] = value
+    bad = _altered_export(exported, tmp_path / "bad.safetensors", poison)
+    r = avi("sample", bad, "--out", tmp_path / "s.png", check=2)
+    assert "non-finite weights" in r.stderr and not (tmp_path / "s.png").exists()
+    from builders import load_run
+    from builders.evaluation.evaluate import RunError
+    with pytest.raises(RunError, match="non-finite weights"):
+        load_run(bad, device="cpu")
