@@ -230,3 +230,111 @@ def test_non_finite_weights_in_an_export_are_refused_everywhere(exported, tmp_pa
     from builders.evaluation.evaluate import RunError
     with pytest.raises(RunError, match="non-finite weights"):
         load_run(bad, device="cpu")
+
+
+# ------------------------------------------------------------- 6: result files
+
+def _npy(array: np.ndarray, shape=None) -> bytes:
+    """An .npy member: ``array``'s header (with ``shape`` declared instead, if given) and data."""
+    import io
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": np.lib.format.dtype_to_descr(array.dtype),
+                                                  "fortran_order": False,
+                                                  "shape": shape if shape is not None else array.shape})
+    return buffer.getvalue() + array.tobytes()
+
+
+def _archive(members: dict, compressed: dict | None = None) -> bytes:
+    """An .npz archive of raw .npy members; ``compressed`` members are deflated streams of
+    (header, number of zero bytes)."""
+    import io
+    import zipfile
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        for name, data in members.items():
+            z.writestr(name + ".npy", data)
+        for name, (header, zeros) in (compressed or {}).items():
+            info = zipfile.ZipInfo(name + ".npy")
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with z.open(info, "w", force_zip64=True) as f:
+                f.write(header)
+                block = bytes(1 << 20)
+                for _ in range(zeros >> 20):
+                    f.write(block)
+    return buffer.getvalue()
+
+
+def _identity(text: str | None = None) -> bytes:
+    from builders.evaluation.per_example import FORMAT
+    return _npy(np.array(text if text is not None else json.dumps({"format": FORMAT})))
+
+
+def _planted(tmp_path: Path, data: bytes) -> tuple[Path, dict]:
+    """A run folder whose eval.json refers to ``data`` as its per-example file (sha256 right)."""
+    from builders.evaluation.per_example import sha256
+    run = tmp_path / "planted"
+    (run / "eval").mkdir(parents=True, exist_ok=True)
+    (run / "eval" / "x.npz").write_bytes(data)
+    return run, {"split": "test", "examples": 3, "per_example": {"file": "eval/x.npz", "sha256": sha256(data)}}
+
+
+def _zip_bomb() -> bytes:
+    """About 250 KB that inflates to 256 MiB of float32 zeros."""
+    n = 1 << 26
+    header = _npy(np.zeros(0, np.float32), shape=(n,))
+    good = {"index": _npy(np.arange(3, dtype=np.int32)), "nelbo_nats": _npy(np.zeros(3, np.float32)),
+            "identity": _identity()}
+    return _archive(good, {"nll_nats": (header, n * 4)})
+
+
+HOSTILE_ARCHIVES = {
+    "zip bomb": (_zip_bomb, "compressed"),
+    "header claims 2^40 elements": (lambda: _archive({
+        "index": _npy(np.arange(3, dtype=np.int32)), "nll_nats": _npy(np.zeros(3, np.float32), shape=(1 << 40,)),
+        "nelbo_nats": _npy(np.zeros(3, np.float32)), "identity": _identity()}), "declares"),
+    "identity nested 100,000 deep": (lambda: _archive({
+        "index": _npy(np.arange(3, dtype=np.int32)), "nll_nats": _npy(np.zeros(3, np.float32)),
+        "nelbo_nats": _npy(np.zeros(3, np.float32)), "identity": _identity("[" * 100_000 + "]" * 100_000)}),
+        "nested too deep"),
+    "no images": (lambda: _archive({
+        "index": _npy(np.arange(0, dtype=np.int32)), "nll_nats": _npy(np.zeros(0, np.float32)),
+        "nelbo_nats": _npy(np.zeros(0, np.float32)), "identity": _identity()}), "no image"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_ARCHIVES))
+def test_hostile_per_example_files_are_refused_in_bounded_memory(tmp_path, case):
+    import resource
+    from builders.evaluation.per_example import PerExampleError, read
+    make, message = HOSTILE_ARCHIVES[case]
+    data = make()
+    assert len(data) < 4 << 20
+    run, doc = _planted(tmp_path, data)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(PerExampleError, match=message):
+        read(run, doc)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 << 10     # KiB: < 200 MB
+
+
+def test_avi_diff_with_hostile_results_is_clear_and_strict_json(tiny, tmp_path):
+    """eval.json whose results are not a list, and a run whose per-example file holds no
+    images: avi diff warns or says why the runs are not paired; --json stays strict JSON."""
+    from builders.evaluation.eval_results import record_result
+    a, b, c = (copy_run(tiny, tmp_path, n) for n in ("a", "b", "c"))
+    doc = {"split": "test", "importance_samples": 2, "examples": 3, "nll_nats": 90.0, "dataset": "folder",
+           "checkpoint": "last.pt", "ema": False, "data_sha256": "s"}
+    record_result(a / "eval.json", doc, {"nll_nats": [1.0, 2.0, 3.0], "nelbo_nats": [2.0, 3.0, 4.0]})
+    saved = record_result(b / "eval.json", doc, {"nll_nats": [1.0, 2.5, 3.0], "nelbo_nats": [2.0, 3.0, 4.0]})
+    empty = _archive({"index": _npy(np.arange(0, dtype=np.int32)), "nll_nats": _npy(np.zeros(0, np.float32)),
+                      "nelbo_nats": _npy(np.zeros(0, np.float32)), "identity": _identity()})
+    (b / saved["per_example"]["file"]).write_bytes(empty)
+    from builders.evaluation.per_example import sha256
+    text = (b / "eval.json").read_text().replace(saved["per_example"]["sha256"], sha256(empty))
+    (b / "eval.json").write_text(text)
+    (c / "eval.json").write_text(json.dumps({"format": "avi-evaluations", "results": 5}))
+    r = avi("diff", a, b, c, "--no-params", "--json", check=0)
+    result = json.loads(r.stdout)                        # strict: NaN would not parse
+    assert "NaN" not in r.stdout
+    assert "results is int, not a list" in r.stderr.replace('"', "")
+    reasons = result["paired"]["comparisons"][1]["reasons"]
+    assert "holds the estimates of no image" in reasons[0]

@@ -38,7 +38,10 @@ def read_results(path: Path) -> list[dict]:
     """The evaluations in an eval.json (OSError / ValueError when it cannot be read)."""
     data = json.loads(read_text_file(path, MAX_EVAL_BYTES))
     if isinstance(data, dict) and data.get("format") == FORMAT:
-        return [d for d in data.get("results", []) if isinstance(d, dict)]
+        results = data.get("results", [])
+        if not isinstance(results, list):
+            raise ValueError(f'"results" is {type(results).__name__}, not a list of evaluations')
+        return [d for d in results if isinstance(d, dict)]
     return [data] if isinstance(data, dict) else []
 
 
