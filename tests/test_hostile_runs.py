@@ -338,3 +338,25 @@ def test_avi_diff_with_hostile_results_is_clear_and_strict_json(tiny, tmp_path):
     assert "results is int, not a list" in r.stderr.replace('"', "")
     reasons = result["paired"]["comparisons"][1]["reasons"]
     assert "holds the estimates of no image" in reasons[0]
+
+
+# ------------------------------------------------------------- 7: a result is keyed by its images
+
+def test_a_score_on_other_images_never_replaces_the_runs_result(tiny, tmp_path):
+    from builders.evaluation.eval_results import best_result, read_results
+    from builders.evaluation.per_example import read
+    run = copy_run(tiny, tmp_path)
+    other = tmp_path / "other"
+    for split in ("train", "test"):                     # the same shapes, other pixels
+        (other / split).mkdir(parents=True)
+        images = np.load(tiny.root / "data" / split / "images.npy")
+        np.save(other / split / "images.npy", 255 - images)
+    own = json.loads(avi("eval", run, "-k", "1", "--limit", "4", "--json", check=0).stdout)
+    avi("eval", run, "-k", "1", "--limit", "4", "--json", "--set", f"data.root={other}", check=0)
+    results = read_results(run / "eval.json")
+    assert len(results) == 2 and results[0]["data_sha256"] == own["data_sha256"] != results[1]["data_sha256"]
+    assert results[1]["overrides"] == [f"data.root={other}"]
+    assert results[0]["per_example"]["file"] != results[1]["per_example"]["file"]
+    for doc in results:                                 # neither file replaced the other's
+        assert read(run, doc).nll_nats.shape == (4,)
+    assert best_result(results) is results[0]           # the run is compared by its own data
