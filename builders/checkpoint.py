@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from .faults import fault_point
-from .files import temporary_name
+from .files import TEMPORARY, create_temporary, remove_dead_temporaries, temporary_name
 
 FORMAT = "avi-checkpoint"
 FORMAT_VERSION = 1
@@ -49,21 +50,16 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-TEMP_GLOBS = (".*.tmp.*", "*.tmp")      # builders.files' temporaries, and those of older avi
+LEGACY_TEMPORARY = re.compile(r"^epoch_\d+\.png\.tmp$")     # samples/ of avi before builders.files
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete the temporary files killed writers left in ``folder``. Only call this while
-    holding the run directory's lock: then no live writer owns any of them."""
-    removed = []
-    found = {p for pattern in TEMP_GLOBS for p in folder.glob(pattern)} if folder.is_dir() else set()
-    for tmp in sorted(found):
-        try:
-            tmp.unlink()
-            removed.append(tmp)
-        except FileNotFoundError:
-            pass
-    return removed
+    """Delete the temporary files killed writers left in ``folder``: avi's own names only
+    (builders.files.TEMPORARY, and the sample grids' temporaries of older avi), never a
+    user's `notes.tmp`, never through a folder that is a symbolic link. Call it while holding
+    the run directory's lock (a live writer's file is kept anyway: it holds a lock on it)."""
+    return remove_dead_temporaries(
+        folder, lambda name: bool(TEMPORARY.match(name) or LEGACY_TEMPORARY.match(name)))
 
 
 def save_checkpoint(path: str | Path, payload: dict, keep_previous: bool = True) -> Path:
@@ -72,12 +68,13 @@ def save_checkpoint(path: str | Path, payload: dict, keep_previous: bool = True)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **payload}
-    tmp = temporary_name(path)
+    tmp, fd = temporary_name(path), None
     try:
         fault_point(f"write {tmp.name}")
         buffer = io.BytesIO()          # serialised first: a failed write is a plain OSError
         torch.save(payload, buffer)    # (ENOSPC, EROFS ...), not torch's RuntimeError
-        with open(tmp, "wb") as f:
+        tmp, fd = create_temporary(path)       # never through a link planted under its name
+        with os.fdopen(fd, "wb", closefd=False) as f:
             f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
@@ -90,7 +87,9 @@ def save_checkpoint(path: str | Path, payload: dict, keep_previous: bool = True)
         e.filename = e.filename or str(path)       # name the file the message is about
         raise
     finally:
-        if tmp.exists():
+        if fd is not None:
+            os.close(fd)
+        if os.path.lexists(tmp):
             tmp.unlink()
     return path
 
@@ -100,7 +99,7 @@ def _keep_previous(path: Path) -> None:
     prev, prev_tmp = previous_path(path), temporary_name(path, "prev.tmp")
     if prev.exists() and os.path.samefile(prev, path):
         return        # a killed writer linked it already (rename() would leave prev_tmp behind)
-    if prev_tmp.exists():
+    if os.path.lexists(prev_tmp):          # a link under its name is removed, not followed
         prev_tmp.unlink()
     fault_point(f"link {path.name} -> {prev_tmp.name}")
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .evaluation.evaluate import RunError, load_trained
+from .evaluation.evaluate import RunError, load_trained, refuse_non_finite
 from .files import write_atomically
 
 SUFFIX = ".safetensors"
@@ -80,6 +80,7 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", override
         weights = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise RunError(f"{path} is not a readable safetensors file: {e}") from None
+    refuse_non_finite(weights, path, "export it again from a checkpoint of the run before it diverged")
     if SPEC_KEY not in metadata:
         raise RunError(f"{path} holds no avi spec in its metadata (was it written by `avi export`?)")
     try:

@@ -223,7 +223,7 @@ def eval_command(
                                         seed=seed)
     per_example = result.pop("per_example")
     document = {**result, **_provenance(model, resolved, split.value, b, seed),
-                "limit": limit, "full_split": x.shape[0] == total,
+                "limit": limit, "full_split": x.shape[0] == total, "overrides": list(overrides or []),
                 **_evaluated_images(spec, x, binarization_seed)}
     if as_json:
         print_json(document)

@@ -366,6 +366,16 @@ def _data_root_overrides(ck: dict, doc: dict, overrides: list[str]) -> list[str]
     return [f"data.root={json.dumps(saved)}"]
 
 
+def refuse_non_finite(weights: dict, path: Path, hint: str) -> None:
+    """RunError when a model file's weights hold NaN or inf: every model file avi loads (a
+    checkpoint, an export) is checked here, so nothing is evaluated or sampled from them."""
+    bad = [n for n, t in weights.items()
+           if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise RunError(f"{path} holds non-finite weights (NaN or inf in {len(bad)} tensors, e.g. "
+                       f"{bad[0]}): the run diverged or the file was altered; {hint}")
+
+
 def load_trained(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True,
                  overrides: Iterable[str] = (), warn: Callable[[str], None] | None = None):
     """Load a trained model for evaluation -> (model in eval mode, ResolvedSpec, run dir|None).
@@ -418,10 +428,8 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", use_ema: 
             model.load_state_dict(ema, strict=False)
     except RuntimeError as e:
         raise RunError(f"{ckpt}: the weights do not fit the model of its spec: {e}") from None
-    bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        raise RunError(f"{ckpt} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]}): the run "
-                       f"diverged; use an earlier checkpoint (e.g. {ckpt.parent / 'last.prev.pt'})")
+    refuse_non_finite(model.state_dict(), ckpt, f"use an earlier checkpoint (e.g. "
+                                               f"{ckpt.parent / 'last.prev.pt'})")
     place(model, dev).eval()
     state_info = ck.get("state") if isinstance(ck.get("state"), dict) else {}
     model.avi_checkpoint = {"path": str(ckpt), "ema": bool(use_ema and ema is not None),

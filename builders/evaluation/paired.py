@@ -115,18 +115,22 @@ def compare(reference: tuple[Path, list[dict]], other: tuple[Path, list[dict]]) 
         return {"paired": False, "reasons": [f"{who} has non-finite estimates (a diverged model?)"]}
     doc = chosen[0]
     unit, scale = _unit(doc)
+    with np.errstate(over="ignore", invalid="ignore"):
+        nll, nelbo = (paired_difference(a.nll_nats, b.nll_nats, scale),
+                      paired_difference(a.nelbo_nats, b.nelbo_nats, scale))
+    if not all(v is None or math.isfinite(v) for d in (nll, nelbo) for v in (d["mean"], d["stderr"])):
+        return {"paired": False, "reasons": ["the estimates are too large to compare (their "
+                                             "differences overflow): an altered per-example file?"]}
     return {"paired": True, "unit": unit, "split": doc.get("split"),
             "importance_samples": doc.get("importance_samples"), "examples": int(a.index.shape[0]),
-            "binarization_seed": doc.get("binarization_seed"),
-            "nll": paired_difference(a.nll_nats, b.nll_nats, scale),
-            "nelbo": paired_difference(a.nelbo_nats, b.nelbo_nats, scale)}
+            "binarization_seed": doc.get("binarization_seed"), "nll": nll, "nelbo": nelbo}
 
 
 def _unit(doc: dict) -> tuple[str, float]:
     """("bits_per_dim", 1 / (D log 2)) for 8-bit data (dims D recorded), else ("nats", 1). A
     dims that is not a positive whole number (an edited eval.json) counts as not recorded."""
     dims = doc.get("dims")
-    if isinstance(dims, int) and not isinstance(dims, bool) and dims > 0:
+    if isinstance(dims, int) and not isinstance(dims, bool) and 0 < dims < 1 << 53:
         return "bits_per_dim", 1 / (dims * math.log(2))
     return "nats", 1.0
 

@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,15 +112,53 @@ def _parse(path: Path, data: bytes) -> PerExample:
     if not data.startswith(b"PK"):         # else numpy takes it for a pickle and says so
         raise PerExampleError(f"{path} is not a per-example file of avi (not a numpy .npz archive)")
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            arrays = {k: z[k] for k in (*ARRAYS, "identity")}
+        arrays = _bounded_arrays(data)
         identity = json.loads(str(arrays.pop("identity")))
-    except (OSError, ValueError, KeyError, EOFError) as e:
-        raise PerExampleError(f"{path} is not a per-example file of avi ({e})") from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, RecursionError) as e:
+        raise PerExampleError(f"{path} is not a per-example file of avi ({_brief(e)})") from None
     shapes = {a.shape for a in arrays.values()}
     if (not isinstance(identity, dict) or identity.get("format") != FORMAT or len(shapes) != 1
             or len(next(iter(shapes))) != 1 or arrays["index"].dtype.kind not in "iu"
             or any(arrays[k].dtype.kind != "f" for k in ARRAYS[1:])):
         raise PerExampleError(f"{path} is not a per-example file of avi (arrays "
                               f"{ {k: (a.dtype.str, a.shape) for k, a in arrays.items()} })")
+    if arrays["index"].shape[0] == 0:      # a mean over no images is NaN, not a comparison
+        raise PerExampleError(f"{path} holds the estimates of no image; re-run avi eval")
     return PerExample(arrays["index"], arrays["nll_nats"], arrays["nelbo_nats"], identity)
+
+
+def _brief(e: BaseException) -> str:
+    return "nested too deep" if isinstance(e, RecursionError) else str(e)[:300]
+
+
+def _bounded_arrays(data: bytes) -> dict:
+    """The arrays avi writes, read without trusting the archive: every member stored (avi
+    writes no compression, so a member cannot inflate to more than the file's own bytes: no
+    zip bomb) and every array's header checked against the bytes it has before numpy
+    allocates the shape it declares (a 1 KB member claiming 2^40 elements)."""
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        members = {i.filename: i for i in z.infolist()}
+        out = {}
+        for key in (*ARRAYS, "identity"):
+            info = members.get(key + ".npy")
+            if info is None:
+                raise KeyError(f"no array {key}")
+            if info.compress_type != zipfile.ZIP_STORED or info.file_size > MAX_BYTES:
+                raise ValueError(f"member {key}.npy is compressed or too large (avi stores its arrays "
+                                 f"uncompressed)")
+            with z.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                header = {(1, 0): np.lib.format.read_array_header_1_0,
+                          (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                if header is None:
+                    raise ValueError(f"member {key}.npy is in npy format {version}, not avi's")
+                shape, _, dtype = header(f)
+                if dtype.hasobject:
+                    raise ValueError(f"member {key}.npy holds Python objects")
+                declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                if declared > info.file_size:
+                    raise ValueError(f"member {key}.npy declares {declared:,} bytes of data in "
+                                     f"{info.file_size:,}")
+            with z.open(info) as f:
+                out[key] = np.lib.format.read_array(f, allow_pickle=False)
+        return out

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from ..faults import fault_point
+from ..files import open_for_append
 
 LINE_SECONDS = 30.0          # without a terminal: a progress line at least this often
 
@@ -33,7 +34,7 @@ class Reporter:
                  start_step: int):
         self.active, self.mode = active, mode
         self.metrics_path = out_dir / "metrics.jsonl"
-        self.metrics = open(self.metrics_path, "a", encoding="utf-8") if active else None
+        self.metrics = open_for_append(self.metrics_path) if active else None
         self.tb = _tensorboard(out_dir, start_step) if active else None
         if mode == "auto":
             mode = "bar" if sys.stderr.isatty() else "lines"

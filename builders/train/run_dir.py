@@ -12,14 +12,20 @@ import json
 import math
 import os
 import socket
+import stat
 import time
 from pathlib import Path
 
+from avi_spec.yaml_io import read_text_file
+
 from ..checkpoint import remove_stale_temporaries
-from ..files import write_atomically
+from ..files import linked_entries, write_atomically
 from ..faults import fault_point
 
 LOCK_NAME = ".avi-train.lock"
+# What `avi train` writes into or through: none of them may be a symbolic link
+WRITTEN_ENTRIES = (LOCK_NAME, "samples", "checkpoints", "metrics.jsonl", "tb")
+MAX_METRICS_BYTES = 1 << 30       # a 1,000,000-step run logged every step is about 250 MB
 
 
 class TrainingError(Exception):
@@ -37,6 +43,8 @@ _REASONS = {
                         "PATH_MAX)",
     errno.ENOTDIR: "a component of the path is a file, not a folder",
     errno.EISDIR: "it is a folder",
+    errno.ELOOP: "it is a symbolic link (avi writes only its own files inside the run directory)",
+    errno.ENXIO: "it is a FIFO or device with no reader, not a regular file",
 }
 
 
@@ -63,9 +71,16 @@ class RunLock:
             import fcntl
         except ImportError:                     # not POSIX: no locking available
             return self
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        # O_NOFOLLOW: a lock that is a link would truncate the file it points to (or create one)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW, 0o644)
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise TrainingError(f"{self.path} is not a regular file (a FIFO or device); "
+                                    f"remove it and train again")
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except TrainingError:
+            os.close(fd)
+            raise
         except OSError:
             holder = _read_holder(fd)
             os.close(fd)
@@ -108,6 +123,12 @@ def check_out_dir(out_dir: Path) -> None:
                                 f"for the run")
         if folder.exists():
             break
+    links = linked_entries(out_dir, WRITTEN_ENTRIES) if out_dir.is_dir() else []
+    if links:
+        raise TrainingError(f"{out_dir}: {', '.join(links)} is a symbolic link; avi writes, "
+                            f"truncates and cleans up only inside the run directory, so it would "
+                            f"change the files it points to. Remove the link (or put a plain "
+                            f"file or folder in its place) and train again")
 
 
 def open_run_dir(out_dir: Path) -> RunLock:
@@ -137,9 +158,19 @@ def trim_metrics(path: Path, step: int, epoch: int | None = None) -> None:
     ``step`` and epoch-end records of epochs from ``epoch`` on (the checkpoint says they are
     not finished). The resumed run writes them again, and metrics.jsonl must read as one
     uninterrupted run."""
-    if not path.exists():
+    if not os.path.lexists(path):
         return
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = read_text_file(path, MAX_METRICS_BYTES)
+    except UnicodeDecodeError as e:
+        raise TrainingError(f"{path} is not text (byte {e.start} is not UTF-8): not a metrics file "
+                            f"of avi; move it aside and resume again") from None
+    except ValueError as e:     # a FIFO, a device or too large
+        raise TrainingError(f"{path} cannot be a metrics file of avi: {e}; move it aside and "
+                            f"resume again") from None
+    except OSError as e:
+        why = "it is a folder" if isinstance(e, IsADirectoryError) else os_error_text(e)
+        raise TrainingError(f"cannot read {path}: {why}; move it aside and resume again") from None
     kept = [line for line in text.splitlines(keepends=True)
             if line.strip() and _before(line, step, epoch)]
     if "".join(kept) != text:

@@ -199,7 +199,10 @@ def setup_trainer(resolved: ResolvedSpec, out_dir: Path, ddp: Distributed, dev: 
     forward = torch.compile(net) if cfg.compile else net
     if ddp.main:
         _prepare_run_dir(resolved, out_dir, payload, state)
-    reporter = Reporter(out_dir, progress_mode, ddp.main, batches_per_epoch, cfg.epochs, state.step)
+    try:
+        reporter = Reporter(out_dir, progress_mode, ddp.main, batches_per_epoch, cfg.epochs, state.step)
+    except OSError as e:
+        raise write_error(e, out_dir / "metrics.jsonl", "Nothing was trained.") from None
     return Trainer(resolved, out_dir, ddp, dev, data, model, optimizer, ema, state, forward,
                    reporter, max_steps)
 
