@@ -69,17 +69,16 @@ def _import(source: Path, out_dir: Path, flags_file: Path | None, flags_only: bo
 
 
 def _read_weights(weights: Path, flags: dict, name: str) -> dict:
-    if weights.suffix == ".npz":
-        from builders.davi.source import read_npz
-        return read_npz(weights)
     from avi_spec.loader import load_document
     from builders.network.build import build_model
     from builders.davi.h5 import read_h5
     from builders.davi.importer import spec_mapping
-    # The file is read by position against the model of the flags (temperatures fixed: the
-    # scales are optional entries of the file either way).
+    from builders.davi.source import read_npz
+    # Every tensor's declared shape is checked against the model of the flags before it is
+    # read (temperatures fixed: the scales are optional entries of the file either way); an
+    # .h5 is read by position against it. A meta-device model allocates nothing.
     shape_model = build_model(load_document(spec_mapping(flags, name).document).spec, "meta")
-    return read_h5(weights, shape_model)
+    return (read_npz if weights.suffix == ".npz" else read_h5)(weights, shape_model)
 
 
 def _save(out_dir: Path, resolved, model, origin: dict) -> list[str]:

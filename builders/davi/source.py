@@ -1,7 +1,12 @@
 """Where a run of the authors' code keeps its flags and weights, and reading them."""
 from __future__ import annotations
 
+import os
+import stat
+import zipfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -12,19 +17,36 @@ FLAG_FILES = ("train.sh", "eval_command.sh")       # what their trainer / evalua
 WEIGHT_SUFFIXES = (".h5", ".npz")
 
 
+def _kind(path: Path) -> str:
+    """'file', 'dir', 'other' (a device, FIFO, socket) or 'missing'; an error for a path that
+    cannot be looked at (too long, in a folder we may not read)."""
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"
+    except OSError as e:
+        raise FlagError(f"{str(path)[:200]}: cannot be looked at ({e.strerror})") from None
+    return "file" if stat.S_ISREG(mode) else "dir" if stat.S_ISDIR(mode) else "other"
+
+
 def find_flags(source: Path, flags_file: Path | None) -> Path:
     """--flags FILE, else the train.sh / eval_command.sh of the run directory (or beside the
     weights file); a plain text file given as SOURCE is taken as the flags themselves."""
     if flags_file is not None:
-        if not flags_file.is_file():
-            raise FlagError(f"--flags {flags_file}: no such file")
+        kind = _kind(flags_file)
+        if kind != "file":
+            raise FlagError(f"--flags {flags_file}: " + ("no such file" if kind == "missing" else
+                            "not a regular file (a folder, device, FIFO or socket)"))
         return flags_file
-    if source.is_file() and source.suffix not in WEIGHT_SUFFIXES:
+    kind = _kind(source)
+    if kind == "other":
+        raise FlagError(f"{source}: not a regular file (a device, FIFO or socket)")
+    if kind == "file" and source.suffix not in WEIGHT_SUFFIXES:
         return source
-    folder = source if source.is_dir() else source.parent
+    folder = source if kind == "dir" else source.parent
     for name in FLAG_FILES:
-        if (folder / name).is_file():
-            return folder / name
+        if _kind(folder / name) != "missing":
+            return folder / name              # read_flags refuses it if it is not a regular file
     raise FlagError(f"no {' or '.join(FLAG_FILES)} in {folder}: pass the command of their run.py "
                     "with --flags FILE")
 
@@ -42,15 +64,18 @@ def read_flags(path: Path) -> dict[str, str]:
 def find_weights(source: Path) -> Path:
     """The weights file: SOURCE itself, or the run directory's final_model.h5 (else its one
     .h5 / *_by_path.npz)."""
-    if source.is_file():
+    kind = _kind(source)
+    if kind == "other":
+        raise ConversionError(f"{source}: not a regular file (a device, FIFO or socket)")
+    if kind == "file":
         if source.suffix not in WEIGHT_SUFFIXES:
             raise ConversionError(f"{source}: expected their weights, a .h5 file (or a .npz keyed "
                                   "by attribute path); use --flags-only to map flags alone")
         return source
-    if not source.is_dir():
+    if kind != "dir":
         raise ConversionError(f"no such run directory or weights file: {source}")
-    if (source / "final_model.h5").is_file():
-        return source / "final_model.h5"
+    if _kind(source / "final_model.h5") != "missing":
+        return source / "final_model.h5"     # read_h5 refuses it if it is not a regular file
     found = sorted(source.glob("*.h5")) or sorted(source.glob("*_by_path.npz"))
     if len(found) != 1:
         raise ConversionError(f"{source}: expected final_model.h5 (found "
@@ -58,9 +83,58 @@ def find_weights(source: Path) -> Path:
     return found[0]
 
 
-def read_npz(path: Path) -> dict[str, np.ndarray]:
+def read_npz(path: Path, model) -> dict[str, np.ndarray]:
+    """Their tensors from a .npz keyed by attribute path. Each member's .npy header (shape,
+    dtype) is checked against `model` before its data is read: a small archive declaring a huge
+    array, or one that decompresses to gigabytes, costs no more than the model's own size."""
+    from .declared import check_declared, expected_shapes
+    shapes = expected_shapes(model)
     try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise ConversionError(f"{path}: not a readable .npz of tensors ({e})") from None
+        with open_regular(path) as f, zipfile.ZipFile(f) as z:
+            members = [(i, i.filename.removesuffix(".npy")) for i in z.infolist()]
+            for info, key in members:
+                with z.open(info) as fp:
+                    shape, dtype = _npy_header(fp, f"{path}: {info.filename}")
+                check_declared(key, shape, dtype, shapes, f"{path}: {info.filename}")
+            out = {}
+            for info, key in members:
+                with z.open(info) as fp:
+                    out[key] = np.lib.format.read_array(fp, allow_pickle=False)
+            return out
+    except ConversionError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ConversionError(f"{path}: not a readable .npz of tensors ({str(e)[:200]})") from None
+
+
+def _npy_header(fp, where: str) -> tuple[tuple, np.dtype]:
+    version = np.lib.format.read_magic(fp)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
+    else:
+        raise ConversionError(f"{where}: a .npy format version {version} avi does not read")
+    return shape, dtype
+
+
+@contextmanager
+def open_regular(path: Path) -> Iterator:
+    """A binary file object for `path`, checked on its descriptor to be a regular file (a FIFO
+    would block for ever, a device never ends)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise ConversionError(f"{path}: cannot open ({e.strerror})") from None
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        regular = False
+    if not regular:
+        os.close(fd)
+        raise ConversionError(f"{path}: not a regular file (a folder, device, FIFO or socket)")
+    f = os.fdopen(fd, "rb")
+    try:
+        yield f
+    finally:
+        f.close()

@@ -1,0 +1,252 @@
+"""Hostile inputs to `avi import-davi` (issue 20): weights files anybody may have written, flag
+files, and an --out that cannot be written. Every case once read a file outside the input,
+hung, allocated what a header declared, wrote half an import or crashed with a traceback; each
+must now be one message naming the place, exit 2, and nothing written. The files are made
+here from the trained fixture (tests/fixtures/davi), mutated with h5py / numpy.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+
+h5py = pytest.importorskip("h5py", reason="the .h5 cases need h5py (the [test] extra)")
+
+FIX = Path(__file__).resolve().parent / "fixtures" / "davi" / "trained_tiny_attn"
+runner = CliRunner()
+
+
+def run_import(*args) -> object:
+    r = runner.invoke(app, ["import-davi", *map(str, args)])
+    assert "Traceback" not in r.output, r.output
+    return r
+
+
+def refused(tmp_path: Path, weights: Path, *needles: str) -> str:
+    out = tmp_path / "imported"
+    r = run_import(weights, "--flags", FIX / "train.sh", "--out", out)
+    assert r.exit_code == 2, r.output
+    assert r.stderr.count("error:") == 1, r.stderr
+    for n in needles:
+        assert n in r.stderr, (n, r.stderr)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".avi-import")]
+    return r.stderr
+
+
+@pytest.fixture
+def h5(tmp_path) -> Path:
+    path = tmp_path / "w.h5"
+    shutil.copy(FIX / "final_model.h5", path)
+    return path
+
+
+def first_weight(f) -> tuple[object, str]:
+    """The first layer's group and the name of its first tensor (a (1,1,24,20) kernel)."""
+    layer = f.attrs["layer_names"][0]
+    g = f[layer.decode() if isinstance(layer, bytes) else layer]
+    n = g.attrs["weight_names"][0]
+    return g, n.decode() if isinstance(n, bytes) else n
+
+
+def replace_first(path: Path, make) -> str:
+    with h5py.File(path, "r+") as f:
+        g, n = first_weight(f)
+        del g[n]
+        make(g, n)
+        return f"{g.name}/{n}"
+
+
+# ----------------------------------------------------- 1: nothing outside the file is read
+
+def test_external_storage_is_refused_and_the_other_file_not_copied(tmp_path, h5):
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.full(1 * 1 * 24 * 20, 7.0, np.float32).tobytes())
+    where = replace_first(h5, lambda g, n: g.create_dataset(
+        n, shape=(1, 1, 24, 20), dtype="f4", external=[(str(secret), 0, h5py.h5f.UNLIMITED)]))
+    refused(tmp_path, h5, where, "external file")
+
+
+def test_external_link_is_refused(tmp_path, h5):
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["x"] = np.zeros((1, 1, 24, 20), np.float32)
+    where = replace_first(h5, lambda g, n: g.__setitem__(n, h5py.ExternalLink(str(other), "/x")))
+    refused(tmp_path, h5, where, "external link")
+
+
+def test_soft_link_loop_is_refused(tmp_path, h5):
+    def loop(g, n):
+        g[n] = h5py.SoftLink(f"{g.name}/{n}")             # points at itself
+    where = replace_first(h5, loop)
+    refused(tmp_path, h5, where, "soft link")
+
+
+def test_soft_link_to_a_tensor_of_the_file_is_refused(tmp_path, h5):
+    with h5py.File(h5, "r+") as f:
+        g, n = first_weight(f)
+        g.move(n, "moved")
+        g[n] = h5py.SoftLink(f"{g.name}/moved")
+    refused(tmp_path, h5, "soft link")
+
+
+def test_virtual_dataset_is_refused(tmp_path, h5):
+    src = tmp_path / "src.h5"
+    with h5py.File(src, "w") as f:
+        f["x"] = np.ones((1, 1, 24, 20), np.float32)
+
+    def virtual(g, n):
+        layout = h5py.VirtualLayout(shape=(1, 1, 24, 20), dtype="f4")
+        layout[...] = h5py.VirtualSource(str(src), "x", shape=(1, 1, 24, 20))
+        g.create_virtual_dataset(n, layout)
+    where = replace_first(h5, virtual)
+    refused(tmp_path, h5, where, "virtual dataset")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "folder"])
+def test_weights_that_are_not_a_regular_file_are_refused_without_hanging(tmp_path, kind):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(FIX / "train.sh", run / "train.sh")
+    target = run / "final_model.h5"
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "device":
+        target.symlink_to("/dev/zero")
+    else:
+        target.mkdir()
+    start = time.monotonic()
+    r = run_import(run, "--out", tmp_path / "o")
+    assert r.exit_code == 2, r.output
+    assert "not a regular file" in r.stderr or "is a folder" in r.stderr, r.stderr
+    assert time.monotonic() - start < 30 and not (tmp_path / "o").exists()
+
+
+# ------------------------------------------- 1: declarations checked before anything is read
+
+def test_a_huge_declared_tensor_is_refused_before_it_is_allocated(tmp_path, h5):
+    where = replace_first(h5, lambda g, n: g.create_dataset(n, shape=(1 << 38,), dtype="f4"))  # 1 TiB
+    assert h5.stat().st_size < 2 << 20
+    refused(tmp_path, h5, where, "(274877906944,)", "(1, 1, 24, 20)")
+
+
+def test_a_tensor_of_the_right_shape_that_stores_nothing_is_refused(tmp_path, h5):
+    where = replace_first(h5, lambda g, n: g.create_dataset(n, shape=(1, 1, 24, 20), dtype="f4"))
+    refused(tmp_path, h5, where, "stores no data")
+
+
+def test_chunks_larger_than_the_tensor_are_refused(tmp_path, h5):
+    where = replace_first(h5, lambda g, n: g.create_dataset(
+        n, data=np.zeros((1, 1, 24, 20), np.float32), maxshape=(None, 1, 24, 20),
+        chunks=(1 << 12, 1, 24, 20), compression="gzip"))
+    refused(tmp_path, h5, where, "chunks")
+
+
+@pytest.mark.parametrize("dtype, what", [
+    (h5py.string_dtype(), "string"),
+    ("S8", "string"),
+    (np.dtype([("a", "f4"), ("b", "f4")]), "compound"),
+    ("i4", "integer"),
+    ("c8", "complex"),
+])
+def test_a_non_float_dtype_where_a_tensor_belongs_is_refused(tmp_path, h5, dtype, what):
+    where = replace_first(h5, lambda g, n: g.create_dataset(n, shape=(1, 1, 24, 20), dtype=dtype))
+    refused(tmp_path, h5, where, what)
+
+
+def test_a_group_where_a_tensor_belongs_is_refused(tmp_path, h5):
+    where = replace_first(h5, lambda g, n: g.create_group(n))
+    refused(tmp_path, h5, where, "a group where a tensor")
+
+
+def test_a_dangling_weight_name_is_refused(tmp_path, h5):
+    where = replace_first(h5, lambda g, n: None)
+    refused(tmp_path, h5, where, "no such tensor")
+
+
+def test_a_dangling_layer_name_is_refused(tmp_path, h5):
+    with h5py.File(h5, "r+") as f:
+        names = [n.decode() if isinstance(n, bytes) else n for n in f.attrs["layer_names"]]
+        del f[names[0]]
+    refused(tmp_path, h5, f"/{names[0]}", "no such group")
+
+
+@pytest.mark.parametrize("value, needle", [
+    (None, "missing"),
+    (np.arange(9), "expected a list of names"),
+    (np.array([b"x"] * 5000), "holds 5000 top-level layers"),
+])
+def test_a_bad_layer_names_attribute_is_refused(tmp_path, h5, value, needle):
+    with h5py.File(h5, "r+") as f:
+        if value is None:
+            del f.attrs["layer_names"]
+        else:
+            f.attrs["layer_names"] = value
+    refused(tmp_path, h5, "layer_names", needle)
+
+
+def test_a_layer_names_entry_with_an_empty_component_is_refused(tmp_path, h5):
+    with h5py.File(h5, "r+") as f:
+        names = [n.decode() if isinstance(n, bytes) else n for n in f.attrs["layer_names"]]
+        names[0] = "a//b"
+        f.attrs["layer_names"] = np.array(names, dtype=h5py.string_dtype())
+    refused(tmp_path, h5, "a//b", "is not a name")
+
+
+def test_a_file_that_is_not_hdf5_is_refused(tmp_path):
+    bad = tmp_path / "w.h5"
+    bad.write_bytes(b"\x89HDF\r\n\x1a\n" + os.urandom(4096))
+    refused(tmp_path, bad, "not a readable HDF5 file")
+
+
+# -------------------------------------------------- 1 (sibling): .npz weights, same checks
+
+def npz_with(tmp_path: Path, **replace) -> Path:
+    tensors = dict(np.load(FIX / "final_model_by_path.npz"))
+    tensors.update(replace)
+    path = tmp_path / "w_by_path.npz"
+    np.savez(path, **tensors)
+    return path
+
+
+def test_npz_member_declaring_a_huge_array_is_refused_before_reading(tmp_path):
+    key = "_latent_layer/1/_merge_decoder_network/_nonlocal_layer/key_conv/g"
+    path = npz_with(tmp_path)
+    # Rewrite the member's .npy header to claim 2^40 elements (the data stays 16 bytes).
+    import zipfile
+    members = {}
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            members[info.filename] = z.read(info)
+    members[key + ".npy"] = members[key + ".npy"].replace(b"(4,)", b"(1099511627776,)")
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    refused(tmp_path, path, key, "(1099511627776,)")
+
+
+@pytest.mark.parametrize("value, needle", [
+    (np.array(["a"] * 4), "string"),
+    (np.arange(4, dtype=np.int64), "integer"),
+])
+def test_npz_member_of_a_wrong_dtype_is_refused(tmp_path, value, needle):
+    path = npz_with(tmp_path, **{"_latent_layer/1/_merge_decoder_network/_nonlocal_layer/key_conv/g": value})
+    refused(tmp_path, path, "_latent_layer/1/_merge_decoder_network/_nonlocal_layer/key_conv/g", needle)
+
+
+def test_npz_that_is_a_fifo_is_refused_without_hanging(tmp_path):
+    fifo = tmp_path / "w_by_path.npz"
+    os.mkfifo(fifo)
+    refused(tmp_path, fifo, "not a regular file")
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    key = "_latent_layer/1/_merge_decoder_network/_nonlocal_layer/key_conv/g"
+    path = npz_with(tmp_path, **{key: np.array([0, np.nan, 0, np.inf], np.float32)})
+    refused(tmp_path, path, key, "non-finite")
