@@ -65,7 +65,7 @@ class Flips(_Strict):
 class Data(_Strict):
     dataset: Literal["mnist5k", "mnist", "omniglot", "cifar10", "folder"] = Field(
         "mnist5k", description="Which data: mnist5k (5,000 digits shipped with avi), mnist (IDX files), omniglot (chardata.mat), cifar10 (python batches) or a folder of .npy/.png.")
-    root: Optional[str] = Field(None, description="Folder holding the dataset's standard files (relative to the working directory), or for omniglot the .mat file itself; not needed for mnist5k.")
+    root: Optional[str] = Field(None, description="Folder holding the dataset's standard files (relative to the working directory), or for omniglot the .mat file itself; not needed for mnist5k. Only the commands that read data (train, eval, reconstruct) need it: a spec without it validates and builds.")
     image: ImageShape = Field(default_factory=ImageShape, description="Shape of the raw images.")
     pad: int = Field(2, ge=0, le=64, description="Zero pixels added on every side before the encoder (28 -> 32 for the binary datasets).")
     binarize: Literal["dynamic", "none"] = Field(
