@@ -155,6 +155,12 @@ class _Checker:
 
     def check_train(self) -> None:
         train = self.spec.train
+        if train.batch_size % train.accumulate:
+            self.add(("train", "accumulate"),
+                     f"each optimizer step runs its batch as {train.accumulate} equal micro-batches, "
+                     f"so train.batch_size must be divisible by it, found batch_size: {train.batch_size}",
+                     hint=f"set train.batch_size to a multiple of {train.accumulate}",
+                     near=(("train", "batch_size"),))
         sched, lr = train.schedule, train.optimizer.lr
         if sched.name != "constant" and sched.min_lr > lr:
             self.add(("train", "schedule", "min_lr"),
