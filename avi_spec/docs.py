@@ -113,6 +113,36 @@ def _rows(fields: dict, prefix: str, only: str = "") -> list[str]:
 _HEADER = "| field | type | default | description |\n| --- | --- | --- | --- |"
 
 
+# Prose after a section's table: what a field's one line cannot say.
+_NOTES = {
+    "train": [
+        "### Gradient accumulation (`train.accumulate`)",
+        "",
+        "`train.batch_size` is the number of images per optimizer step, whatever the hardware:",
+        "it is split across the processes (`avi train --devices N`), and each process runs its share",
+        "as `train.accumulate` equal micro-batches, summing their gradients before one update. So",
+        "the paper's CIFAR-10 recipe, 40 images per step over 4 GPUs (10 per GPU), runs on one GPU",
+        "as `batch_size: 40, accumulate: 4`, again 10 images per forward pass. `batch_size` must be",
+        "divisible by processes x accumulate.",
+        "",
+        "- The same: the data order (global batch k holds the same images), the binarisation and",
+        "  flips, the posterior noise (drawn for the whole batch, then sliced), the loss (the mean over",
+        "  the batch: each micro-batch's mean weighted 1/accumulate), gradient clipping (of the summed",
+        "  gradient), the optimizer step, the EMA, and the learning-rate and KL schedules, which count",
+        "  optimizer steps (images / batch_size per epoch), not micro-batches.",
+        "- What differs: batch norm normalises each micro-batch by its own statistics (as each GPU",
+        "  of a data-parallel run does by its share, so 4 micro-batches of 10 behave like the",
+        "  paper's 4 GPUs of 10), and updates its running statistics once per micro-batch.",
+        "  With batch norm on running statistics the update equals one big batch to float",
+        "  tolerance (`tests/test_training.py::test_accumulated_step_equals_one_big_batch`).",
+        "- Memory: activations are held for one micro-batch at a time (`avi build SPEC --batch B`",
+        "  estimates the peak for B images per forward); time per step grows about linearly.",
+        "- A spec without `accumulate` has the hash it had before the field existed, so runs",
+        "  trained earlier resume.",
+    ],
+}
+
+
 def render_markdown() -> str:
     """The reference of every spec field, grouped by top-level section."""
     out = [
@@ -145,6 +175,8 @@ def render_markdown() -> str:
     for key, field in sections:
         out += ["", f"## {key}", "", field.description or "", "", _HEADER]
         out += [r for m in _split(field.annotation)[0] if _is_model(m) for r in _rows(m.model_fields, key)]
+        if key in _NOTES:
+            out += [""] + _NOTES[key]
     return "\n".join(out) + "\n"
 
 

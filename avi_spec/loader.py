@@ -34,10 +34,32 @@ __all__ = ["ResolvedSpec", "load_spec", "load_text", "load_document", "format_pa
            "merge", "upgrade", "apply_override", "document_hash", "UPGRADES"]
 
 
+# Fields added to version 1 after runs were trained with it, with the default that leaves a
+# run as it was before the field existed. At that default they are left out of the hash, so
+# a run trained before the field existed keeps its hash and `avi train --resume` continues it.
+HASH_NEUTRAL_DEFAULTS: dict[tuple[str, ...], Any] = {
+    ("train", "accumulate"): 1,
+}
+
+
 def document_hash(document: dict) -> str:
-    """sha256 of the canonical JSON of a resolved document: independent of key order."""
-    text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    """sha256 of the canonical JSON of a resolved document: independent of key order, and of
+    the fields of HASH_NEUTRAL_DEFAULTS left at their default."""
+    hashed = _without_neutral_defaults(document)
+    text = json.dumps(hashed, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _without_neutral_defaults(document: dict) -> dict:
+    out = copy.deepcopy(document)
+    for path, default in HASH_NEUTRAL_DEFAULTS.items():
+        node = out
+        for key in path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and path[-1] in node and node[path[-1]] == default \
+                and type(node[path[-1]]) is type(default):
+            del node[path[-1]]
+    return out
 
 
 # ------------------------------------------------------------------------ result

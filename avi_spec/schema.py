@@ -65,7 +65,7 @@ class Flips(_Strict):
 class Data(_Strict):
     dataset: Literal["mnist5k", "mnist", "omniglot", "cifar10", "folder"] = Field(
         "mnist5k", description="Which data: mnist5k (5,000 digits shipped with avi), mnist (IDX files), omniglot (chardata.mat), cifar10 (python batches) or a folder of .npy/.png.")
-    root: Optional[str] = Field(None, description="Folder holding the dataset's standard files (relative to the working directory), or for omniglot the .mat file itself; not needed for mnist5k.")
+    root: Optional[str] = Field(None, description="Folder holding the dataset's standard files (relative to the working directory), or for omniglot the .mat file itself; not needed for mnist5k. Only the commands that read data (train, eval, reconstruct) need it: a spec without it validates and builds.")
     image: ImageShape = Field(default_factory=ImageShape, description="Shape of the raw images.")
     pad: int = Field(2, ge=0, le=64, description="Zero pixels added on every side before the encoder (28 -> 32 for the binary datasets).")
     binarize: Literal["dynamic", "none"] = Field(
@@ -213,7 +213,8 @@ class EMA(_Strict):
 
 
 class Train(_Strict):
-    batch_size: int = Field(32, ge=1, description="Global batch size (split across processes).")
+    batch_size: int = Field(32, ge=1, description="Global batch size: images per optimizer step (split across processes, then into train.accumulate micro-batches).")
+    accumulate: int = Field(1, ge=1, le=4096, description="Gradient accumulation: each process runs its share of a batch as this many micro-batches (forward and backward each), then takes one optimizer step, so batch_size: 40, accumulate: 4 on one GPU holds 10 images at a time and updates as the paper's 40. batch_size must be divisible by processes x accumulate; batch-norm statistics are per micro-batch.")
     epochs: int = Field(400, ge=1, description="Training epochs.")
     optimizer: Optimizer = Field(default_factory=Optimizer, description="Optimizer and L2 regularisation.")
     schedule: Schedule = Field(default_factory=Schedule, description="Learning-rate schedule.")

@@ -20,7 +20,6 @@ from .schema import DepthwiseAttention, Explicit, LastK, Spec
 # Raw image shape of each dataset avi knows (folder: anything).
 DATASET_CHANNELS = {"mnist": 1, "mnist5k": 1, "omniglot": 1, "cifar10": 3}
 DATASET_SIZE = {"mnist": 28, "mnist5k": 28, "omniglot": 28, "cifar10": 32}
-NEEDS_ROOT = ("mnist", "omniglot", "cifar10", "folder")
 
 # The part of the spec each kind of graph node comes from (for graph-level problems).
 NODE_PATH = {
@@ -153,13 +152,15 @@ class _Checker:
                      f"{ds} images are {DATASET_SIZE[ds]}x{DATASET_SIZE[ds]}, found size: {data.image.size}",
                      hint=f"set data.image.size: {DATASET_SIZE[ds]}",
                      near=(("data", "image"), ("data", "dataset")))
-        if ds in NEEDS_ROOT and not data.root:
-            self.add(("data", "root"),
-                     f"dataset {ds} is read from files, so data.root (the folder holding them) is required, found none",
-                     hint="add data.root to the spec or pass --set data.root=DIR", near=(("data", "dataset"),))
 
     def check_train(self) -> None:
         train = self.spec.train
+        if train.batch_size % train.accumulate:
+            self.add(("train", "accumulate"),
+                     f"each optimizer step runs its batch as {train.accumulate} equal micro-batches, "
+                     f"so train.batch_size must be divisible by it, found batch_size: {train.batch_size}",
+                     hint=f"set train.batch_size to a multiple of {train.accumulate}",
+                     near=(("train", "batch_size"),))
         sched, lr = train.schedule, train.optimizer.lr
         if sched.name != "constant" and sched.min_lr > lr:
             self.add(("train", "schedule", "min_lr"),

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import JsonOption, UserError, out
+from .common import JsonOption, UserError, err, out
 
 
 def import_davi(
@@ -16,7 +16,8 @@ def import_davi(
         "*_by_path.npz) weights file, or with --flags-only a file holding their command."))],
     out_dir: Annotated[Path, typer.Option("--out", metavar="DIR", help="Run directory to create (its name names the spec).")],
     flags: Annotated[Optional[Path], typer.Option("--flags", metavar="FILE", help="Their run.py command (default: train.sh / eval_command.sh beside the weights).")] = None,
-    flags_only: Annotated[bool, typer.Option("--flags-only", help="Write only DIR/spec.yaml from the flags; no weights.")] = False,
+    flags_only: Annotated[bool, typer.Option("--flags-only", help="Write only DIR/spec.yaml from the flags (after building its model on the meta device, as avi build does); no weights.")] = False,
+    data_root: Annotated[Optional[str], typer.Option("--data-root", metavar="DIR", help="Set data.root: where the dataset is on this machine (their runs on tfds data name none; it wins over their --dataset_path).")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Import a model trained with the authors' TensorFlow code as an avi run directory.
@@ -30,6 +31,8 @@ def import_davi(
     Example:
 
         avi import-davi ../omniglot/0_15layer_400_epochs --out runs/omniglot_davi
+
+        avi import-davi ../cifar10/train.sh --flags-only --data-root data/cifar10 --out runs/c10
     """
     from builders.davi.flags import FlagError
     from builders.davi.weights import ConversionError
@@ -39,7 +42,7 @@ def import_davi(
     if existing:
         raise UserError(f"{existing[0]} exists; choose another --out (nothing was overwritten)")
     try:
-        result = _import(source, out_dir, flags, flags_only)
+        result = _import(source, out_dir, flags, flags_only, data_root)
     except (FlagError, ConversionError) as e:
         raise UserError(str(e)) from None
     if as_json:
@@ -48,22 +51,28 @@ def import_davi(
     _print_table(result)
 
 
-def _import(source: Path, out_dir: Path, flags_file: Path | None, flags_only: bool) -> dict:
-    from avi_spec.loader import dump_yaml, load_document
-    from builders.davi.importer import build_imported, spec_mapping
+def _import(source: Path, out_dir: Path, flags_file: Path | None, flags_only: bool,
+            data_root: str | None) -> dict:
+    from avi_spec.loader import dump_yaml
+    from builders.davi.importer import build_imported, checked_spec, spec_mapping
     from builders.davi.source import find_flags, find_weights, read_flags
+    from builders.network.build import build_model
 
     flags_path = find_flags(source, flags_file)
     flags = read_flags(flags_path)
     name = out_dir.name
+    if data_root is not None and not Path(data_root).exists():
+        err.print(f"warning: --data-root {data_root} does not exist here; data.root is set to it "
+                  f"all the same (avi train/eval read it)", markup=False)
     if flags_only:
-        mapping = spec_mapping(flags, name)
-        resolved = load_document(mapping.document, source=str(flags_path))
+        mapping = spec_mapping(flags, name, data_root=data_root)
+        resolved = checked_spec(mapping.document, str(flags_path))
+        build_model(resolved.spec, "meta")       # what avi build checks, before anything is written
         written = [_write(out_dir / "spec.yaml", dump_yaml(resolved.document))]
         return _result(mapping, flags_path, None, written, resolved)
     weights = find_weights(source)
     tensors = _read_weights(weights, flags, name)
-    model, resolved, mapping = build_imported(flags, name, tensors)
+    model, resolved, mapping = build_imported(flags, name, tensors, data_root)
     written = _save(out_dir, resolved, model, {"flags": str(flags_path), "weights": str(weights)})
     return _result(mapping, flags_path, weights, written, resolved)
 

@@ -155,3 +155,71 @@ def test_their_defaults_where_avi_s_differ():
     del flags["decoder_hparams"]
     with pytest.raises(FlagError, match="--decoder_hparams is not given"):
         to_spec(flags, "x")
+
+
+# ------------------------------------------------- runs on tfds data (no --dataset_path), MNIST
+
+def _their_command(tmp_path, dataset: str) -> Path:
+    """The trained fixture's command as a run on tfds's `dataset` (no --dataset_path)."""
+    text = (FIX / "trained_tiny_attn" / "train.sh").read_text()
+    text = text.replace("--dataset=omniglot --dataset_path=fake_omniglot.mat", f"--dataset={dataset}")
+    assert "dataset_path" not in text
+    cmd = tmp_path / f"{dataset}_train.sh"
+    cmd.write_text(text)
+    return cmd
+
+
+def test_run_without_dataset_path_builds_and_train_names_the_flag(tmp_path):
+    out = tmp_path / "runs" / "m"
+    r = _import(_their_command(tmp_path, "mnist"), "--flags-only", "--out", out, "--json")
+    assert r.exit_code == 0, r.output
+    assert any("data.root is unset" in row["to"] for row in json.loads(r.stdout)["mapped"])
+    for cmd in (["validate", str(out)], ["build", str(out)]):
+        b = runner.invoke(app, cmd)
+        assert b.exit_code == 0, (cmd, b.output)
+    t = runner.invoke(app, ["train", str(out / "spec.yaml"), "--out", str(tmp_path / "t")])
+    assert t.exit_code == 2 and "Traceback" not in t.output
+    assert "needs data.root" in t.stderr and "--set data.root=DIR" in t.stderr and "--data-root" in t.stderr
+    assert not (tmp_path / "t").exists()
+
+
+def test_mnist_run_imports_with_weights_and_data_root_and_evaluates(trained_run, tmp_path):
+    from test_datasets import idx_bytes
+    data = tmp_path / "mnist"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for stem in ("train", "t10k"):
+        (data / f"{stem}-images-idx3-ubyte").write_bytes(
+            idx_bytes(rng.integers(0, 256, (4, 28, 28), dtype=np.uint8)))
+    out = tmp_path / "runs" / "mnist_davi"
+    r = _import(trained_run / "final_model_by_path.npz", "--flags", _their_command(tmp_path, "mnist"),
+                "--data-root", data, "--out", out, "--json")
+    assert r.exit_code == 0, r.output
+    spec = runner.invoke(app, ["diff", str(out / "spec.yaml"), str(REPO / "specs" / "quickstart.yaml"), "--json"])
+    fields = {f["path"]: f for f in json.loads(spec.stdout)["fields"]}
+    assert "data.dataset" in fields and "data.pad" not in fields and "data.binarize" not in fields
+    from avi_spec.loader import load_spec
+    d = load_spec(out / "spec.yaml").spec.data
+    assert (d.dataset, d.root, d.image.size, d.pad, d.transpose) == ("mnist", str(data), 28, 2, False)
+    e = runner.invoke(app, ["eval", str(out), "-k", "2", "--device", "cpu", "--json"])
+    assert e.exit_code == 0, e.output
+    assert json.loads(e.stdout)["examples"] == 4
+
+
+def test_mnist_with_their_mat_file_is_refused_with_the_reason(tmp_path):
+    cmd = _their_command(tmp_path, "mnist")
+    cmd.write_text(cmd.read_text() + " --dataset_path=mnist.mat\n")
+    r = _import(cmd, "--flags-only", "--out", tmp_path / "x")
+    assert r.exit_code == 2 and "MATLAB file" in r.stderr and "--data-root" in r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_flags_only_checks_the_model_as_avi_build_does(tmp_path):
+    """A command whose spec loads but whose model does not fit together (a latent grid of
+    another size than the encoder's features) is refused before anything is written."""
+    cmd = _their_command(tmp_path, "mnist")
+    cmd.write_text(cmd.read_text().replace("layer_latent_shape=[16,16,4]", "layer_latent_shape=[8,8,4]"))
+    r = _import(cmd, "--flags-only", "--out", tmp_path / "x")
+    assert r.exit_code == 2, r.output
+    assert "hierarchy.latent.size" in r.stderr
+    assert not (tmp_path / "x").exists()

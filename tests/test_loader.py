@@ -1,6 +1,8 @@
 """Spec loading: YAML positions, extends, overrides, validation messages, hashing."""
 from __future__ import annotations
 
+import copy
+
 import subprocess
 import sys
 import textwrap
@@ -312,6 +314,20 @@ def test_hash_is_stable_under_key_order_and_formatting(tmp_path):
     assert load_spec(a, ["train.seed=2"]).hash != ra.hash
     # defaults written out explicitly do not change the hash
     assert load_text("name: s\ntrain: {epochs: 3, seed: 1, batch_size: 32}\nhierarchy: {layers: 4}\n").hash == ra.hash
+
+
+def test_fields_added_later_keep_the_hash_of_older_runs_at_their_default():
+    """A run trained before train.accumulate existed saved a document without it; its hash
+    (what --resume compares) must not change: the hash below is what avi computed for this
+    spec before the field was added. Set to another value, the field changes the hash."""
+    before = "431554a8854d580936fd9379a9c8c7312ec469ff1ed94f1f5fb7c5b0e58e2cb7"
+    r = load_text("name: s\ntrain: {batch_size: 8}\n")
+    assert r.document["train"]["accumulate"] == 1 and r.hash == before
+    old_document = copy.deepcopy(r.document)
+    del old_document["train"]["accumulate"]               # as an older avi saved it
+    assert load_document(old_document).hash == before
+    assert load_text("name: s\ntrain: {batch_size: 8, accumulate: 1}\n").hash == before
+    assert load_text("name: s\ntrain: {batch_size: 8, accumulate: 2}\n").hash != before
 
 
 def test_dump_yaml_round_trips(tmp_path):

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 DATASETS = ("mnist5k", "mnist", "omniglot", "cifar10", "folder")
+NEEDS_ROOT = ("mnist", "omniglot", "cifar10", "folder")   # read from the user's files
 BINARY_DATASETS = ("mnist5k", "mnist", "omniglot")  # Bernoulli likelihood, padded 28 -> 32
 
 MNIST_URL = "http://yann.lecun.com/exdb/mnist/"
@@ -57,7 +58,11 @@ def load_images(dataset: str, root: str | Path | None = None, split: str = "trai
 def load_spec_images(data, split: str = "train") -> np.ndarray:
     """``load_images`` for a spec's ``data`` section, checked against ``data.image``: images of
     another shape (a folder of, say, 32x32 images under a 28x28 spec) are a DatasetError here
-    rather than a shape error deep inside the model."""
+    rather than a shape error deep inside the model.
+
+    A spec without ``data.root`` for a dataset read from files is valid (building a model
+    needs no data: an imported run of the authors' code has none); reading it is the error."""
+    require_root(data)
     images = load_images(data.dataset, data.root, split)
     want = (data.image.channels, data.image.size, data.image.size)
     if tuple(images.shape[1:]) != want:
@@ -68,6 +73,15 @@ def load_spec_images(data, split: str = "train") -> np.ndarray:
     if data.transpose:
         images = np.ascontiguousarray(images.swapaxes(-1, -2))
     return images
+
+
+def require_root(data) -> None:
+    """DatasetError naming the field and the flags that set it, when ``data.root`` is needed."""
+    if data.dataset in NEEDS_ROOT and not data.root:
+        raise DatasetError(f"dataset {data.dataset} is read from files, so it needs data.root (the "
+                           f"folder holding them; for omniglot the .mat file), found none: add "
+                           f"data.root to the spec, pass --set data.root=DIR, or for a run imported "
+                           f"with avi import-davi, import it with --data-root DIR")
 
 
 # ---------------------------------------------------------------------------------- mnist5k

@@ -23,6 +23,9 @@ BOOKKEEPING = {"mode", "train_log_dir", "train_log_subdir", "eval_log_dir", "mod
                "checkpoint_period", "epoch"}
 _DATASETS = {  # their dataset -> (avi dataset, image channels, side, pad, distribution, binarize)
     "omniglot": ("omniglot", 1, 28, 2, "bernoulli", "dynamic"),
+    # Their MNIST (tfds) is 8-bit: scaled to [0, 1] ("dequantize") and then sampled binary,
+    # avi's dynamic binarisation of the IDX files.
+    "mnist": ("mnist", 1, 28, 2, "bernoulli", "dynamic"),
     "cifar10": ("cifar10", 3, 32, 0, "discretized_logistic_mixture", "none"),
 }
 
@@ -300,7 +303,14 @@ def _eval(m: Mapping, raw: str) -> None:
 
 def _dataset(m: Mapping, name: str, path: str | None, transform: str | None) -> None:
     if name not in _DATASETS:
-        raise FlagError(f"--dataset={name}: avi imports omniglot and cifar10 runs")
+        raise FlagError(f"--dataset={name}: avi imports mnist, omniglot and cifar10 runs")
+    if name == "mnist" and path:
+        # With --dataset_path their trainer reads any dataset from a MATLAB file in OMNIGLOT's
+        # layout (transposed on the way); which way up that file's digits are, nothing says.
+        raise FlagError(f"--dataset=mnist with --dataset_path={path}: their run.py then reads a "
+                        f"MATLAB file in OMNIGLOT's layout, whose image orientation avi cannot "
+                        f"know; avi imports MNIST runs made on tfds's MNIST (no --dataset_path), "
+                        f"whose IDX files you give with --data-root DIR")
     ds, ch, side, pad, _, binarize = _DATASETS[name]
     m.put("data.dataset", ds, "dataset", name)
     m.put("data.image", {"channels": ch, "size": side}, "dataset", name)
@@ -316,7 +326,7 @@ def _dataset(m: Mapping, name: str, path: str | None, transform: str | None) -> 
         raise FlagError(f"--dataset_transform={transform}: avi imports runs with their default transform only")
 
 
-def to_spec(flags: dict[str, str], name: str) -> Mapping:
+def to_spec(flags: dict[str, str], name: str, data_root: str | None = None) -> Mapping:
     """Map a parsed command to a spec document (not yet validated) and the import table."""
     m = Mapping(document={"version": 1, "name": name,
                           "description": "Imported from the authors' run.py flags (avi import-davi)."})
@@ -355,4 +365,9 @@ def to_spec(flags: dict[str, str], name: str) -> Mapping:
     _data_dist(m, "data_dist_hparams", flags.get("data_dist_hparams", ""), kind)
     for f in BOOKKEEPING & flags.keys():
         m.note(f, flags[f], "run bookkeeping (paths, mode): not part of the spec")
+    if data_root is not None:      # where the data is on this machine wins over their path
+        m.put("data.root", data_root, "(--data-root)", data_root)
+    elif "root" not in m.document["data"]:
+        m.note("dataset_path", "(none)", f"their {m.document['data']['dataset']} came from tfds: "
+               "data.root is unset; avi train/eval ask for it (--data-root DIR when importing)")
     return m

@@ -3,6 +3,7 @@
     for epoch:   beta = kl_beta(epoch)            KL warm-up: linear from kl_warmup.start to 1
       for batch: lr = learning_rate(step)         cosine schedule after a linear warm-up
                  loss = NLL + beta * KL           nats per image (Trainer.step)
+                 (train.accumulate micro-batches: their gradients summed, one update)
                  clip the gradient norm; Adamax update with the two L2 strengths as weight
                  decay (builders.train.optim); EMA of the weights
       epoch end: test NELBO, samples, best.pt, last.pt (Trainer.end_epoch)
@@ -83,11 +84,12 @@ class Trainer:
 
     def __init__(self, resolved, out_dir: Path, ddp: Distributed, dev: torch.device, data: TrainData,
                  model: torch.nn.Module, optimizer, ema: EMA | None, state: State, forward,
-                 reporter: Reporter, max_steps: int | None):
+                 reporter: Reporter, max_steps: int | None, no_sync=contextlib.nullcontext):
         self.resolved, self.cfg = resolved, resolved.spec.train
         self.out_dir, self.ddp, self.dev, self.data = out_dir, ddp, dev, data
         self.model, self.optimizer, self.ema, self.state = model, optimizer, ema, state
         self.forward, self.reporter, self.max_steps = forward, reporter, max_steps
+        self.no_sync = no_sync                # DDP's: micro-batches before the last skip the all-reduce
         self.last_path = out_dir / "checkpoints" / "last.pt"
         self.best_path = out_dir / "checkpoints" / "best.pt"
         self.saved_step = state.step if state.step else None
@@ -172,16 +174,18 @@ class Trainer:
     # ------------------------------------------------------------------ one step
 
     def step(self, raw: torch.Tensor, lr: float, beta: float) -> bool:
-        """One optimisation step on a raw batch: loss = NLL + beta * KL, gradient clipped, an
-        update at ``lr``, the EMA. Skipped (no update, the batch-norm statistics of its forward
-        put back) when the loss or the gradient is not finite on any process. Returns False
-        when Ctrl-C asked to stop after it."""
+        """One optimisation step on a raw batch: loss = NLL + beta * KL (its gradient summed
+        over train.accumulate micro-batches), gradient clipped, an update at ``lr``, the EMA.
+        Skipped (no update, the batch-norm statistics of its forwards put back) when the loss
+        or the gradient is not finite on any process. Returns False when Ctrl-C asked to stop
+        after it."""
         self._set_learning_rate(lr)
         x = self._inputs(raw)
         torch._foreach_copy_(self.bn_snapshot, self.bn_buffers)    # to undo the forward's BN updates
-        loss, nll, kl = self._loss(x, beta)
-        grad_norm = self._backward(loss)
-        values = torch.stack([loss.detach(), nll.detach(), kl.detach(), grad_norm.float()]).tolist()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, nll, kl = self._gradients(x, beta)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm, foreach=True)
+        values = torch.stack([loss, nll, kl, grad_norm.float()]).tolist()
         finite, go_on = all_processes_agree(
             [all(math.isfinite(v) for v in values[::3]), not self.interrupt.requested], self.ddp, self.dev)
         if finite:
@@ -205,19 +209,40 @@ class Trainer:
         x = self.data.prepare(raw, self.generator)
         return x.contiguous(memory_format=torch.channels_last)    # the model's layout (devices.place)
 
-    def _loss(self, x: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _gradients(self, x: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gradients of the batch's loss in .grad, and (loss, nll, kl) of the batch, detached.
+        With train.accumulate = k the batch runs as k equal micro-batches, each loss weighted
+        1/k: their gradients sum to the batch mean's. The posterior noise of the whole batch is
+        drawn first, in the order the forward of the whole batch draws it, so the micro-batches
+        see the noise one big batch would (only batch norm's statistics differ)."""
+        k = self.cfg.accumulate
+        if k == 1:
+            loss, nll, kl = self._loss(x, beta)
+            loss.backward()
+            return loss.detach(), nll.detach(), kl.detach()
+        noise = [e.tensor_split(k) for e in self._posterior_noise(x.shape[0])]
+        total = torch.zeros(3, device=x.device)
+        for i, xi in enumerate(x.tensor_split(k)):
+            with self.no_sync() if i < k - 1 else contextlib.nullcontext():
+                loss, nll, kl = self._loss(xi, beta, [e[i] for e in noise])
+                (loss / k).backward()
+            total += torch.stack([loss.detach(), nll.detach(), kl.detach()]) / k
+        return total[0], total[1], total[2]
+
+    def _posterior_noise(self, n: int) -> list[torch.Tensor]:
+        """N(0, I) of z_l = mu + sigma * eps for every layer (top first) of an n-image batch."""
+        d = self.model.derived
+        return [torch.randn(n, d.latent_channels, d.feature_size, d.feature_size, device=self.dev)
+                for _ in range(d.layers)]
+
+    def _loss(self, x: torch.Tensor, beta: float, noise: list[torch.Tensor] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """loss = mean over images of [NLL + beta * sum over layers of KL] (nats), with its terms."""
         with self.autocast():
-            out = self.forward(x)
+            out = self.forward(x) if noise is None else self.forward(x, posterior_noise=noise)
         nll = out.nll.float().mean()
         kl = out.kl.float().sum(1).mean()
         return nll + beta * kl, nll, kl
-
-    def _backward(self, loss: torch.Tensor) -> torch.Tensor:
-        """Gradients of ``loss``, clipped to train.grad_clip; the norm before clipping."""
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        return torch.nn.utils.clip_grad_norm_(self.params, self.max_norm, foreach=True)
 
     def _update(self) -> None:
         """The optimizer's update (L2 is its weight decay, builders.train.optim), then the EMA."""
@@ -304,7 +329,8 @@ class Trainer:
         """Test NELBO record, samples, then best.pt (if improved) and last.pt, in that order."""
         state, cfg, c = self.state, self.cfg, self.state.counters
         eval_model = self.ema.model if self.ema is not None else self.model
-        test_nelbo = mean_test_nelbo(eval_model, self.data, cfg.batch_size, self.dev, self.autocast, self.ddp)
+        test_nelbo = mean_test_nelbo(eval_model, self.data, cfg.batch_size // cfg.accumulate, self.dev,
+                                     self.autocast, self.ddp)
         self.last_test = test_nelbo
         rec = {"step": state.step, "epoch": epoch, "test_nelbo": test_nelbo,
                "train_loss": c.get("epoch_loss", 0.0) / c["epoch_n"] if c.get("epoch_n") else math.nan,

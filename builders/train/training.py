@@ -30,6 +30,8 @@ it was trained with (the data order depends on it).
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 from pathlib import Path
@@ -118,12 +120,19 @@ def resume_payload(resolved: ResolvedSpec, out_dir: Path, resume: bool, world_si
     return payload
 
 
-def check_batch_size(batch_size: int, world_size: int, n_train: int | None = None) -> None:
-    """Every process takes an equal share of a global batch, and with several processes every
-    one of them gets a batch each epoch (the last partial batch is dropped)."""
+def check_batch_size(batch_size: int, world_size: int, n_train: int | None = None,
+                     accumulate: int = 1) -> None:
+    """Every process takes an equal share of a global batch, runs it as ``accumulate`` equal
+    micro-batches, and with several processes every one of them gets a batch each epoch (the
+    last partial batch is dropped)."""
     if batch_size % world_size:
         raise TrainingError(f"train.batch_size {batch_size} is not divisible by the number "
                             f"of processes ({world_size})")
+    if (batch_size // world_size) % accumulate:
+        raise TrainingError(f"train.batch_size {batch_size} over {world_size} process(es) gives "
+                            f"{batch_size // world_size} images each, which train.accumulate "
+                            f"{accumulate} does not split into equal micro-batches; make "
+                            f"batch_size a multiple of {world_size * accumulate}")
     if n_train is not None and world_size > 1 and n_train < batch_size:
         raise TrainingError(f"train.batch_size {batch_size} exceeds the {n_train} training images")
 
@@ -133,11 +142,11 @@ def preflight(resolved: ResolvedSpec, out_dir: str | Path, resume: bool, world_s
     it starts its processes: --out, the checkpoint to resume from, the data (no empty split),
     the batch size, and that no other run holds the run directory."""
     out_dir = Path(out_dir)
-    check_batch_size(resolved.spec.train.batch_size, world_size)
+    check_batch_size(resolved.spec.train.batch_size, world_size, accumulate=resolved.spec.train.accumulate)
     check_out_dir(out_dir)
     resume_payload(resolved, out_dir, resume, world_size)
     data = TrainData(resolved.spec, torch.device("cpu"))
-    check_batch_size(resolved.spec.train.batch_size, world_size, len(data.train))
+    check_batch_size(resolved.spec.train.batch_size, world_size, len(data.train), resolved.spec.train.accumulate)
     if out_dir.is_dir():
         open_run_dir(out_dir).release()         # is another run writing there?
 
@@ -158,7 +167,7 @@ def train(resolved: ResolvedSpec, out_dir: str | Path, resume: bool = False,
     lock = None
     try:
         dev = resolve_device(device, ddp.local_rank)
-        check_batch_size(resolved.spec.train.batch_size, ddp.world_size)
+        check_batch_size(resolved.spec.train.batch_size, ddp.world_size, accumulate=resolved.spec.train.accumulate)
         check_out_dir(out_dir)
         payload = resume_payload(resolved, out_dir, resume, ddp.world_size, warn if ddp.main else None)
         data = TrainData(resolved.spec, dev)
@@ -190,7 +199,7 @@ def setup_trainer(resolved: ResolvedSpec, out_dir: Path, ddp: Distributed, dev: 
     """A Trainer at step 0, or where ``payload`` (a checkpoint) left off; on rank 0 the run
     directory is made ready for it (spec.yaml, metrics.jsonl trimmed to the checkpoint)."""
     cfg = resolved.spec.train
-    check_batch_size(cfg.batch_size, ddp.world_size, len(data.train))
+    check_batch_size(cfg.batch_size, ddp.world_size, len(data.train), cfg.accumulate)
     batches_per_epoch = EpochBatches(data.train, cfg.batch_size, cfg.seed, 0, ddp.world_size > 1,
                                      ddp.rank, ddp.world_size).num_batches
     model, optimizer, ema, state = build_parts(resolved.spec, dev, payload, out_dir / "checkpoints" / "last.pt",
@@ -203,8 +212,11 @@ def setup_trainer(resolved: ResolvedSpec, out_dir: Path, ddp: Distributed, dev: 
         reporter = Reporter(out_dir, progress_mode, ddp.main, batches_per_epoch, cfg.epochs, state.step)
     except OSError as e:
         raise write_error(e, out_dir / "metrics.jsonl", "Nothing was trained.") from None
+    # With data parallelism, micro-batches before the last accumulate gradients locally: one
+    # all-reduce per optimizer step, as without accumulation.
+    no_sync = net.no_sync if ddp.world_size > 1 else contextlib.nullcontext
     return Trainer(resolved, out_dir, ddp, dev, data, model, optimizer, ema, state, forward,
-                   reporter, max_steps)
+                   reporter, max_steps, no_sync=no_sync)
 
 
 def build_parts(spec, dev: torch.device, payload: dict | None, path: Path, restore_rng: bool = True):
