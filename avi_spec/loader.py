@@ -34,9 +34,35 @@ __all__ = ["ResolvedSpec", "load_spec", "load_text", "load_document", "format_pa
            "merge", "upgrade", "apply_override", "document_hash", "UPGRADES"]
 
 
+# Fields added after runs were trained and hashed, with the value that reproduces the model
+# those runs had: a document holding that value hashes as if the field did not exist, so
+# existing checkpoints keep their hash (resume, `avi diff`, exported weights).
+HASH_NEUTRAL_DEFAULTS: dict[tuple[str, ...], Any] = {
+    ("hierarchy", "scale"): "exp",
+}
+
+
+def _without_neutral_defaults(document: dict) -> dict:
+    doc = document
+    for path, default in HASH_NEUTRAL_DEFAULTS.items():
+        parent = doc
+        for key in path[:-1]:
+            parent = parent.get(key) if isinstance(parent, dict) else None
+        if isinstance(parent, dict) and path[-1] in parent and parent[path[-1]] == default:
+            if doc is document:
+                doc = copy.deepcopy(document)             # the caller's document is left whole
+            target = doc
+            for key in path[:-1]:
+                target = target[key]
+            del target[path[-1]]
+    return doc
+
+
 def document_hash(document: dict) -> str:
-    """sha256 of the canonical JSON of a resolved document: independent of key order."""
-    text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    """sha256 of the canonical JSON of a resolved document: independent of key order, and of
+    the fields of HASH_NEUTRAL_DEFAULTS where they hold the value older specs implied."""
+    text = json.dumps(_without_neutral_defaults(document), sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -53,7 +53,8 @@ class ModelOutput:
     log_qz: torch.Tensor | None = None    # [B] sum_l log q(z_l | x, z_<l)
     attention: dict = field(default_factory=dict)  # {"generative"|"inference": {l: [B,n,H,W]}}
     # With record_latents=True: per layer {q_loc, q_scale, p_loc, p_scale, z} ([B,Z,S,S];
-    # p_* are None for layer 0, whose prior is N(0, I)) and the data distribution's raw
+    # p_* are None for layer 0, whose prior is N(0, I)) and the bounded log-scales the
+    # scales come from (q_log_scale, p_log_scale) and the data distribution's raw
     # parameters (the head output: Bernoulli logits or the mixture's channels).
     latents: list[dict] | None = None
     params: torch.Tensor | None = None
@@ -159,6 +160,7 @@ class DeepAttentiveVAE(nn.Module):
         self.prior_bounds = tuple(h.prior.log_scale)
         self.post_noise, self.prior_noise = h.posterior.noise, h.prior.noise
         self.residual = h.posterior.residual
+        self.scale = h.scale                  # exp (the paper) or softplus: distributions.scale_of
 
     # ------------------------------------------------------------------ passes
 
@@ -248,7 +250,7 @@ class DeepAttentiveVAE(nn.Module):
                                                       d.feature_size, device=stored.device))
             else:
                 mu_p, s_p = self._prior(layer, condition)
-                prior = Gaussian.from_raw(mu_p, s_p, self.prior_bounds)
+                prior = Gaussian.from_raw(mu_p, s_p, self.prior_bounds, self.scale)
             eps = noise[l] if noise is not None else None
             if e is None:
                 z = prior.sample(temperature, eps)
@@ -256,12 +258,13 @@ class DeepAttentiveVAE(nn.Module):
             dmu, ds = self._posterior_params(l, layer, e, ctx, condition, recorded)
             if l >= 1 and self.residual:
                 dmu, ds = mu_p + dmu, s_p + ds
-            q = Gaussian.from_raw(dmu, ds, self.post_bounds)
+            q = Gaussian.from_raw(dmu, ds, self.post_bounds, self.scale)
             z = q.sample(temperature, eps)
             if record_latents:
                 latents.append({"q_loc": q.mean, "q_scale": q.sigma, "z": z,
                                 "p_loc": prior.mean if l else None,
-                                "p_scale": prior.sigma if l else None})
+                                "p_scale": prior.sigma if l else None,
+                                "q_log_scale": q.log_scale, "p_log_scale": prior.log_scale})
             kls.append(q.kl(prior).flatten(1).sum(1))
             log_pz = log_pz + prior.log_prob(z).flatten(1).sum(1)
             log_qz = log_qz + q.log_prob(z).flatten(1).sum(1)
