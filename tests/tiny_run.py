@@ -28,3 +28,12 @@ def make_tiny(root: Path) -> Path:
     spec = root / "tiny.yaml"
     spec.write_text(SPEC.format(base=REPO / "specs" / "quickstart.yaml", root=root / "data"))
     return spec
+
+
+def train_tiny(root: Path, steps: int = 3) -> Path:
+    """make_tiny, trained for ``steps`` steps in this process into root/run; returns the run."""
+    from avi_spec import load_spec
+    from builders.train.training import train
+    spec = make_tiny(root)
+    train(load_spec(spec), root / "run", device="cpu", max_steps=steps, progress_mode="quiet")
+    return root / "run"
