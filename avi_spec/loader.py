@@ -34,19 +34,20 @@ __all__ = ["ResolvedSpec", "load_spec", "load_text", "load_document", "format_pa
            "merge", "upgrade", "apply_override", "document_hash", "UPGRADES"]
 
 
-# Fields added to version 1 after runs were trained with it, with the default that leaves a
-# run as it was before the field existed. At that default they are left out of the hash, so
-# a run trained before the field existed keeps its hash and `avi train --resume` continues it.
+# Fields added after runs were trained and hashed, with the value that reproduces the model
+# those runs had: a document holding that value hashes as if the field did not exist, so
+# existing checkpoints keep their hash (resume, `avi diff`, exported weights).
 HASH_NEUTRAL_DEFAULTS: dict[tuple[str, ...], Any] = {
+    ("hierarchy", "scale"): "exp",
     ("train", "accumulate"): 1,
 }
 
 
 def document_hash(document: dict) -> str:
     """sha256 of the canonical JSON of a resolved document: independent of key order, and of
-    the fields of HASH_NEUTRAL_DEFAULTS left at their default."""
-    hashed = _without_neutral_defaults(document)
-    text = json.dumps(hashed, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    the fields of HASH_NEUTRAL_DEFAULTS where they hold the value older specs implied."""
+    text = json.dumps(_without_neutral_defaults(document), sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

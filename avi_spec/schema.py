@@ -110,6 +110,8 @@ class Hierarchy(_Strict):
     latent: LatentShape = Field(default_factory=LatentShape, description="Shape of every layer's latent tensor.")
     posterior: Posterior = Field(default_factory=Posterior, description="The posterior q(z_l | x, z_<l).")
     prior: GaussianLayer = Field(default_factory=GaussianLayer, description="The prior p(z_l | z_<l) of layers l >= 1 (layer 0 is N(0, I)).")
+    scale: Literal["exp", "softplus"] = Field(
+        "exp", description="How a bounded log-scale s becomes a standard deviation (posterior and prior): exp = exp(s) + 0.01 (the paper); softplus = log2(1 + 2^s) + 0.01, Efficient-VDVAE's gradient smoothing (softplus with beta = ln 2: 1 at s = 0 like exp, but linear rather than exponential above it, so a large log-scale cannot blow up the KL's gradient).")
 
 
 # ---------------------------------------------------------------------------- cells

@@ -3,6 +3,11 @@
     from builders import load_run
     images = load_run("runs/quickstart").sample(16)     # [16, C, H, W] floats in [0, 1]
 
+    run = load_run("runs/quickstart")                   # latents (builders.latents)
+    z = run.encode(x)                                   # x: model input, e.g. eval_images(run.spec)
+    run.decode(z)                                       # images from the posterior means
+    run.interpolate(x[0], x[1], steps=8, up_to_layer=3, temperature=0.7)
+
 load_run takes what the `avi` commands take: a run directory of `avi train`, one of its .pt
 checkpoints, or a .safetensors file of `avi export`.
 """
@@ -14,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .evaluation.evaluate import load_trained
+from .latents import Latents, encode, interpolation_latents, per_layer
 
 
 class TrainedRun:
@@ -37,21 +43,64 @@ class TrainedRun:
             return self.model.sample(n, temperature, mode).float().cpu()
 
     def reconstruct(self, images: torch.Tensor, seed: int | None = None,
-                    mode: str = "mean") -> torch.Tensor:
+                    mode: str = "mean", temperature: float = 1.0) -> torch.Tensor:
         """Model-input images ([N, C, H, W] in [-1, 1], as builders.evaluation.evaluate.eval_images gives
-        them) through the posterior and back: [N, C, H', W'] in [0, 1] on the CPU. ValueError
-        names the expected shape when `images` have another (e.g. the unpadded output of
-        `sample`)."""
+        them) through the posterior and back: [N, C, H', W'] in [0, 1] on the CPU. Every z_l is
+        drawn at `temperature` (0: its posterior mean). ValueError names the expected shape
+        when `images` have another (e.g. the unpadded output of `sample`)."""
+        images = self._model_input(images, "reconstruct")
+        with _seeded(seed, self.device), torch.no_grad():
+            return self.model.reconstruct(images, mode, temperature).float().cpu()
+
+    # ------------------------------------------------------------------ latents
+
+    def encode(self, images: torch.Tensor, temperature: float = 1.0, seed: int | None = None) -> Latents:
+        """Every layer's posterior for model-input images (as `reconstruct` takes them):
+        Latents with mean and scale ([N, L, Z, S, S], along the path where every z_l is its
+        posterior mean) and sample (one posterior draw at `temperature`, the draw
+        `reconstruct` makes with the same seed). See builders.latents."""
+        images = self._model_input(images, "encode")
+        with _seeded(seed, self.device), torch.no_grad():
+            return encode(self.model, images, temperature)
+
+    def encode_file(self, path, temperature: float = 1.0, seed: int | None = None,
+                    binarization_seed: int = 0) -> Latents:
+        """encode for the images of a .npy, .npz or .png file (builders.data.image_files)."""
+        from .data.image_files import model_input, read_image_file
+        raw = read_image_file(path, self.spec.data)
+        return self.encode(model_input(self.spec, raw, binarization_seed), temperature, seed)
+
+    def decode(self, latents, temperature: float = 1.0, seed: int | None = None,
+               mode: str = "mean") -> torch.Tensor:
+        """Images [N, C, H, W] in [0, 1] (CPU) from latents: a Latents (its means are decoded)
+        or an [N, L, Z, S, S] tensor / array of every layer's z."""
+        z = latents.mean if isinstance(latents, Latents) else latents
+        given = per_layer(self.model, z, self.device)
+        with _seeded(seed, self.device), torch.no_grad():
+            return self.model.decode(given, temperature, mode).float().cpu()
+
+    def interpolate(self, a: torch.Tensor, b: torch.Tensor, steps: int = 8,
+                    up_to_layer: int | None = None, temperature: float = 1.0,
+                    seed: int | None = None, mode: str = "mean") -> torch.Tensor:
+        """[steps, C, H, W] images along the straight line between the posterior means of two
+        model-input images a and b ([C, H, W] or [1, C, H, W]). up_to_layer: interpolate
+        layers 0..up_to_layer only and draw the later ones from their prior at `temperature`,
+        with the same noise at every step (None: every layer interpolated)."""
+        ends = [self.encode(v if v.dim() == 4 else v.unsqueeze(0), temperature=0.0) for v in (a, b)]
+        with _seeded(seed, self.device), torch.no_grad():
+            given, noise = interpolation_latents(self.model, *ends, steps, up_to_layer, self.device)
+            return self.model.decode(given, temperature, mode, noise).float().cpu()
+
+    def _model_input(self, images, what: str) -> torch.Tensor:
         data = self.spec.data
         side = self.model.derived.input_size           # the padded side the encoder takes
         expected = (data.image.channels, side, side)
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != expected:
             got = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(f"reconstruct takes model input [N, {expected[0]}, {side}, {side}] in [-1, 1] "
+            raise ValueError(f"{what} takes model input [N, {expected[0]}, {side}, {side}] in [-1, 1] "
                              f"(the {data.image.size}x{data.image.size} images padded by data.pad = "
                              f"{data.pad}, as builders.evaluation.evaluate.eval_images gives them); got {got}")
-        with _seeded(seed, self.device), torch.no_grad():
-            return self.model.reconstruct(images.to(self.device), mode).float().cpu()
+        return images.to(self.device)
 
 
 @contextmanager

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import SetOption, UserError, load_valid, spec_file
+from .common import SetOption, UserError, fail, load_valid, spec_file
 
 
 # The workers' interpreter must not look in the current folder for modules: a user's own
@@ -100,6 +100,7 @@ def train(
     from builders.checkpoint import CheckpointError
     from builders.data.datasets import DatasetError
     from builders.devices import DeviceError
+    from builders.train.run_dir import DivergedError
     from builders.train.training import TrainingError, preflight, train as run_training
 
     user_errors = (CheckpointError, DatasetError, DeviceError, TrainingError)
@@ -113,6 +114,8 @@ def train(
     try:
         result = run_training(resolved, out, resume=resume, device=device, max_steps=max_steps,
                               progress_mode=mode, devices=devices)
+    except DivergedError as e:              # a valid spec whose run failed: exit 1
+        fail(str(e), code=1)
     except user_errors as e:
         raise UserError(str(e)) from None
     except KeyboardInterrupt:               # training wrote checkpoints/last.pt first

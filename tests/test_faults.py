@@ -388,7 +388,7 @@ def _strict(text: str):
 def test_jsonl_is_strict_json(tiny, tmp_path):
     out = tmp_path / "nan"
     r = avi("train", tiny.spec, "--out", out, "--jsonl", "--max-steps", 3, "--set", "train.optimizer.lr=1e30",
-            "--set", "train.schedule.warmup_epochs=0", "--set", "train.max_skipped=2", check=2)
+            "--set", "train.schedule.warmup_epochs=0", "--set", "train.max_skipped=2", check=1)
     rows = [_strict(line) for line in r.stdout.splitlines()]
     assert rows and any(row.get("loss") is None for row in rows)
     for line in (out / "metrics.jsonl").read_text().splitlines():

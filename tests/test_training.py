@@ -296,7 +296,7 @@ def test_two_process_ddp_keeps_replicas_identical(tiny, tmp_path):
 def test_non_finite_updates_are_skipped_then_abort(tiny, tmp_path):
     run = tmp_path / "diverge"
     r = avi(tiny.spec, "--out", run, "--max-steps", 12, "--set", "train.optimizer.lr=1e30",
-            "--set", "train.schedule.warmup_epochs=0", "--set", "train.max_skipped=2", check=2)
+            "--set", "train.schedule.warmup_epochs=0", "--set", "train.max_skipped=2", check=1)
     assert "non-finite" in r.stderr and "train.max_skipped" in r.stderr and "Traceback" not in r.stderr
     assert any(row["skipped"] > 0 for row in metrics(run) if "skipped" in row)
 

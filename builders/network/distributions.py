@@ -14,6 +14,7 @@ MEAN_BOUND = 5.0
 SIGMA_FLOOR = 0.01
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 MIN_LOG_SCALE = -7.0
+LN2 = math.log(2.0)
 
 
 def bound_symmetric(u: torch.Tensor, b: float) -> torch.Tensor:
@@ -30,6 +31,21 @@ def bound_asymmetric(u: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
 def bound_log_scale(u: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
     lo, hi = bounds
     return bound_symmetric(u, hi) if lo == -hi else bound_asymmetric(u, lo, hi)
+
+
+def scale_of(log_scale: torch.Tensor, kind: str = "exp") -> torch.Tensor:
+    """The standard deviation (before the 0.01 floor) of a bounded log-scale s.
+
+    exp:      exp(s), the paper's.
+    softplus: softplus with beta = ln 2, i.e. log2(1 + 2^s): 1 at s = 0 like exp(s), close to
+              2^s / ln 2 below 0 and to s above it. Efficient-VDVAE's "gradient smoothing": the
+              scale and its gradient grow linearly, not exponentially, with s.
+    """
+    if kind == "softplus":
+        return F.softplus(log_scale, beta=LN2)
+    if kind != "exp":
+        raise ValueError(f"unknown scale parameterisation {kind!r} (exp or softplus)")
+    return log_scale.exp()
 
 
 def randn_as(t: torch.Tensor) -> torch.Tensor:
@@ -49,13 +65,15 @@ class Gaussian:
     """Diagonal Gaussian given by its mean and standard deviation (same shapes)."""
     mean: torch.Tensor
     sigma: torch.Tensor
+    log_scale: torch.Tensor | None = None    # the bounded log-scale (from_raw), for diagnostics
 
     @classmethod
     def from_raw(cls, raw_mean: torch.Tensor, raw_log_scale: torch.Tensor,
-                 log_scale_bounds: tuple[float, float] = (-5.0, 5.0)) -> "Gaussian":
-        """Bound raw head outputs as the model does: mean in (-5, 5), sigma = exp(f(s)) + 0.01."""
-        return cls(bound_symmetric(raw_mean, MEAN_BOUND),
-                   bound_log_scale(raw_log_scale, log_scale_bounds).exp() + SIGMA_FLOOR)
+                 log_scale_bounds: tuple[float, float] = (-5.0, 5.0), scale: str = "exp") -> "Gaussian":
+        """Bound raw head outputs as the model does: mean in (-5, 5), sigma = g(f(s)) + 0.01
+        with g = exp (the paper) or the smoothed softplus (hierarchy.scale, scale_of)."""
+        log_scale = bound_log_scale(raw_log_scale, log_scale_bounds)
+        return cls(bound_symmetric(raw_mean, MEAN_BOUND), scale_of(log_scale, scale) + SIGMA_FLOOR, log_scale)
 
     @classmethod
     def standard(cls, like: torch.Tensor) -> "Gaussian":

@@ -53,7 +53,8 @@ class ModelOutput:
     log_qz: torch.Tensor | None = None    # [B] sum_l log q(z_l | x, z_<l)
     attention: dict = field(default_factory=dict)  # {"generative"|"inference": {l: [B,n,H,W]}}
     # With record_latents=True: per layer {q_loc, q_scale, p_loc, p_scale, z} ([B,Z,S,S];
-    # p_* are None for layer 0, whose prior is N(0, I)) and the data distribution's raw
+    # p_* are None for layer 0, whose prior is N(0, I)) and the bounded log-scales the
+    # scales come from (q_log_scale, p_log_scale) and the data distribution's raw
     # parameters (the head output: Bernoulli logits or the mixture's channels).
     latents: list[dict] | None = None
     params: torch.Tensor | None = None
@@ -115,6 +116,7 @@ class DeepAttentiveVAE(nn.Module):
       log_weights(x, k) -> [B, k]                          importance log-weights
       sample(n, temperature) -> images in [0, 1]           from the prior
       reconstruct(x) -> images in [0, 1]                   through the posterior
+      encode(x) / decode(z) -> per-layer posteriors / images from given latents
       forward(x, record_attention=True).attention          depth-wise attention scores
       forward(x, posterior_noise=[eps_0, ..., eps_{L-1}])  z_l = mu_l + sigma_l * eps_l with
                                                            the given noise ([B, Z, S, S] each)
@@ -159,6 +161,7 @@ class DeepAttentiveVAE(nn.Module):
         self.prior_bounds = tuple(h.prior.log_scale)
         self.post_noise, self.prior_noise = h.posterior.noise, h.prior.noise
         self.residual = h.posterior.residual
+        self.scale = h.scale                  # exp (the paper) or softplus: distributions.scale_of
 
     # ------------------------------------------------------------------ passes
 
@@ -227,13 +230,16 @@ class DeepAttentiveVAE(nn.Module):
 
     def top_down(self, e: list[torch.Tensor] | None, n: int, temperature: float = 1.0,
                  record_attention: bool = False, noise: list[torch.Tensor] | None = None,
-                 record_latents: bool = False) -> tuple[torch.Tensor, dict]:
+                 record_latents: bool = False,
+                 given: list[torch.Tensor | None] | None = None) -> tuple[torch.Tensor, dict]:
         """Run the L layers. With bottom-up maps `e` (batch n) z comes from the posterior and
-        the KL / log-densities are returned; without, z comes from the prior. `noise` (one
+        the KL / log-densities are returned; without, z comes from the prior, or is given[l]
+        where `given` (one [n, Z, S, S] tensor or None per layer) holds one. `noise` (one
         [n, Z, S, S] tensor per layer) replaces the N(0, I) draws of the samples."""
-        if noise is not None and len(noise) != self.derived.layers:
-            raise ValueError(f"posterior_noise needs one tensor per layer ({self.derived.layers}), "
-                             f"got {len(noise)}")
+        for name, per_layer in (("posterior_noise", noise), ("given latents", given)):
+            if per_layer is not None and len(per_layer) != self.derived.layers:
+                raise ValueError(f"{name} needs one tensor per layer ({self.derived.layers}), "
+                                 f"got {len(per_layer)}")
         d = self.derived
         contexts: list[torch.Tensor] = []       # stored c_0 .. c_{l-1}: [values | key]
         z = None
@@ -248,20 +254,21 @@ class DeepAttentiveVAE(nn.Module):
                                                       d.feature_size, device=stored.device))
             else:
                 mu_p, s_p = self._prior(layer, condition)
-                prior = Gaussian.from_raw(mu_p, s_p, self.prior_bounds)
+                prior = Gaussian.from_raw(mu_p, s_p, self.prior_bounds, self.scale)
             eps = noise[l] if noise is not None else None
             if e is None:
-                z = prior.sample(temperature, eps)
+                z = given[l] if given is not None and given[l] is not None else prior.sample(temperature, eps)
                 continue
             dmu, ds = self._posterior_params(l, layer, e, ctx, condition, recorded)
             if l >= 1 and self.residual:
                 dmu, ds = mu_p + dmu, s_p + ds
-            q = Gaussian.from_raw(dmu, ds, self.post_bounds)
+            q = Gaussian.from_raw(dmu, ds, self.post_bounds, self.scale)
             z = q.sample(temperature, eps)
             if record_latents:
                 latents.append({"q_loc": q.mean, "q_scale": q.sigma, "z": z,
                                 "p_loc": prior.mean if l else None,
-                                "p_scale": prior.sigma if l else None})
+                                "p_scale": prior.sigma if l else None,
+                                "q_log_scale": q.log_scale, "p_log_scale": prior.log_scale})
             kls.append(q.kl(prior).flatten(1).sum(1))
             log_pz = log_pz + prior.log_prob(z).flatten(1).sum(1)
             log_qz = log_qz + q.log_prob(z).flatten(1).sum(1)
@@ -318,7 +325,26 @@ class DeepAttentiveVAE(nn.Module):
         return self._image(params, mode)
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
-        params, _ = self.top_down(self.bottom_up(x), x.shape[0])
+    def reconstruct(self, x: torch.Tensor, mode: str = "mean", temperature: float = 1.0) -> torch.Tensor:
+        """Images through the posterior (z_l drawn at `temperature`; 0: every z_l its mean)."""
+        params, _ = self.top_down(self.bottom_up(x), x.shape[0], temperature)
+        return self._image(params, mode)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, temperature: float = 1.0) -> list[dict]:
+        """Per layer the posterior {q_loc, q_scale, z, ...} (see ModelOutput.latents) of one
+        top-down pass whose z_l are drawn at `temperature` (0: every z_l its posterior mean)."""
+        _, stats = self.top_down(self.bottom_up(x), x.shape[0], temperature, record_latents=True)
+        return stats["latents"]
+
+    @torch.no_grad()
+    def decode(self, z: list[torch.Tensor | None], temperature: float = 1.0, mode: str = "mean",
+               noise: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Images from given latents: z[l] ([n, Z, S, S]) for every layer that has one, the
+        others drawn from their prior at `temperature` (with `noise` where given)."""
+        n = next((t.shape[0] for t in z if t is not None), None)
+        if n is None:
+            raise ValueError("decode needs the latents of at least one layer")
+        params, _ = self.top_down(None, n, temperature, noise=noise, given=z)
         return self._image(params, mode)
 

@@ -19,9 +19,13 @@ from ..files import open_for_append
 LINE_SECONDS = 30.0          # without a terminal: a progress line at least this often
 
 
-def strict(record: dict) -> dict:
-    """NaN and inf -> None, so the line is JSON every parser reads."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+def strict(record):
+    """NaN and inf -> None (at any depth), so the line is JSON every parser reads."""
+    if isinstance(record, dict):
+        return {k: strict(v) for k, v in record.items()}
+    if isinstance(record, (list, tuple)):
+        return [strict(v) for v in record]
+    return None if isinstance(record, float) and not math.isfinite(record) else record
 
 
 def warn(text: str) -> None:

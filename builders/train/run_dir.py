@@ -32,6 +32,11 @@ class TrainingError(Exception):
     """A refusal or a failed run caused by the user's input or data (exit 2 in the CLI)."""
 
 
+class DivergedError(TrainingError):
+    """Training stopped after train.max_skipped consecutive non-finite steps: the input was
+    valid, the run failed (exit 1 in the CLI); checkpoints/last.pt keeps the last good state."""
+
+
 _REASONS = {
     errno.ENOSPC: "the disk is full",
     errno.EDQUOT: "the disk quota is exhausted",

@@ -32,8 +32,9 @@ from ..data.preprocess import EpochBatches
 from ..evaluation.images import save_grid
 from ..faults import fault_point
 from .distributed import Distributed, all_processes_agree
+from . import diagnostics
 from .reporting import Reporter
-from .run_dir import TrainingError, write_error
+from .run_dir import DivergedError, TrainingError, write_error
 from .schedules import kl_beta, learning_rate
 from .train_data import TrainData, mean_test_nelbo
 from .train_state import EMA, State, batchnorm_buffers, derive_seed, non_finite_tensors
@@ -183,15 +184,16 @@ class Trainer:
         x = self._inputs(raw)
         torch._foreach_copy_(self.bn_snapshot, self.bn_buffers)    # to undo the forward's BN updates
         self.optimizer.zero_grad(set_to_none=True)
-        loss, nll, kl = self._gradients(x, beta)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm, foreach=True)
+        loss, nll, kl, kl_layers = self._gradients(x, beta)
+        grad_norm = self._grad_norm()
         values = torch.stack([loss, nll, kl, grad_norm.float()]).tolist()
         finite, go_on = all_processes_agree(
             [all(math.isfinite(v) for v in values[::3]), not self.interrupt.requested], self.ddp, self.dev)
         if finite:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.max_norm, grad_norm, foreach=True)
             self._update()
         else:
-            self._skip(values)
+            self._skip(values, x, kl_layers)
         self._count_step(values)
         return go_on
 
@@ -209,25 +211,28 @@ class Trainer:
         x = self.data.prepare(raw, self.generator)
         return x.contiguous(memory_format=torch.channels_last)    # the model's layout (devices.place)
 
-    def _gradients(self, x: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Gradients of the batch's loss in .grad, and (loss, nll, kl) of the batch, detached.
+    def _gradients(self, x: torch.Tensor, beta: float) -> tuple[torch.Tensor, ...]:
+        """Gradients of the batch's loss in .grad, and (loss, nll, kl, KL per layer) of the
+        batch, detached.
         With train.accumulate = k the batch runs as k equal micro-batches, each loss weighted
         1/k: their gradients sum to the batch mean's. The posterior noise of the whole batch is
         drawn first, in the order the forward of the whole batch draws it, so the micro-batches
         see the noise one big batch would (only batch norm's statistics differ)."""
         k = self.cfg.accumulate
         if k == 1:
-            loss, nll, kl = self._loss(x, beta)
+            loss, nll, kl, kl_layers = self._loss(x, beta)
             loss.backward()
-            return loss.detach(), nll.detach(), kl.detach()
+            return loss.detach(), nll.detach(), kl.detach(), kl_layers
         noise = [e.tensor_split(k) for e in self._posterior_noise(x.shape[0])]
         total = torch.zeros(3, device=x.device)
+        kl_layers = torch.zeros(self.model.derived.layers, device=x.device)
         for i, xi in enumerate(x.tensor_split(k)):
             with self.no_sync() if i < k - 1 else contextlib.nullcontext():
-                loss, nll, kl = self._loss(xi, beta, [e[i] for e in noise])
+                loss, nll, kl, kl_i = self._loss(xi, beta, [e[i] for e in noise])
                 (loss / k).backward()
             total += torch.stack([loss.detach(), nll.detach(), kl.detach()]) / k
-        return total[0], total[1], total[2]
+            kl_layers += kl_i / k
+        return total[0], total[1], total[2], kl_layers
 
     def _posterior_noise(self, n: int) -> list[torch.Tensor]:
         """N(0, I) of z_l = mu + sigma * eps for every layer (top first) of an n-image batch."""
@@ -236,14 +241,21 @@ class Trainer:
                 for _ in range(d.layers)]
 
     def _loss(self, x: torch.Tensor, beta: float, noise: list[torch.Tensor] | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              ) -> tuple[torch.Tensor, ...]:
         """loss = mean over images of [NLL + beta * sum over layers of KL] (nats), with its terms."""
         with self.autocast():
             out = self.forward(x) if noise is None else self.forward(x, posterior_noise=noise)
         nll = out.nll.float().mean()
+        kl_layers = out.kl.detach().float().mean(0)           # [L], read only when a step is skipped
         kl = out.kl.float().sum(1).mean()
-        return nll + beta * kl, nll, kl
+        return nll + beta * kl, nll, kl, kl_layers
 
+    def _grad_norm(self) -> torch.Tensor:
+        """The global norm of the gradients. Clipping to train.grad_clip waits until the norm
+        is known to be finite (step): scaling by a NaN norm would hide which module group's
+        gradient went bad from the diagnosis of a skipped step."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads, foreach=True)
     def _update(self) -> None:
         """The optimizer's update (L2 is its weight decay, builders.train.optim), then the EMA."""
         try:
@@ -258,22 +270,40 @@ class Trainer:
             self.ema.update(self.model)
         self.state.consecutive_skipped = 0
 
-    def _skip(self, values: list[float]) -> None:
+    def _skip(self, values: list[float], x: torch.Tensor, kl_layers: torch.Tensor) -> None:
+        """No update: the gradients are dropped, the forward's batch-norm updates undone, and
+        the step is explained (builders.train.diagnostics) on stderr and in metrics.jsonl.
+        After train.max_skipped in a row the run stops (DivergedError) with last.pt as it was."""
         state, cfg = self.state, self.cfg
+        account = self._diagnose(values, x, kl_layers)
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():                # the forward's BN updates are undone too
+        with torch.no_grad():                # the forward's BN updates (and the diagnosis's) undone
             torch._foreach_copy_(self.bn_buffers, self.bn_snapshot)
         state.skipped += 1
         state.consecutive_skipped += 1
-        self.reporter.message(f"step {state.step + 1}: non-finite loss or gradient "
-                              f"(loss {values[0]}, grad norm {values[3]}); update skipped "
-                              f"({state.consecutive_skipped} in a row)")
+        self.reporter.write({"step": state.step + 1, "epoch": state.epoch, "skipped": state.skipped,
+                             "diagnosis": account})
+        first = state.consecutive_skipped == 1
+        self.reporter.message(f"step {state.step + 1}: non-finite loss or gradient (loss {values[0]}, "
+                              f"grad norm {values[3]}); update skipped ({state.consecutive_skipped} in a "
+                              f"row, train.max_skipped = {cfg.max_skipped}). {diagnostics.summary(account)}"
+                              + (f"\n  {diagnostics.remedies(cfg)}" if first else ""))
         if state.consecutive_skipped >= cfg.max_skipped:
             # No checkpoint here: last.pt stays the last good state to resume from.
-            raise TrainingError(
-                f"{state.consecutive_skipped} consecutive non-finite updates (train.max_skipped "
-                f"= {cfg.max_skipped}) at step {state.step + 1}: training diverged. Try a lower "
-                f"train.optimizer.lr, set train.grad_clip, or a longer warm-up.")
+            raise DivergedError(
+                f"{state.consecutive_skipped} consecutive non-finite steps (train.max_skipped = "
+                f"{cfg.max_skipped}) at step {state.step + 1}: training diverged. Last skipped step: "
+                f"{diagnostics.summary(account)}. {diagnostics.remedies(cfg)} {self._saved_text()}")
+
+    def _diagnose(self, values: list[float], x: torch.Tensor, kl_layers: torch.Tensor) -> dict:
+        """The account of this step: its terms, the gradient norm per module group, and the
+        log-scales of a forward pass rerun with the step's noise (to see which sit at a bound)."""
+        grad_norms = diagnostics.group_grad_norms(self.model)
+        torch.manual_seed(derive_seed(self.cfg.seed, 2, self.state.step, self.ddp.rank))
+        with torch.no_grad(), self.autocast():
+            latents = self.model(x, record_latents=True).latents
+        return diagnostics.diagnose(dict(zip(WINDOW, values)), kl_layers.tolist(), grad_norms, latents,
+                                    self.model.post_bounds, self.model.prior_bounds)
 
     def _count_step(self, values: list[float]) -> None:
         self.state.step += 1
