@@ -1,4 +1,4 @@
-"""The loop of `avi train`: the paper's recipe (ARCHITECTURE.md section 7), one step at a time.
+"""The loop of `avi train`: the paper's recipe (docs/model.md section 9), one step at a time.
 
     for epoch:   beta = kl_beta(epoch)            KL warm-up: linear from kl_warmup.start to 1
       for batch: lr = learning_rate(step)         cosine schedule after a linear warm-up
