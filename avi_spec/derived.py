@@ -1,6 +1,6 @@
 """Quantities a spec implies but does not state: channel widths, resolutions, attention sources.
 
-The widths follow ARCHITECTURE.md section 3: keys and queries of the depth-wise attention are
+The widths follow docs/model.md section 11: keys and queries of the depth-wise attention are
 extra output channels of the cells, so turning attention on widens the cells. Keeping these
 rules in one place lets the graph, the validator, the builders and `avi build` agree.
 """
@@ -41,7 +41,7 @@ def generative_sources(att: DepthwiseAttention | None, layers: int) -> dict[int,
 
 def inference_sources(att: DepthwiseAttention | None, layers: int) -> dict[int, list[int]]:
     """Bottom-up maps e_m that layer l's posterior may attend to; m = layers is the
-    preprocessing output (ARCHITECTURE.md section 5: candidates e_l .. e_L)."""
+    preprocessing output (docs/model.md section 7: candidates e_l .. e_L)."""
     if att is None:
         return {}
     out: dict[int, list[int]] = {}
@@ -98,7 +98,7 @@ class Derived:
         return bool(self.inf_sources.get(l))
 
     def decoder_width(self, l: int) -> int:
-        """Width of layer l's decoder output: [ctx | kD | qD] (section 3)."""
+        """Width of layer l's decoder output: [ctx | kD | qD] (docs/model.md section 11)."""
         return (self.context_width + (self.k_d if self.emits_key(l) else 0)
                 + (self.q_d if self.has_gen_attention(l) else 0))
 
@@ -116,7 +116,7 @@ def derive(spec: Spec) -> Derived:
     input_size = spec.data.image.size + 2 * spec.data.pad
     stages = pre.scales.count(-2) - pre.scales.count(2)
     # The stem is widened by k_E / 2^P so that the down-sampling blocks double the extra
-    # channels into exactly k_E key channels at latent resolution (section 3).
+    # channels into exactly k_E key channels at latent resolution (docs/model.md section 11).
     extra = k_e // (2 ** stages) if stages >= 0 else k_e
     stem_width = pre.filters + extra
     bu_width, feature_size = _walk(stem_width, input_size, pre.scales)

@@ -56,7 +56,7 @@ def _natural(name: str) -> tuple:
 # ------------------------------------------------------------------------ build
 
 def build_graph(spec: Spec, derived: Derived | None = None) -> nx.MultiDiGraph:
-    """The data-flow and attention graph of a validated `Spec` (ARCHITECTURE.md sections 3-5)."""
+    """The data-flow and attention graph of a validated `Spec` (docs/model.md sections 3, 6 and 7)."""
     d = derived or derive(spec)
     G = nx.MultiDiGraph(name=spec.name, layers=spec.hierarchy.layers,
                         generative_layers=sorted(d.gen_sources), inference_layers=sorted(d.inf_sources))
@@ -78,7 +78,7 @@ def _flow(G: nx.MultiDiGraph, u: str, v: str, role: str) -> None:
 
 
 def _bottom_up(G: nx.MultiDiGraph, spec: Spec, d: Derived) -> None:
-    """The data and the bottom-up pass (section 5, Eq. 10): x -> pre (e_L) -> enc/L-1 .. enc/0."""
+    """The data and the bottom-up pass (docs/model.md section 7, Eq. 10): x -> pre (e_L) -> enc/L-1 .. enc/0."""
     L = spec.hierarchy.layers
     _node(G, "x", "data", None, spec.data.image.channels, d.input_size, "x")
     _node(G, "pre", "preprocess", L, d.bottom_up_width, d.feature_size, "preprocess (e_L)")
@@ -91,7 +91,7 @@ def _bottom_up(G: nx.MultiDiGraph, spec: Spec, d: Derived) -> None:
 
 
 def _top_down(G: nx.MultiDiGraph, spec: Spec, d: Derived) -> int:
-    """The top-down pass (section 4) and the posteriors (section 5); the size of the last context."""
+    """The top-down pass (docs/model.md section 6) and the posteriors (section 7); the size of the last context."""
     Z, S = spec.hierarchy.latent.channels, spec.hierarchy.latent.size
     ctx_size = S
     for l in range(spec.hierarchy.layers):

@@ -1,6 +1,6 @@
 """The spec schema: every field an avi model, its data and its training can be given.
 
-Field names follow ARCHITECTURE.md; every field has a type, a default and a one-line
+Field names follow docs/model.md; every field has a type, a default and a one-line
 description (that description is what `avi schema` and docs/spec.md show). Unknown keys are
 errors. Derived quantities (channel widths, latent resolution) are not fields: they are
 computed from these by `avi_spec.derived` so that a spec cannot contradict itself.

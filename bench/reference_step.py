@@ -1,8 +1,8 @@
 """Time one training step of the authors' TensorFlow code (not part of avi; never run in CI).
 
 Run with a Python that has TensorFlow 2.21 + tf_keras + tensorflow-probability 0.25 (see
-/work/shared/reference/davi-tf/README.md for the environment and the five compatibility
-patches), pointing at the `src/` folder of a copy of their repository:
+docs/reference.md, "Environment and regeneration", for the environment and the five
+compatibility patches), pointing at the `src/` folder of a copy of their repository:
 
     TF_USE_LEGACY_KERAS=1 python bench/reference_step.py --davi-src /path/to/Deep_Attentive_VI/src
 

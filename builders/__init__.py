@@ -1,7 +1,8 @@
 """builders: avi spec -> torch modules, data, training and evaluation.
 
-`from builders import load_run` is the Python API (builders.api); it is imported lazily so
-that importing a single builders module does not pull in the others.
+The Python API's front door is the `avi` package (`import avi; avi.load_run(...)`), which
+re-exports builders.api and the rest; `from builders import load_run` works too. It is
+imported lazily so that importing a single builders module does not pull in the others.
 """
 
 

@@ -1,7 +1,7 @@
 """The Python API: a trained model in two lines.
 
-    from builders import load_run
-    images = load_run("runs/quickstart").sample(16)     # [16, C, H, W] floats in [0, 1]
+    import avi                                          # re-exports this module
+    images = avi.load_run("runs/quickstart").sample(16)     # [16, C, H, W] floats in [0, 1]
 
     run = load_run("runs/quickstart")                   # latents (builders.latents)
     z = run.encode(x)                                   # x: model input, e.g. eval_images(run.spec)
@@ -103,6 +103,19 @@ class TrainedRun:
         return images.to(self.device)
 
 
+    def evaluate(self, k: int | None = None, split: str = "test", limit: int | None = None,
+                 seed: int = 0, batch_size: int | None = None) -> dict:
+        """-log p(x) by importance sampling with k samples (default: the spec's
+        eval.importance_samples) and the ELBO over the first `limit` images of `split`, as
+        `avi eval` computes them (nothing is written). Returns the dict of
+        builders.evaluation.evaluate.importance_sampled_nll: nll_nats, nll_stderr_nats,
+        nelbo_nats, bits_per_dim, per_example, ..."""
+        from .evaluation.evaluate import batched, eval_images, importance_sampled_nll
+        x = eval_images(self.spec, split, limit)
+        return importance_sampled_nll(self.model, batched(x, batch_size or self.spec.eval.batch_size),
+                                      k or self.spec.eval.importance_samples, seed=seed)
+
+
 @contextmanager
 def _seeded(seed: int | None, device: torch.device):
     """torch's generators seeded for one call and restored after (seed None: left alone)."""
@@ -119,3 +132,23 @@ def load_run(path: str | Path, device: str = "auto", ema: bool = True) -> Traine
     one). ema=False takes the trained weights even where the run kept EMA weights. Raises
     builders.evaluation.evaluate.RunError for a path that holds no trained avi model."""
     return TrainedRun(*load_trained(path, device, ema))
+
+
+def train(spec, out: str | Path | None = None, overrides=(), resume: bool = False,
+          device: str = "auto", max_steps: int | None = None, progress: str = "auto") -> dict:
+    """Train a spec (a file path or an avi_spec.ResolvedSpec) into `out` (default
+    runs/<name>, as `avi train`), `overrides` being --set strings ("train.epochs=2").
+    progress: auto, lines, quiet or jsonl. Returns the summary `avi train` prints (step,
+    epoch, finished, test_nelbo, out_dir). Raises SpecError for a bad spec and the errors of
+    builders.train.training.train."""
+    from avi_spec import ResolvedSpec, load_document, load_spec
+
+    from .train.training import train as run_training
+    if isinstance(spec, ResolvedSpec):
+        resolved = load_document(spec.document, list(overrides)) if overrides else spec
+    else:
+        resolved = load_spec(spec, overrides)
+    out = Path(out) if out is not None else Path("runs") / resolved.spec.name
+    return run_training(resolved, out, resume=resume, device=device, max_steps=max_steps,
+                        progress_mode=progress)
+

@@ -1,6 +1,6 @@
 """What every `avi` command shares: consoles, common options, spec loading, failing politely.
 
-Conventions (PRODUCT.md): results go to stdout (`out`), progress and diagnostics to stderr
+Conventions (README.md "What you can do"): results go to stdout (`out`), progress and diagnostics to stderr
 (`err`); exit 0 on success, 2 on a user's bad input, 1 on anything else. Raise SpecError or
 UserError for a user's mistake: cli.main turns them into messages and exit 2, never a traceback.
 """

@@ -100,8 +100,10 @@ def print_json(document) -> None:
 
 
 class _Progress:
-    """Progress on stderr: a rich bar with images/s on a terminal, else a line at least every
-    LINE_SECONDS (a long evaluation shows it is alive in a log file too)."""
+    """Progress on stderr: a rich bar with images/s and the time left on a terminal, else a
+    line at least every LINE_SECONDS with the images done, images/s and the time left (a
+    long evaluation shows it is alive in a log file too). The time left is the measured
+    pace so far, so it refines the probe's estimate as the run goes."""
 
     LINE_SECONDS = 30.0
 
@@ -128,6 +130,9 @@ class _Progress:
 
     def __call__(self, n: int) -> None:
         import time
+
+        from builders.evaluation.eta import time_left
+        from builders.train.reporting import format_duration
         self.done += n
         if self.bar is not None:
             self.bar.advance(self.task, n)
@@ -135,33 +140,33 @@ class _Progress:
             self.bar.update(self.task, rate=f"{speed:.1f} images/s" if speed else "")
             return
         now = time.monotonic()
-        if now - self.last_line >= self.LINE_SECONDS:
+        if now - self.last_line >= self.LINE_SECONDS and self.done < self.total:
             self.last_line = now
+            left = time_left(self.done, self.total, now - self.t0)
             sys.stderr.write(f"{self.description}: {self.done}/{self.total} images, "
-                             f"{self.done / (now - self.t0):.1f} images/s\n")
+                             f"{self.done / (now - self.t0):.1f} images/s"
+                             + (f", {format_duration(left)} left" if left is not None else "") + "\n")
             sys.stderr.flush()
 
 
 MAX_EVAL_SECONDS = 7 * 24 * 3600      # refuse an evaluation estimated to take longer
+SAY_ESTIMATE_SECONDS = 30             # say the estimate of an evaluation longer than this
 
 
-def _check_feasible(model, x, k: int, b: int, seed: int) -> None:
-    """Time one batch at K = 1 and project K x N image-samples from it: refuse what would
-    run for more than a week (e.g. -k 1e20), and say how long a long one will take."""
-    import time
-
-    from builders.evaluation.evaluate import batched, importance_sampled_nll
-    first = x[:b]
-    t0 = time.perf_counter()
-    importance_sampled_nll(model, batched(first, b), 1, chunk=1, seed=seed)
-    per_sample = (time.perf_counter() - t0) / len(first)
+def _check_feasible(model, x, k: int, b: int, chunk: int | None, seed: int) -> None:
+    """Project the run's time from a warm probe at the real K (builders.evaluation.eta):
+    refuse what would run for more than a week (e.g. -k 1e20), and say how long a long one
+    will take (the progress refines it)."""
+    from builders.evaluation.eta import probe_seconds_per_sample
+    per_sample = probe_seconds_per_sample(model, x, k, b, chunk, seed)
     estimate = per_sample * k * x.shape[0]
     if estimate > MAX_EVAL_SECONDS:
         raise UserError(f"-k {k} over {x.shape[0]} images would take about {_duration(estimate)} "
                         f"here ({per_sample * 1e3:.2f} ms per image and sample); use a smaller -k "
                         f"or --limit")
-    if estimate > 60:
-        err.print(f"estimated time: {_duration(estimate)}", markup=False)
+    if estimate > SAY_ESTIMATE_SECONDS:
+        err.print(f"estimated time: {_duration(estimate)} ({x.shape[0]} images x K = {k}; "
+                  f"refined as it runs)", markup=False)
 
 
 def _duration(seconds: float) -> str:
@@ -217,7 +222,7 @@ def eval_command(
     x = images(resolved, split.value, binarization_seed=binarization_seed)
     total = x.shape[0]
     x = x[:limit] if limit is not None else x
-    _check_feasible(model, x, k, b, seed)
+    _check_feasible(model, x, k, b, chunk, seed)
     with _Progress(x.shape[0], f"eval K={k}") as progress:
         result = importance_sampled_nll(model, batched(x, b), k, chunk=chunk, progress=progress,
                                         seed=seed)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -43,10 +44,13 @@ def _relaunch(n: int) -> int:
 
 
 def _interrupted_hint(spec: str, out: Path) -> str:
-    """What to run after Ctrl-C: --resume only where there is something to resume."""
+    """What to run after Ctrl-C: --resume only where there is something to resume. The run
+    directory, not the spec: it holds the resolved spec that was trained (--set included),
+    whereas `SPEC --resume` without the same --set flags is refused as another spec."""
     if (out / "spec.yaml").is_file():
-        return f"interrupted; continue with: avi train {spec} --out {out} --resume\n"
-    return f"interrupted before anything was written; start again with: avi train {spec} --out {out}\n"
+        return f"interrupted; continue with: avi train {shlex.quote(str(out))} --resume\n"
+    return (f"interrupted before anything was written; start again with: "
+            f"avi train {shlex.quote(spec)} --out {shlex.quote(str(out))}\n")
 
 
 def _summary(result: dict, epochs: int) -> str:
@@ -66,7 +70,7 @@ def train(
     spec: Annotated[str, typer.Argument(metavar="SPEC", help="Spec file (or a run directory, with --resume).")],
     overrides: SetOption = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default: runs/<name>).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from checkpoints/last.pt.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run from its checkpoints/last.pt (SPEC: the run directory, or the spec with the same --set and --out).")] = False,
     device: Annotated[str, typer.Option("--device", help="auto (CUDA if available), cpu or cuda.")] = "auto",
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Stop after this many steps in total (last.pt is written).")] = None,
     devices: Annotated[Optional[int], typer.Option("--devices", min=1, help="Data-parallel processes (relaunches itself under torchrun).")] = None,
@@ -75,8 +79,10 @@ def train(
 ) -> None:
     """Train a model: writes spec.yaml, metrics.jsonl, samples/ and checkpoints/ into the run directory.
 
-    A progress bar shows on a terminal; otherwise one line per epoch goes to stderr.
-    Resuming continues at the same step, schedule and data order; it is refused if
+    Progress goes to stderr: one line per finished epoch (train loss, test NELBO, the
+    epoch's time and the time left for the whole run), kept on screen; between them a bar of
+    the current epoch on a terminal, or off a terminal a line every 30 s (step out of the
+    run's total, time left). Resuming continues at the same step, schedule and data order; it is refused if
     the spec or the number of processes changed. Ctrl-C stops after the current step
     and writes checkpoints/last.pt first, so --resume loses nothing; a run killed at any
     point resumes to the files an uninterrupted run writes. One `avi train` writes a run
@@ -87,6 +93,8 @@ def train(
         avi train specs/quickstart.yaml
 
         avi train specs/quickstart.yaml --set train.epochs=2 --max-steps 50 --out runs/try
+
+        avi train runs/try --resume
     """
     if device not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device must be auto, cpu or cuda, not {device!r}")

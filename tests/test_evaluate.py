@@ -329,3 +329,50 @@ def test_eval_images_are_padded_as_in_training():
     from builders.evaluation.evaluate import eval_images
     assert eval_images(unpadded, "test", limit=3).shape == (3, 1, 28, 28)
     assert data_dims(SimpleNamespace(spec=unpadded)) is None           # binary: nats only
+
+
+class _SlowModel(nn.Module):
+    """log_weights costs `cold` seconds on its first call, then `per_row` per row; records
+    the (images, samples) of every call."""
+
+    def __init__(self, cold: float, per_row: float):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(()))
+        self.cold, self.per_row, self.calls = cold, per_row, []
+
+    def log_weights(self, x, k):
+        import time
+        time.sleep((self.cold if not self.calls else 0.0) + self.per_row * x.shape[0] * k)
+        self.calls.append((x.shape[0], k))
+        return torch.zeros(x.shape[0], k)
+
+
+def test_eta_probe_is_warm_and_at_the_real_k():
+    """Issue 23 item 6: the estimate came from one cold pass at K = 1 (2.48 minutes for a
+    66 s run). The probe runs the real K in a pass as large as a real one, twice, and times
+    the warm one."""
+    from builders.evaluation.eta import probe_seconds_per_sample, time_left
+    model = _SlowModel(cold=0.5, per_row=0.002)
+    x = torch.zeros(10, 1, 4, 4)
+    per_sample = probe_seconds_per_sample(model, x, k=40, batch_size=8, chunk=5)
+    assert model.calls == [(1, 40), (1, 40)]            # rows = min(K, 8 images x chunk 5)
+    assert 0.0015 < per_sample < 0.004                   # the cold 0.5 s is not in it
+    model = _SlowModel(cold=0.0, per_row=0.0)
+    probe_seconds_per_sample(model, x, k=10**20, batch_size=8, chunk=3)
+    assert model.calls == [(1, 24), (1, 24)]             # a huge K is projected, never run
+    assert time_left(0, 10, 5.0) is None and time_left(5, 10, 5.0) == 5.0
+
+
+def test_cli_eval_progress_lines_say_the_time_left(run_dir, tmp_path, monkeypatch):
+    """Off a terminal the progress lines name the images done, the pace and the time left."""
+    from typer.testing import CliRunner
+
+    import cli.eval
+    from cli.main import app
+    monkeypatch.setattr(cli.eval._Progress, "LINE_SECONDS", 0.0)
+    r = CliRunner().invoke(app, ["eval", str(run_dir), "-k", "2", "--limit", "6", "--batch-size", "2",
+                                 "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.output
+    lines = [line for line in r.stderr.splitlines() if line.startswith("eval K=2: ")]
+    assert [line.split(",")[0] for line in lines] == ["eval K=2: 2/6 images", "eval K=2: 4/6 images"]
+    assert all(line.endswith(" left") for line in lines), lines

@@ -1,5 +1,5 @@
 """`avi export` (safetensors with the resolved spec in its metadata), reading it back, and the
-two-line Python API of the README (`from builders import load_run`)."""
+two-line Python API of the README (`import avi`; `from builders import load_run` too)."""
 from __future__ import annotations
 
 import json
@@ -96,7 +96,45 @@ def test_two_line_python_api(run):
                             "--device", "cpu", "--out", str(grid)])
     assert r.exit_code == 0 and grid.is_file(), r.output
     readme = (ROOT / "README.md").read_text()
-    assert "from builders import load_run" in readme and 'load_run("runs/quickstart").sample(16)' in readme
+    assert "import avi" in readme and 'avi.load_run("runs/quickstart").sample(16)' in readme
+
+
+def test_import_avi_is_the_front_door(tmp_path):
+    """`import avi` failed: the first thing a Python user types. It works from any folder,
+    imports no torch until a model is asked for, and every name it lists resolves."""
+    import subprocess
+    import sys
+    code = ("import sys, avi; assert 'torch' not in sys.modules; avi.load_spec; "
+            "assert avi.__version__ != 'unknown'; print(avi.__version__); "
+            "avi.load_run; assert 'torch' in sys.modules; "
+            "missing = [n for n in avi.__all__ if not hasattr(avi, n)]; assert not missing, missing; "
+            "assert set(avi.__all__) <= set(dir(avi))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    from importlib.metadata import version
+    assert r.stdout.strip() == version("avi")
+    import avi
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        avi.nope
+
+
+def test_avi_train_load_run_evaluate(tmp_path):
+    """The docstring of the avi package, end to end on two steps: train from a spec with
+    --set strings, load the run, evaluate it as `avi eval` would."""
+    import avi
+    spec = avi.load_spec(ROOT / "specs" / "quickstart.yaml", ["train.batch_size=8"])
+    result = avi.train(spec, tmp_path / "r", ["train.epochs=1"], device="cpu", max_steps=2,
+                       progress="quiet")
+    assert result["step"] == 2 and (tmp_path / "r" / "checkpoints" / "last.pt").is_file()
+    run = avi.load_run(tmp_path / "r", device="cpu")
+    assert run.spec.train.epochs == 1 and run.spec.train.batch_size == 8
+    scores = run.evaluate(k=2, limit=6, seed=0)
+    assert scores["examples"] == 6 and scores["importance_samples"] == 2
+    again = run.evaluate(k=2, limit=6, seed=0)
+    assert scores["nll_nats"] == again["nll_nats"] and 0 < scores["nll_nats"] <= scores["nelbo_nats"]
+    with pytest.raises(avi.SpecError):
+        avi.train(ROOT / "specs" / "quickstart.yaml", tmp_path / "bad", ["train.epochs=-1"])
 
 
 def test_python_api_reconstruct_names_the_input_it_takes(run):

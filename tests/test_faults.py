@@ -360,10 +360,16 @@ def test_bad_checkpoints_and_values_are_clear_errors(run, tmp_path):
 
 
 def test_interrupt_hint_suggests_resume_only_when_possible(tmp_path):
+    """The hint names the run directory: `avi train SPEC --out RUN --resume` was refused
+    whenever the run had been started with --set (issue 23 item 4)."""
     from cli.train import _interrupted_hint
     assert "--resume" not in _interrupted_hint("s.yaml", tmp_path / "new")
     (tmp_path / "spec.yaml").write_text("# x\n")
-    assert "--resume" in _interrupted_hint("s.yaml", tmp_path)
+    assert _interrupted_hint("s.yaml", tmp_path).endswith(f"avi train {tmp_path} --resume\n")
+    spaced = tmp_path / "my run"
+    spaced.mkdir()
+    (spaced / "spec.yaml").write_text("# x\n")
+    assert f"avi train '{spaced}' --resume" in _interrupted_hint("s.yaml", spaced)
 
 
 # --------------------------------------------------------------- issue 11 item 6: output

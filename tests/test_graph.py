@@ -62,7 +62,7 @@ def test_nodes_and_edges_all_attention():
     flow = [(u, v) for u, v, a in G.edges(data=True) if a["kind"] == "flow"]
     assert len(flow) == 10 * L
     assert nx.is_directed_acyclic_graph(G)
-    # The bottom-up chain and the top-down wiring of ARCHITECTURE.md sections 3-5.
+    # The bottom-up chain and the top-down wiring of docs/model.md sections 6-7.
     for u, v in [("x", "pre"), ("pre", "enc/3"), ("enc/3", "enc/2"), ("enc/1", "enc/0"),
                  ("enc/2", "posterior/2"), ("prior/2", "posterior/2"), ("posterior/2", "z/2"),
                  ("ctx/1", "merge/2"), ("z/1", "merge/2"), ("merge/2", "ctx/2"), ("ctx/2", "prior/2"),

@@ -1,8 +1,8 @@
 """Faithfulness tests of the whole model (builders/network/model.py, builders/network/build.py).
 
-What is checked, against ARCHITECTURE.md sections 4-6, 8, 10 and 11:
+What is checked, against docs/model.md sections 6-8, 10 and 14:
   * parameter counts of every shipped spec against the published numbers and our exact
-    independent counts (section 10-11), including the Table 5 G/I swap;
+    independent counts (docs/model.md section 14), including the Table 5 G/I swap;
   * every shipped spec builds; a forward/backward pass reaches every parameter;
   * the factorisation order: priors never see later latents, posteriors only see the
     bottom-up maps at and below their layer, and the attention wiring (sources) is exactly
@@ -173,7 +173,7 @@ def changed(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 # ================================================================ 1. parameter counts
 
-# Published counts (ARCHITECTURE.md sections 9-11; README for the three released models, the
+# Published counts (docs/model.md section 14; README for the three released models, the
 # paper's Table 5 for the ablations), in parameters.
 PUBLISHED = {
     "cifar10_l16.yaml": 118.97e6, "cifar10_l16_nvae.yaml": 79.21e6, "omniglot_l15.yaml": 7.87e6,
@@ -182,7 +182,7 @@ PUBLISHED = {
     "case09": 79.206e6, "case10": 89.602e6, "case11": 90.916e6, "case12": 102.744e6,
     "case13": 92.983e6, "case14": 104.882e6, "case15": 105.541e6, "case16": 118.966e6,
 }
-# Table 5 G/I swap (ARCHITECTURE.md section 10): with the reference wiring, inference
+# Table 5 G/I swap (docs/model.md section 14): with the reference wiring, inference
 # attention alone costs MORE parameters than generative attention alone (it widens the whole
 # bottom-up path and every decoder cell by 20 channels), yet the paper prints the smaller
 # number for "inference only". The published counts of cases 3-6 and 11-14 therefore belong
@@ -191,10 +191,10 @@ PUBLISHED = {
 # Cases with both switches or neither are unaffected.
 TABLE5_SWAP = {3: 5, 4: 6, 5: 3, 6: 4, 11: 13, 12: 14, 13: 11, 14: 12}
 
-# Our exact independent counts (section 10 "ours, switches as labelled"; section 11).
+# Our exact independent counts (docs/model.md section 14, column "avi").
 EXACT = {
     "cifar10_l16.yaml": 118_966_391, "cifar10_l16_nvae.yaml": 79_206_420,
-    # OMNIGLOT: 88 below ARCHITECTURE.md's 7,873,683: the non-local block of the up-sampling
+    # OMNIGLOT: 88 below the 7,873,683 of a count with those biases: the non-local block of the up-sampling
     # shortcut has no q/k/v biases (8 + 8 + 72), as in the authors' code (issue 9; their
     # shortcut layer sets use_bias=False and the block inherits it). Still within 1e-3 of
     # the published 7.87 M. The authors' code run on TF >= 2.5 counts 29 more: the
@@ -282,7 +282,7 @@ def test_parameter_groups_section_11(col, name, context_ln):
 
 
 def test_cifar_unit_sizes_section_11():
-    """Handy unit sizes of section 11: one encoder cell and one middle decoder cell."""
+    """Handy unit sizes of the CIFAR-10 model: one encoder cell and one middle decoder cell."""
     model = build_model(load_spec(SPECS / "cifar10_l16.yaml").spec, "meta")
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(model.encoders[5]) == 3_124_840

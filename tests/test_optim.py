@@ -1,4 +1,4 @@
-"""The Keras-style Adamax the reference ran (ARCHITECTURE.md section 7)."""
+"""The Keras-style Adamax the reference ran (docs/model.md section 9)."""
 import copy
 
 import torch

@@ -9,6 +9,7 @@ import copy
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -390,7 +391,8 @@ def test_resume_with_another_number_of_processes_is_refused(tiny, reference, tmp
 
 
 def test_ctrl_c_writes_last_then_resume_matches_uninterrupted(tiny, reference):
-    """SIGINT stops at the end of a step with last.pt written, so nothing is lost."""
+    """SIGINT stops at the end of a step with last.pt written, so nothing is lost; the
+    command the hint prints resumes the run as it was started (--set included)."""
     run = tiny.root / "interrupted"
     extra = ["--set", "train.checkpoint_every=1000"]         # no periodic checkpoint to fall back on
     proc = subprocess.Popen([sys.executable, "-m", "cli.main", "train", str(tiny.spec), "--out", str(run),
@@ -403,11 +405,49 @@ def test_ctrl_c_writes_last_then_resume_matches_uninterrupted(tiny, reference):
     os.kill(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    assert "--resume" in err and "Traceback" not in err
+    assert "Traceback" not in err
+    hint = re.search(r"continue with: avi train (\S+) --resume$", err, re.M)
+    assert hint and Path(hint.group(1)) == run, err
     step = load_checkpoint(run / "checkpoints" / "last.pt")["state"]["step"]
     assert step == max(r["step"] for r in metrics(run)) and step < 18
-    avi(tiny.spec, "--out", run, "--resume", "--quiet", *extra, check=0)
+    avi(hint.group(1), "--resume", "--quiet", check=0)      # the hint's command, as printed
     assert weights(run) == weights(reference)
+
+
+def test_progress_keeps_one_line_per_epoch_with_the_time_left(tiny, tmp_path):
+    """Off a terminal (issue 23 item 5): a line per finished epoch with its test NELBO, its
+    time and the time left for the whole run; step lines name the step out of the run's
+    total. --help says so."""
+    out = tmp_path / "progress"
+    r = avi(tiny.spec, "--out", out, "--set", "train.epochs=2", check=0)
+    lines = [line for line in r.stderr.splitlines() if " test NELBO " in line]
+    assert len(lines) == 2, r.stderr
+    pattern = r"epoch {e}/2  step {s}  train loss [\d.]+  test NELBO [\d.]+ nats  [\d.]+ it/s  \d+:\d\d  {left}$"
+    assert re.match(pattern.format(e=1, s=6, left=r"run \d+:\d\d left"), lines[0]), lines[0]
+    assert re.match(pattern.format(e=2, s=12, left="run done"), lines[1]), lines[1]
+    assert re.search(r"^epoch 1/2  step 1/12  loss ", r.stderr, re.M), r.stderr
+    help_text = " ".join(avi("--help", check=0).stdout.split())
+    assert "one line per finished epoch" in help_text and "time left for the whole run" in help_text
+
+
+def test_progress_bar_keeps_the_epoch_lines(tmp_path, capsys):
+    """On a terminal the bar of an epoch is replaced by the next one; the epoch's line
+    (printed above the bar) stays, and the bar shows the run's time left."""
+    from builders.train.reporting import Reporter, format_duration
+    reporter = Reporter(tmp_path, "bar", True, steps_per_epoch=3, epochs=2, start_step=0)
+    try:
+        for epoch in range(2):
+            reporter.start_epoch(epoch, 3, 0)
+            for step in range(3 * epoch + 1, 3 * epoch + 4):
+                reporter.step("loss 1.00", epoch, step)
+            assert reporter.progress.tasks[-1].fields["left"].startswith("run ")
+            reporter.epoch_done(f"epoch {epoch + 1}/2  test NELBO {100 - epoch}.00 nats", 3 * epoch + 3, 61.0)
+    finally:
+        reporter.close()
+    err = capsys.readouterr().err
+    assert "epoch 1/2  test NELBO 100.00 nats  1:01  run " in err and " left" in err
+    assert "epoch 2/2  test NELBO 99.00 nats  1:01  run done" in err
+    assert format_duration(3725) == "1:02:05" and format_duration(59.6) == "1:00"
 
 
 def test_resume_drops_metrics_written_after_the_last_checkpoint(tmp_path):

@@ -1,4 +1,4 @@
-"""Turn raw image batches into model input (ARCHITECTURE.md section 1).
+"""Turn raw image batches into model input (docs/model.md section 2).
 
 One path for both kinds of data (``prepare_batch``), driven by the spec: images are zero-padded
 by ``data.pad`` pixels per side (28 -> 32 for the binary datasets with pad 2), then

@@ -1,5 +1,5 @@
 """Evaluation of a trained model: marginal likelihood by importance sampling, the ELBO,
-per-layer KL and depth-wise attention maps (ARCHITECTURE.md section 8).
+per-layer KL and depth-wise attention maps (docs/model.md section 10).
 
 Marginal likelihood. For each image, K posterior samples give the importance log-weights
 w_k = log p(x|z^k) + log p(z^k) - log q(z^k|x) (``model.log_weights``) and

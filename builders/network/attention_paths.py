@@ -1,9 +1,9 @@
 """The two uses of depth-wise attention in one stochastic layer.
 
 GenerativeAttention: the prior of layer l reads the contexts of the layers above it
-(paper Sec. 2.4, Eq. 7-9; ARCHITECTURE.md section 4).
+(paper Sec. 2.4, Eq. 7-9; docs/model.md section 6).
 InferenceAttention: the posterior of layer l reads the bottom-up features at and below it
-(paper Sec. 2.5, Eq. 10-11; ARCHITECTURE.md section 5).
+(paper Sec. 2.5, Eq. 10-11; docs/model.md section 7).
 The per-pixel softmax itself (Eq. 3-4) lives in depthwise_attention.py.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ class GenerativeAttention(nn.Module):
     """Eq. 7-9 for one layer l >= 1, given the layer's fresh context and query.
 
     Returns the prior condition p_l = ctx' + gamma * A' and ctx', the context that flows down
-    (the attention output is deliberately not part of it, as in the reference: section 12.4).
+    (the attention output is deliberately not part of it, as in the reference: docs/model.md section 12, item 2).
     """
 
     def __init__(self, c_values: int, layer_norm: bool, normalise_newest: bool,

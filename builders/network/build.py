@@ -31,7 +31,7 @@ def _count(module: torch.nn.Module | None) -> int:
 
 
 def parameter_groups(model: DeepAttentiveVAE) -> "OrderedDict[str, int]":
-    """Trainable parameters by the component groups of ARCHITECTURE.md section 11."""
+    """Trainable parameters by the component groups of docs/model.md section 14."""
     g: OrderedDict[str, int] = OrderedDict()
     layers = model.layers
     g["preprocess"] = _count(model.preprocess)
@@ -74,7 +74,7 @@ def layer_table(model: DeepAttentiveVAE) -> list[dict]:
 
 def summary(model: DeepAttentiveVAE) -> dict:
     """What `avi build --json` prints. `parameters_reference_count` leaves out the per-depth
-    context layer norms, as the authors' counter did (ARCHITECTURE.md section 11)."""
+    context layer norms, as the authors' counter did (docs/model.md section 14)."""
     groups = parameter_groups(model)
     total = sum(groups.values())
     return {

@@ -1,4 +1,4 @@
-"""Residual cells: nodes, blocks and cell groups (ARCHITECTURE 2.2, 2.3)."""
+"""Residual cells: nodes, blocks and cell groups (docs/model.md section 4.2)."""
 from __future__ import annotations
 
 import torch

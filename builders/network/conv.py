@@ -1,4 +1,4 @@
-"""Weight-normalised convolution, the only convolution the model uses (ARCHITECTURE 2.1)."""
+"""Weight-normalised convolution, the only convolution the model uses (docs/model.md section 4.1)."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Depth-wise (across-layer, per-pixel) attention, Eq. 3-6 (ARCHITECTURE 2.6, 4, 5)."""
+"""Depth-wise (across-layer, per-pixel) attention, Eq. 3-6 (docs/model.md sections 5-7)."""
 from __future__ import annotations
 
 import contextlib
@@ -67,7 +67,7 @@ class ChannelLayerNorm(nn.LayerNorm):
 
 
 class ContextLayerNorm(ChannelLayerNorm):
-    """The per-depth plain LN applied once to a stored context (ARCHITECTURE.md section 4,
+    """The per-depth plain LN applied once to a stored context (docs/model.md section 6,
     step 1); its own class so the optimizer can give it the attention L2 strength."""
 
 

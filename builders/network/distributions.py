@@ -1,4 +1,4 @@
-"""Latent Gaussians, bounding functions and the data distributions (ARCHITECTURE 6)."""
+"""Latent Gaussians, bounding functions and the data distributions (docs/model.md section 8)."""
 from __future__ import annotations
 
 import math
@@ -136,7 +136,7 @@ class DiscretizedLogisticMixtureHead(nn.Module):
     """ELU -> conv3x3 -> mixture of discretized logistics with autoregressive channel coupling.
 
     Output channel layout: [mixture logits (M) | locations (M*C) | log-scales (M*C) |
-    coupling coefficients (M*K)], K = C(C-1)/2 (3 for RGB: a, b, c of ARCHITECTURE 6.3; the
+    coupling coefficients (M*K)], K = C(C-1)/2 (3 for RGB: a, b, c of docs/model.md section 8; the
     coupling generalises as mu_c + sum_{j<c} coef_cj x_j). Each block is component-major.
     """
 

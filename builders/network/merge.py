@@ -1,4 +1,4 @@
-"""Merge cells that join the top-down and bottom-up streams (ARCHITECTURE.md 2.5)."""
+"""Merge cells that join the top-down and bottom-up streams (docs/model.md section 4.4)."""
 from __future__ import annotations
 
 import torch

@@ -1,6 +1,6 @@
 """The deep attentive VAE: one bottom-up pass, then L stochastic layers top-down.
 
-Read next to ARCHITECTURE.md sections 3-6. Layer 0 is the top (sampled first). The
+Read next to docs/model.md sections 3 and 6-8. Layer 0 is the top (sampled first). The
 model takes images already mapped to [-1, 1] ([B, C, S_in, S_in]; binary data as 2b - 1).
 
     bottom-up:  e_L = preprocess(x); e_l = encoder_l(e_{l+1})          (Eq. 10)
@@ -84,7 +84,7 @@ class VariationalLayer(nn.Module):
             self.bottomup_merge = BottomUpMerge(d.c_e, d.context_width, d.bottom_up_width,
                                                 _key(cells.bottomup_merge))
             # Per-depth plain LN of the context two layers up, applied once and for good just
-            # before this layer runs (reference behaviour, section 4 step 1). Only built when
+            # before this layer runs (reference behaviour, docs/model.md section 6 step 1). Only built when
             # some layer from here on can still read that context.
             self.renorm_old = (ContextLayerNorm(d.stored_width(l - 2))
                                if gen is not None and l >= 2 and _read_later(d, l - 2, l) else None)
@@ -212,7 +212,7 @@ class DeepAttentiveVAE(nn.Module):
     def _posterior_params(self, l: int, layer: VariationalLayer, e: list[torch.Tensor],
                           ctx: torch.Tensor, condition: torch.Tensor, scores: dict | None):
         """Raw (mean, log-scale) of q(z_l | x, z_<l) (Eq. 10-11). The inference query is the
-        first q_E channels of this layer's raw context (section 5 step 3)."""
+        first q_E channels of this layer's raw context (docs/model.md section 7 step 2)."""
         d = self.derived
         merged = e[0] if l == 0 else layer.bottomup_merge(e[l][:, :d.c_e], condition)
         h_own, k_own = merged[:, :d.c_e], merged[:, d.c_e:]

@@ -1,4 +1,4 @@
-"""Non-local (spatial self-attention) block (ARCHITECTURE 2.4)."""
+"""Non-local (spatial self-attention) block (paper Sec. 2.6; docs/model.md section 4.3)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Data parallelism of `avi train` (ARCHITECTURE.md section 7): the process group torchrun
+"""Data parallelism of `avi train` (docs/model.md section 9): the process group torchrun
 sets up, decisions all ranks agree on, and DistributedDataParallel with per-process batch
 norm statistics."""
 from __future__ import annotations

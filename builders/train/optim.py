@@ -1,4 +1,4 @@
-"""Optimizer with the two L2 strengths of the paper (ARCHITECTURE.md section 7, "Regulariser R").
+"""Optimizer with the two L2 strengths of the paper (docs/model.md section 9, "Regulariser R").
 
 The reference adds Keras L2 penalties lambda * sum(w^2) to the loss, whose gradient is
 2 * lambda * w. Here that is *coupled* weight decay of 2 * lambda per parameter group, i.e.
@@ -34,7 +34,7 @@ class KerasAdamax(torch.optim.Optimizer):
 
     torch.optim.Adamax puts eps inside the max instead (max(beta2 u, |g| + eps)); at the
     paper's eps = 1e-3 the two differ visibly for parameters with small gradients
-    (ARCHITECTURE.md section 7). Coupled weight decay: g <- g + weight_decay * w.
+    (docs/model.md section 9). Coupled weight decay: g <- g + weight_decay * w.
     """
 
     def __init__(self, params, lr: float = 2e-3, betas=(0.9, 0.999), eps: float = 1e-3,

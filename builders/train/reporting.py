@@ -1,6 +1,13 @@
 """What a training run reports: metrics.jsonl, TensorBoard, and what the user sees (a rich
 bar on a terminal; otherwise lines on stderr; or every record as JSON on stdout).
 
+What the user sees on stderr, on a terminal and off one alike: one line per finished epoch,
+kept (train loss, test NELBO, the epoch's time and the time left for the whole run). Between
+them, on a terminal, a bar of the current epoch with the run's time left; off a terminal, a
+line at the first step and then at least every LINE_SECONDS, with the step out of the run's
+total and the time left. The time left is the run's remaining steps at the pace of this
+session so far (test evaluations included), so it settles after the first epoch.
+
 Records are strict JSON (a non-finite number is written as null), one per line. Epochs are
 counted from 1 in every message ("epoch 2/3"); the "epoch" field of a record is the 0-based
 index of the epoch it belongs to.
@@ -46,6 +53,8 @@ class Reporter:
         self.progress = self.task = None
         self.epochs, self.spe = epochs, steps_per_epoch
         self.last_line = -math.inf
+        self.start_step, self.t0 = start_step, time.monotonic()
+        self.total_steps = epochs * steps_per_epoch        # Trainer.run narrows it (--max-steps)
         if self.display == "bar":
             self.progress = _progress_bar(epochs)
             self.progress.start()
@@ -55,18 +64,36 @@ class Reporter:
             if self.task is not None:
                 self.progress.remove_task(self.task)
             self.task = self.progress.add_task("train", total=total, completed=done,
-                                               epoch=epoch + 1, info="")
+                                               epoch=epoch + 1, info="", left="")
+
+    def time_left(self, step: int) -> float | None:
+        """Seconds until the run's last step at this session's pace (None before a step)."""
+        done = step - self.start_step
+        if done <= 0:
+            return None
+        return max(0, self.total_steps - step) * (time.monotonic() - self.t0) / done
+
+    def _left(self, step: int) -> str:
+        left = self.time_left(step)
+        return f"run {format_duration(left)} left" if left is not None else ""
 
     def step(self, info: str, epoch: int, step: int) -> None:
         """After every step: the bar advances; without a terminal, a line at the first step
         and then at least every LINE_SECONDS (epoch lines can be hours apart)."""
         if self.progress is not None and self.task is not None:
-            self.progress.update(self.task, advance=1, info=info)
+            self.progress.update(self.task, advance=1, info=info, left=self._left(step))
         elif self.display == "lines":
             now = time.monotonic()
             if now - self.last_line >= LINE_SECONDS:
                 self.last_line = now
-                self.message(f"epoch {epoch + 1}/{self.epochs}  step {step}  {info}")
+                self.message(f"epoch {epoch + 1}/{self.epochs}  step {step}/{self.total_steps}  {info}"
+                             + (f"  {self._left(step)}" if step > self.start_step else ""))
+
+    def epoch_done(self, text: str, step: int, seconds: float) -> None:
+        """The line of a finished epoch, kept on screen above the bar: `text`, the epoch's
+        time and the time left for the run."""
+        left = self._left(step) if step < self.total_steps else "run done"
+        self.message(f"{text}  {format_duration(seconds)}" + (f"  {left}" if left else ""))
 
     def write(self, record: dict) -> None:
         if not self.active:
@@ -109,6 +136,14 @@ class Reporter:
             self.tb.close()
 
 
+def format_duration(seconds: float) -> str:
+    """h:mm:ss (or m:ss under an hour): what the time left and an epoch's time read as."""
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
 def _tensorboard(out_dir: Path, start_step: int):
     try:
         from torch.utils.tensorboard import SummaryWriter   # needs the tensorboard package
@@ -120,6 +155,8 @@ def _tensorboard(out_dir: Path, start_step: int):
 def _progress_bar(epochs: int):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    # transient: the bar of an epoch goes when the epoch's own line replaces it
     return Progress(TextColumn("epoch {task.fields[epoch]}/" + str(epochs)), BarColumn(),
                     MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                    console=Console(stderr=True, emoji=False), transient=False)
+                    TextColumn("{task.fields[left]}"),
+                    console=Console(stderr=True, emoji=False), transient=True)

@@ -1,6 +1,6 @@
 """The run directory of `avi train`: one writer at a time, clean start, plain-language OS errors.
 
-Layout (PRODUCT.md "A run directory"): spec.yaml, metrics.jsonl, samples/, checkpoints/, and
+Layout (README.md "A run directory"): spec.yaml, metrics.jsonl, samples/, checkpoints/, and
 .avi-train.lock, which the training process holds (an flock, so the operating system
 releases it when the process dies, even by SIGKILL) and which names that process. Temporary
 files of writers that were killed are removed when the next writer takes the lock.

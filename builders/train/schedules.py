@@ -1,4 +1,4 @@
-"""Learning-rate and KL-warm-up schedules (ARCHITECTURE.md section 7).
+"""Learning-rate and KL-warm-up schedules (docs/model.md section 9).
 
 Both are pure functions of the training position, so a resumed run recomputes exactly the
 values an uninterrupted run would have used; nothing about them is kept in a checkpoint.

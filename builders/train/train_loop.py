@@ -1,4 +1,4 @@
-"""The loop of `avi train`: the paper's recipe (ARCHITECTURE.md section 7), one step at a time.
+"""The loop of `avi train`: the paper's recipe (docs/model.md section 9), one step at a time.
 
     for epoch:   beta = kl_beta(epoch)            KL warm-up: linear from kl_warmup.start to 1
       for batch: lr = learning_rate(step)         cosine schedule after a linear warm-up
@@ -113,6 +113,8 @@ class Trainer:
     def run(self) -> dict:
         """Train to the last epoch (or --max-steps); the summary `avi train` prints."""
         state, cfg = self.state, self.cfg
+        if self.max_steps is not None:
+            self.reporter.total_steps = min(self.reporter.total_steps, self.max_steps)
         try:
             self.interrupt.start()
             while state.epoch < cfg.epochs:
@@ -369,10 +371,9 @@ class Trainer:
             rec["test_nelbo_bits_per_dim"] = test_nelbo / (self.data.dims * math.log(2))
         self.reporter.write(rec)
         unit = (f"{rec['test_nelbo_bits_per_dim']:.4f} bits/dim" if self.bits else f"{test_nelbo:.2f} nats")
-        if self.reporter.progress is None:
-            self.reporter.message(f"epoch {epoch + 1}/{cfg.epochs}  step {state.step}  "
-                                  f"train loss {rec['train_loss']:.3f}  test NELBO {unit}  "
-                                  f"{self.it_per_s:.2f} it/s")
+        self.reporter.epoch_done(f"epoch {epoch + 1}/{cfg.epochs}  step {state.step}  "
+                                 f"train loss {rec['train_loss']:.3f}  test NELBO {unit}  "
+                                 f"{self.it_per_s:.2f} it/s", state.step, rec["epoch_seconds"])
         if self.ddp.main and ((epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs):
             self._samples(epoch, eval_model)
         state.epoch += 1

@@ -1,4 +1,4 @@
-"""Training loop of `avi train` (ARCHITECTURE.md section 7, PRODUCT.md "A run directory").
+"""Training loop of `avi train` (docs/model.md section 9; README.md "A run directory").
 
     loss = mean_b [ nll_b + beta(epoch) * sum_l KL_bl ]        (nats per image)
     + L2 as coupled weight decay in the optimizer (builders.train.optim)
@@ -24,7 +24,7 @@ batch-norm running statistics of its forward pass are put back.
 
 Data parallel: launched under torchrun (RANK / WORLD_SIZE set), each process takes its
 share of every global batch; gradients are averaged by DistributedDataParallel; batch-norm
-statistics stay per process (broadcast_buffers=False; ARCHITECTURE.md section 7: not
+statistics stay per process (broadcast_buffers=False; docs/model.md section 9: not
 synchronised), so checkpoints hold rank 0's. A run resumes only with the number of processes
 it was trained with (the data order depends on it).
 """
