@@ -35,6 +35,26 @@ def run_evaluations(args: list[str], resolved: list) -> list[tuple]:
     return found
 
 
+def sweep_runs(arg: str) -> list[str] | None:
+    """The run directories of a sweep directory (DIR/sweep.json of `avi sweep`) that hold an
+    evaluation, in the sweep's order; None where ARG is no sweep directory."""
+    import json
+    path = Path(arg) / "sweep.json"
+    if not path.is_file():
+        return None
+    try:
+        runs = json.loads(path.read_text(encoding="utf-8"))["runs"]
+        dirs = [Path(arg) / r["name"] for r in runs]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is not a readable sweep record ({e})") from None
+    evaluated = [str(d) for d in dirs if (d / "eval.json").is_file()]
+    err.print(f"sweep {_escape(arg)}: {len(evaluated)} of {len(dirs)} runs evaluated", markup=False)
+    if len(evaluated) < 2:
+        raise UserError(f"{arg}: a sweep needs two evaluated runs to compare, it has {len(evaluated)} "
+                        f"(see avi sweep status {arg}; evaluate with avi sweep ... --eval-k K)")
+    return evaluated
+
+
 def shown_result(run: Path | None, documents: list[dict], resolved) -> dict | None:
     """The result a run is compared by (the full test split at the largest K) as diff shows it:
     bits/dim for 8-bit data, else NLL in nats."""

@@ -24,7 +24,7 @@ from avi_spec import SpecError
 from .common import JsonOption, SetOption, UserError, _escape, err, fail, load, out, print_problems
 
 COMMAND_MODULES = ["cli.build", "cli.train", "cli.eval", "cli.sample", "cli.plot", "cli.export",
-                   "cli.import_davi", "cli.encode"]
+                   "cli.import_davi", "cli.encode", "cli.sweep"]
 
 BUG_HINT = "this is a bug in avi; please report it with the command and spec"
 
@@ -285,18 +285,26 @@ def diff(
     with a 95% interval (Student's t); * marks an interval that excludes 0. Runs that cannot
     be paired say why.
 
+    Given one sweep directory of `avi sweep`, compares its evaluated runs: one row per run,
+    the grid fields as the columns that tell them apart.
+
     Exits 0 when all specs are the same, 1 when they differ, 2 on bad input.
 
     Example:
 
         avi diff specs/ablations/*.yaml
 
+        avi diff sweeps/seeds
+
         avi diff runs/quickstart_1ep runs/quickstart_1ep_no_attention --baseline runs/quickstart_1ep_no_attention
     """
     from avi_spec.diff import diff_specs, render, render_switches
 
-    from .diff_runs import baseline_index, paired_comparisons, run_evaluations, shown_result
+    from .diff_runs import baseline_index, paired_comparisons, run_evaluations, shown_result, sweep_runs
 
+    if len(specs) == 1 and (runs := sweep_runs(specs[0])) is not None:
+        specs = runs                # a sweep directory: its evaluated runs, one row each
+        layout = DiffLayout.switches if layout is DiffLayout.auto else layout
     if len(specs) < 2:
         raise UserError("avi diff needs at least two specs to compare")
     problems, resolved = [], []

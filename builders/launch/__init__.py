@@ -1,0 +1,1 @@
+"""Launching runs above builders.train: sweeps (specs x grid) through submitit."""
