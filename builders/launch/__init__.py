@@ -1,0 +1,2 @@
+"""Running avi's commands on several processes and machines through existing launchers
+(torchrun, SLURM's srun): reading where a process stands, and joining the process group."""
