@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from .common import JsonOption, SetOption, UserError, err, out
+from .relaunch import launched, relaunch
 
 
 class Device(str, Enum):
@@ -107,11 +108,12 @@ class _Progress:
 
     LINE_SECONDS = 30.0
 
-    def __init__(self, total: int, description: str):
+    def __init__(self, total: int, description: str, shown: bool = True):
         import time
         self.bar, self.total, self.done, self.description = None, total, 0, description
         self.t0 = self.last_line = time.monotonic()
-        if err.is_terminal:
+        self.shown = shown
+        if err.is_terminal and shown:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                        TimeRemainingColumn)
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -134,6 +136,8 @@ class _Progress:
         from builders.evaluation.eta import time_left
         from builders.train.reporting import format_duration
         self.done += n
+        if not self.shown:
+            return
         if self.bar is not None:
             self.bar.advance(self.task, n)
             speed = self.bar.tasks[0].speed
@@ -153,18 +157,24 @@ MAX_EVAL_SECONDS = 7 * 24 * 3600      # refuse an evaluation estimated to take l
 SAY_ESTIMATE_SECONDS = 30             # say the estimate of an evaluation longer than this
 
 
-def _check_feasible(model, x, k: int, b: int, chunk: int | None, seed: int) -> None:
-    """Project the run's time from a warm probe at the real K (builders.evaluation.eta):
-    refuse what would run for more than a week (e.g. -k 1e20), and say how long a long one
-    will take (the progress refines it)."""
+def _check_feasible(model, x, k: int, b: int, chunk: int | None, seed: int, ddp=None) -> None:
+    """Project the run's time from a warm probe at the real K (builders.evaluation.eta), over
+    the processes of a sharded run, which all act on the slowest one's estimate: refuse what
+    would run for more than a week (e.g. -k 1e20), and say how long a long one will take (the
+    progress refines it)."""
     from builders.evaluation.eta import probe_seconds_per_sample
+    from builders.evaluation.sharded import all_agree_max
+    world = ddp.world_size if ddp is not None else 1
     per_sample = probe_seconds_per_sample(model, x, k, b, chunk, seed)
-    estimate = per_sample * k * x.shape[0]
+    if ddp is not None:
+        per_sample = all_agree_max(per_sample, model, ddp)
+    estimate = per_sample * k * x.shape[0] / world
     if estimate > MAX_EVAL_SECONDS:
         raise UserError(f"-k {k} over {x.shape[0]} images would take about {_duration(estimate)} "
-                        f"here ({per_sample * 1e3:.2f} ms per image and sample); use a smaller -k "
+                        f"here ({per_sample * 1e3:.2f} ms per image and sample"
+                        f"{f' in each of {world} processes' if world > 1 else ''}); use a smaller -k "
                         f"or --limit")
-    if estimate > SAY_ESTIMATE_SECONDS:
+    if estimate > SAY_ESTIMATE_SECONDS and (ddp is None or ddp.main):
         err.print(f"estimated time: {_duration(estimate)} ({x.shape[0]} images x K = {k}; "
                   f"refined as it runs)", markup=False)
 
@@ -197,6 +207,10 @@ def eval_command(
         "--binarization-seed", metavar="S", callback=seed_range,
         help="Binary data: the seed of the one binarisation of the images (default 0: the "
              "bits training tested on). Runs are paired by `avi diff` only on the same bits.")] = 0,
+    devices: Annotated[Optional[int], typer.Option(
+        "--devices", min=1, metavar="N",
+        help="Split the images across N processes on this machine (relaunches itself under "
+             "torchrun); the result equals one process's.")] = None,
     overrides: SetOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -209,25 +223,63 @@ def eval_command(
     (`avi diff` pairs two runs scored on the same images). --set changes the run's spec
     (e.g. data.root=...).
 
+    Several processes (--devices N, or N processes started by torchrun or srun) split the
+    images; every image draws its samples from its own generator, seeded from --seed and the
+    image's index, so the numbers are those of one process. Process 0 alone prints and writes.
+
     Example:
 
         avi eval runs/quickstart --importance-samples 500 --json
-    """
-    from builders.evaluation.evaluate import batched, importance_sampled_nll
 
-    model, resolved, run_dir = load_model(run, device, not no_ema, overrides)
+        avi eval runs/quickstart -k 20 --limit 64 --devices 2 --device cpu
+    """
+    from builders.launch.environment import LaunchError
+    from builders.launch.process_group import setup_distributed, teardown_distributed
+
+    if devices and devices > 1 and not launched():
+        model, resolved, _ = load_model(run, "cpu", not no_ema, overrides)    # one clear message here,
+        images(resolved, split.value, limit, binarization_seed)             # not one per process
+        raise typer.Exit(relaunch(devices))
+    try:
+        ddp = setup_distributed(device.value)
+    except LaunchError as e:
+        raise UserError(str(e)) from None
+    try:
+        _evaluate(run, importance_samples, split.value, batch_size, chunk, device, seed, limit,
+                  no_ema, binarization_seed, overrides, as_json, ddp)
+    except UserError:
+        if not ddp.main:             # every process meets the same mistake; process 0 says it
+            raise typer.Exit(2) from None
+        raise
+    finally:
+        teardown_distributed(ddp)
+
+
+def _evaluate(run, importance_samples, split: str, batch_size, chunk, device, seed: int, limit,
+              no_ema: bool, binarization_seed: int, overrides, as_json: bool, ddp) -> None:
+    from builders.devices import DeviceError, resolve_device
+    from builders.evaluation.sharded import shard_bounds, sharded_nll
+
+    try:
+        where = str(resolve_device(device.value, ddp.local_rank))
+    except DeviceError as e:
+        raise UserError(str(e)) from None
+    model, resolved, run_dir = load_model(run, where, not no_ema, overrides)
     spec = resolved.spec
     k = importance_samples or spec.eval.importance_samples
     b = batch_size or spec.eval.batch_size
-    x = images(resolved, split.value, binarization_seed=binarization_seed)
+    x = images(resolved, split, binarization_seed=binarization_seed)
     total = x.shape[0]
     x = x[:limit] if limit is not None else x
-    _check_feasible(model, x, k, b, chunk, seed)
-    with _Progress(x.shape[0], f"eval K={k}") as progress:
-        result = importance_sampled_nll(model, batched(x, b), k, chunk=chunk, progress=progress,
-                                        seed=seed)
+    _check_feasible(model, x, k, b, chunk, seed, ddp)
+    start, stop = shard_bounds(x.shape[0], b, ddp.rank, ddp.world_size)
+    what = f"eval K={k}" + (f" (process 0 of {ddp.world_size})" if ddp.world_size > 1 else "")
+    with _Progress(stop - start, what, shown=ddp.main) as progress:
+        result = sharded_nll(model, x, k, b, ddp, chunk=chunk, seed=seed, progress=progress)
+    if not ddp.main:
+        return
     per_example = result.pop("per_example")
-    document = {**result, **_provenance(model, resolved, split.value, b, seed),
+    document = {**result, **_provenance(model, resolved, split, b, seed),
                 "limit": limit, "full_split": x.shape[0] == total, "overrides": list(overrides or []),
                 **_evaluated_images(spec, x, binarization_seed)}
     if as_json:

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -12,35 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from .common import SetOption, UserError, fail, load_valid, spec_file
-
-
-# The workers' interpreter must not look in the current folder for modules: a user's own
-# `cli/` or `builders/` package there would be imported instead of avi's (issue 11 item 4).
-# `-c` puts '' (the current folder) first on sys.path; dropping it, then putting the folder
-# this avi is imported from first, makes every import resolve to this installation.
-_SAFE_START = ("import sys; sys.path[:1] = [{root!r}]; sys.argv[0] = {prog!r}; "
-               "from {module} import {func}; sys.exit({func}())")
-
-
-def _relaunch(n: int) -> int:
-    """Run this same command under torchrun with n processes (without --devices)."""
-    argv, skip = [], False
-    for a in sys.argv[1:]:
-        if skip:
-            skip = False
-            continue
-        if a == "--devices":
-            skip = True
-            continue
-        if a.startswith("--devices="):
-            continue
-        argv.append(a)
-    root = str(Path(__file__).resolve().parents[1])
-    launcher = _SAFE_START.format(root=root, prog="torchrun", module="torch.distributed.run", func="main")
-    worker = _SAFE_START.format(root=root, prog="avi", module="cli.main", func="main")
-    cmd = [sys.executable, "-c", launcher, "--standalone", f"--nproc_per_node={n}", "--no-python",
-           sys.executable, "-c", worker, *argv]
-    return subprocess.call(cmd)
+from .relaunch import launched, relaunch
 
 
 def _interrupted_hint(spec: str, out: Path) -> str:
@@ -108,16 +78,17 @@ def train(
     from builders.checkpoint import CheckpointError
     from builders.data.datasets import DatasetError
     from builders.devices import DeviceError
+    from builders.launch.environment import LaunchError
     from builders.train.run_dir import DivergedError
     from builders.train.training import TrainingError, preflight, train as run_training
 
-    user_errors = (CheckpointError, DatasetError, DeviceError, TrainingError)
-    if devices and devices > 1 and "WORLD_SIZE" not in os.environ:
+    user_errors = (CheckpointError, DatasetError, DeviceError, LaunchError, TrainingError)
+    if devices and devices > 1 and not launched():
         try:                          # one clear message here, not one traceback per process
             preflight(resolved, out, resume, devices)
         except user_errors as e:
             raise UserError(str(e)) from None
-        raise typer.Exit(_relaunch(devices))
+        raise typer.Exit(relaunch(devices))
     mode = "quiet" if quiet else "jsonl" if jsonl else "auto"
     try:
         result = run_training(resolved, out, resume=resume, device=device, max_steps=max_steps,
@@ -129,7 +100,8 @@ def train(
     except KeyboardInterrupt:               # training wrote checkpoints/last.pt first
         sys.stderr.write(_interrupted_hint(spec, out))
         raise typer.Exit(130) from None
-    if os.environ.get("RANK", "0") == "0":
+    from builders.launch.environment import launch_environment
+    if launch_environment().rank == 0:
         _print_result(result, resolved.spec.train.epochs, mode)
 
 

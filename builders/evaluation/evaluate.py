@@ -11,11 +11,13 @@ The K samples of an image batch are drawn in chunks of ``chunk`` samples per ima
 chunk folded into the batch dimension of one top-down pass; the per-chunk logsumexps are
 combined with one more logsumexp, which equals a single logsumexp over all K.
 
-Reproducibility. With ``seed`` the global torch RNG is reseeded before every image batch
-(mixed with the batch index), so the same seed, batches and chunk size give bit-identical results.
-Two chunk sizes draw identical samples only if the model draws its noise sample-major (as
-the linear-Gaussian test model does); the attentive VAE draws image-major, so different
-chunk sizes give different, equally valid, samples.
+Reproducibility. With ``seed`` every image draws its samples from its own generator, seeded
+from (seed, the image's index in the split) (builders.evaluation.image_noise): the estimate of an
+image depends on the seed and that image alone, not on the batch size, the chunk size or how
+the images are sharded across processes (builders.evaluation.sharded); the same seed gives
+bit-identical results for the same batches. This needs the model's noise interface
+(``noise_shapes()`` and ``log_weights(x, k, noise)``, which the attentive VAE has); a model
+without it draws from the global RNG, reseeded before every batch (mixed with the batch index).
 
 Nothing here parses command lines; ``cli/eval.py``, ``cli/sample.py`` and ``cli/plot.py``
 call these functions.
@@ -31,6 +33,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 from torch import nn
+
+from .image_noise import draw_noise, image_generators
 
 CPU_BUDGET_BYTES = 1 << 30        # activations of one chunk on the CPU (conservative: 1 GiB)
 CUDA_FREE_FRACTION = 0.5          # of the free GPU memory a chunk may use
@@ -120,7 +124,8 @@ def auto_chunk(model: nn.Module, x: torch.Tensor, k: int, budget_bytes: int | No
 def importance_sampled_nll(model: nn.Module, batches: Iterable[torch.Tensor], k: int,
                            chunk: int | None = None,
                            progress: Callable[[int], None] | None = None, *,
-                           dims: int | None = None, seed: int | None = None) -> dict:
+                           dims: int | None = None, seed: int | None = None,
+                           indices=None) -> dict:
     """Importance-sampled negative log-likelihood (and negative ELBO) over ``batches``.
 
     model: anything with ``log_weights(x, k) -> [B, k]`` (the attentive VAE, or a test model);
@@ -130,7 +135,9 @@ def importance_sampled_nll(model: nn.Module, batches: Iterable[torch.Tensor], k:
     progress: called with the number of images of each finished batch.
     dims: data dimensions D for bits/dim (0: no bits/dim); None infers it from ``model.spec``
       (``data_dims``: 8-bit data only, binary data is reported in nats).
-    seed: reseed the global RNG before every batch (batch_seed(seed, index)) for reproducibility.
+    seed: draw image i's samples from a generator seeded from (seed, i) (the module docstring).
+    indices: the index of every image in batch order (default 0, 1, 2, ...): a shard of the
+      images passes their indices in the split, so that each draws what it draws unsharded.
 
     Returns a dict: importance_samples, examples, chunk, nll_nats (mean -log p(x)),
     nll_stderr_nats, nelbo_nats, nelbo_stderr_nats, bits_per_dim, bits_per_dim_stderr
@@ -150,15 +157,24 @@ def importance_sampled_nll(model: nn.Module, batches: Iterable[torch.Tensor], k:
     log_px, elbo = [], []
     used_chunk = chunk
     start = time.perf_counter()
+    per_image_noise = seed is not None and hasattr(model, "noise_shapes")
+    seen = 0
     try:
         for i, x in enumerate(batches):
             x = x.to(device)
             b = x.shape[0]
             if used_chunk is None:
                 used_chunk = auto_chunk(model, x, k)       # before reseeding: the probe draws
-            if seed is not None:
+            generators = None
+            if per_image_noise:
+                index = np.arange(seen, seen + b) if indices is None else np.asarray(indices)[seen:seen + b]
+                if len(index) != b:
+                    raise ValueError(f"{len(indices)} indices for more images")
+                generators = image_generators(seed, index, device)
+            elif seed is not None:
                 _reseed(seed, i, device)
-            lp, lb = _per_image(model, x, k, used_chunk)
+            seen += b
+            lp, lb = _per_image(model, x, k, used_chunk, generators)
             log_px.append(lp)
             elbo.append(lb)
             if progress is not None:
@@ -175,12 +191,19 @@ def importance_sampled_nll(model: nn.Module, batches: Iterable[torch.Tensor], k:
             "chunk": int(used_chunk or k), **summary}
 
 
-def _per_image(model: nn.Module, x: torch.Tensor, k: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _per_image(model: nn.Module, x: torch.Tensor, k: int, chunk: int,
+               generators: list[torch.Generator] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(x) (streaming logsumexp over chunks of the k log-weights, minus log k) and the
-    ELBO (their mean) of every image of batch x, float64 on the CPU."""
+    ELBO (their mean) of every image of batch x, float64 on the CPU. ``generators``: one per
+    image, the samples' noise is drawn from them (else from the global RNG)."""
     parts, total = [], torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
     for s in range(0, k, chunk):
-        w = model.log_weights(x, min(chunk, k - s)).double()       # [b, chunk]
+        c = min(chunk, k - s)
+        if generators is None:
+            w = model.log_weights(x, c).double()                    # [b, chunk]
+        else:
+            noise = draw_noise(generators, model.noise_shapes(), c, x.device)
+            w = model.log_weights(x, c, noise).double()
         parts.append(torch.logsumexp(w, dim=1))
         total += w.sum(1)
     return (torch.logsumexp(torch.stack(parts, 1), dim=1) - math.log(k)).cpu(), (total / k).cpu()

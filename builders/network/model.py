@@ -300,15 +300,24 @@ class DeepAttentiveVAE(nn.Module):
                            latents=stats["latents"] if record_latents else None,
                            params=params if record_latents else None)
 
-    def log_weights(self, x: torch.Tensor, k: int) -> torch.Tensor:
+    def noise_shapes(self) -> list[tuple[int, ...]]:
+        """The shape of one sample's N(0, I) noise per layer ([Z, S, S] each): what
+        ``log_weights(x, k, noise)`` takes, so that an evaluator can draw every image's noise
+        from that image's own generator (builders.evaluation.image_noise)."""
+        d = self.derived
+        return [(d.latent_channels, d.feature_size, d.feature_size)] * d.layers
+
+    def log_weights(self, x: torch.Tensor, k: int, noise: list[torch.Tensor] | None = None) -> torch.Tensor:
         """[B, k] importance log-weights log p(x|z) + log p(z) - log q(z|x), z ~ q(z|x).
 
         The bottom-up pass runs once on the B images; the k samples ride in the batch
         dimension of the top-down pass (image-major: rows b*k .. b*k+k-1 belong to image b).
+        ``noise``: the eps of every layer ([B*k, Z, S, S], same row order) instead of draws
+        from the global generator.
         """
         b = x.shape[0]
         e = [t.repeat_interleave(k, dim=0) for t in self.bottom_up(x)]
-        params, stats = self.top_down(e, b * k)
+        params, stats = self.top_down(e, b * k, noise=noise)
         log_px = self.head.log_prob(params.float(), self.target(x).repeat_interleave(k, dim=0))
         return (log_px + stats["log_pz"] - stats["log_qz"]).view(b, k)
 

@@ -1,26 +1,15 @@
-"""Data parallelism of `avi train` (docs/model.md section 9): the process group torchrun
-sets up, decisions all ranks agree on, and DistributedDataParallel with per-process batch
-norm statistics."""
+"""Data parallelism of `avi train` (docs/model.md section 9): the process group torchrun or
+srun set up (builders.launch.process_group), decisions all ranks agree on, and
+DistributedDataParallel with per-process batch norm statistics."""
 from __future__ import annotations
 
-import os
 import warnings
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-
-@dataclass
-class Distributed:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    initialised: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
+from ..launch.process_group import (Distributed, setup_distributed,  # noqa: F401 (API)
+                                    teardown_distributed)
 
 
 def all_processes_agree(flags: list[bool], ddp: Distributed, device: torch.device) -> list[bool]:
@@ -44,22 +33,3 @@ def wrap_data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn
         warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                        broadcast_buffers=False)
-
-
-def setup_distributed(device_name: str | None) -> Distributed:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Distributed()
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = (device_name in (None, "auto") and torch.cuda.is_available()) or device_name == "cuda"
-    if not dist.is_initialized():
-        if use_cuda:
-            torch.cuda.set_device(local % torch.cuda.device_count())
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return Distributed(rank, world, local, True)
-
-
-def teardown_distributed(ddp: Distributed) -> None:
-    if ddp.initialised and dist.is_initialized():
-        dist.destroy_process_group()

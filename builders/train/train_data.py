@@ -53,13 +53,15 @@ def mean_test_nelbo(model: torch.nn.Module, data: TrainData, batch_size: int, de
                     autocast: Callable, ddp: Distributed) -> float:
     """Mean single-sample NELBO (nats, beta = 1) over the test set: builders.evaluation.evaluate's
     estimator with K = 1 (model in eval mode, fixed noise seed). Under data parallelism every
-    process scores its share and the sums are reduced."""
+    process scores its share and the sums are reduced; each image draws its noise from its own
+    generator (seeded from its index), as it would in one process."""
     idx = torch.arange(ddp.rank, data.n_test, ddp.world_size)
     total = torch.zeros(2, dtype=torch.float64, device=dev)
     if len(idx):
         batches = (data.test_input(idx[s:s + batch_size]) for s in range(0, len(idx), batch_size))
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), autocast():
-            r = importance_sampled_nll(model, batches, 1, chunk=1, dims=0, seed=TEST_NOISE_SEED)
+            r = importance_sampled_nll(model, batches, 1, chunk=1, dims=0, seed=TEST_NOISE_SEED,
+                                       indices=idx.numpy())
         total += torch.tensor([r["nelbo_nats"] * r["examples"], r["examples"]],
                               dtype=torch.float64, device=dev)
     if ddp.world_size > 1:
