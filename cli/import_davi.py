@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import JsonOption, UserError, out
+from .common import JsonOption, UserError, _escape, out
 
 
 def import_davi(
@@ -103,13 +103,21 @@ def _result(mapping, flags_path: Path, weights: Path | None, written: list[str],
             "mapped": [{"flag": f, "value": v, "to": t} for f, v, t in mapping.rows]}
 
 
+MAX_TABLE_ROWS = 500      # a real run maps about 60 flags and hparams
+
+
 def _print_table(result: dict) -> None:
     from rich.table import Table
-    t = Table(title=f"{result['name']}: their flags ({result['flags']}) -> avi spec", title_justify="left")
+    # Every cell is the user's text (their flags, values, paths): escaped, never markup.
+    t = Table(title=_escape(f"{result['name']}: their flags ({result['flags']}) -> avi spec"),
+              title_justify="left")
     for col in ("flag", "value", "spec field / note"):
         t.add_column(col, overflow="fold")
-    for row in result["mapped"]:
-        t.add_row(row["flag"], row["value"], row["to"])
+    rows = result["mapped"]
+    for row in rows[:MAX_TABLE_ROWS]:
+        t.add_row(_escape(row["flag"]), _escape(row["value"]), _escape(row["to"]))
+    if len(rows) > MAX_TABLE_ROWS:        # rendering 80,000 rows takes rich half a minute
+        t.add_row("...", "", f"{len(rows) - MAX_TABLE_ROWS:,} more rows: --json lists every one")
     out.print(t)
     if result["weights"]:
         out.print(f"weights: {result['weights']} converted", markup=False)
