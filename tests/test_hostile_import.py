@@ -36,7 +36,7 @@ def refused(tmp_path: Path, weights: Path, *needles: str) -> str:
     assert r.stderr.count("error:") == 1, r.stderr
     for n in needles:
         assert n in r.stderr, (n, r.stderr)
-    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".avi-import")]
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".avi-new")]
     return r.stderr
 
 
@@ -373,3 +373,81 @@ def test_a_long_dataset_path_is_kept_as_given(tmp_path):
     cmd.write_text(their_command().replace("fake_omniglot.mat", "d" * 5000, 1))
     r = run_import(cmd, "--flags-only", "--out", tmp_path / "o", "--json")
     assert r.exit_code == 0, r.output        # not looked up beside the flags (too long a name): kept
+
+
+# ------------------------------------------------------------ 3: an import is all or nothing
+
+def leftovers(folder: Path, inputs: set[str]) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name not in inputs)
+
+
+def test_out_that_is_a_file_or_under_a_file_is_refused(tmp_path):
+    cmd = FIX / "train.sh"
+    f = tmp_path / "file"
+    f.write_text("keep me")
+    for out, needle in ((f, "exists and is not a folder"), (f / "sub", "a parent of it is a file"),
+                        (f / "a" / "b", "a parent of it is a file")):
+        r = run_import(cmd, "--flags-only", "--out", out)
+        assert r.exit_code == 2 and needle in r.stderr, r.output
+    assert f.read_text() == "keep me" and leftovers(tmp_path, {"file"}) == []
+
+
+def test_out_with_a_name_over_255_bytes_is_refused_before_anything_is_read(tmp_path):
+    r = run_import(FIX / "train.sh", "--flags-only", "--out", tmp_path / ("é" * 128))
+    assert r.exit_code == 2 and "256 bytes" in r.stderr and "at most 255" in r.stderr, r.output
+    assert leftovers(tmp_path, set()) == []
+
+
+def test_out_that_is_an_empty_folder_is_filled_and_a_full_one_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = run_import(FIX / "train.sh", "--flags-only", "--out", tmp_path / "empty")
+    assert r.exit_code == 0, r.output
+    assert [p.name for p in (tmp_path / "empty").iterdir()] == ["spec.yaml"]
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    r = run_import(FIX / "train.sh", "--flags-only", "--out", tmp_path / "full")
+    assert r.exit_code == 2 and "not empty" in r.stderr, r.output
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["notes.txt"]
+
+
+def fault_points(monkeypatch, tmp_path: Path, args: list) -> list[str]:
+    from builders import faults
+    log = tmp_path / "faults.log"
+    monkeypatch.setenv("AVI_FAULT_LOG", str(log))
+    faults.reset()
+    assert run_import(*args, "--out", tmp_path / "new" / "o").exit_code == 0
+    shutil.rmtree(tmp_path / "new")
+    monkeypatch.delenv("AVI_FAULT_LOG")
+    return log.read_text().splitlines()
+
+
+@pytest.mark.parametrize("flags_only", [True, False], ids=["flags-only", "with-weights"])
+def test_a_full_disk_at_any_write_leaves_nothing_behind(tmp_path, monkeypatch, flags_only):
+    """ENOSPC raised in-process at each write, mkdir and rename of an import in turn (the
+    fault points builders.faults provides): every one is an exit-2 message and leaves no
+    folder, temporary or parent behind."""
+    from builders import faults
+    work = tmp_path / "work"
+    work.mkdir()
+    args = [FIX / "train.sh", "--flags-only"] if flags_only else [FIX, "--flags", FIX / "train.sh"]
+    points = fault_points(monkeypatch, work, args)
+    assert len(points) >= (3 if flags_only else 4), points
+    for n in range(1, len(points) + 1):
+        faults.reset()
+        monkeypatch.setenv("AVI_FAULT_RAISE_AT", f"{n}:ENOSPC")
+        r = run_import(*args, "--out", work / "new" / "o")
+        assert r.exit_code == 2, (points[n - 1], r.output)
+        assert "No space left on device" in r.stderr and "nothing was written" in r.stderr, r.stderr
+        assert leftovers(work, {"faults.log"}) == [], (points[n - 1], leftovers(work, {"faults.log"}))
+    faults.reset()
+
+
+@pytest.mark.parametrize("code, needle", [("EROFS", "Read-only file system"), ("EACCES", "Permission denied")])
+def test_a_read_only_folder_is_an_exit_2_message(tmp_path, monkeypatch, code, needle):
+    from builders import faults
+    faults.reset()
+    monkeypatch.setenv("AVI_FAULT_RAISE_AT", f"1:{code}")
+    r = run_import(FIX / "train.sh", "--flags-only", "--out", tmp_path / "o")
+    faults.reset()
+    assert r.exit_code == 2 and needle in r.stderr, r.output
+    assert leftovers(tmp_path, set()) == []
