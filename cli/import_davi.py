@@ -42,7 +42,7 @@ def import_davi(
     try:
         result = _import(source, out_dir, flags, flags_only)
     except (FlagError, ConversionError) as e:
-        raise UserError(str(e)) from None
+        raise UserError(_clip(str(e))) from None
     except OSError as e:              # from writing DIR: a full disk, a read-only folder ...
         raise UserError(f"cannot write {out_dir}: {e.strerror or e}; nothing was written") from None
     if as_json:
@@ -76,6 +76,13 @@ def _import(source: Path, out_dir: Path, flags_file: Path | None, flags_only: bo
 
 
 NAME_MAX = 255             # bytes of one file name on Linux's file systems
+
+
+def _clip(message: str, limit: int = 2000) -> str:
+    """A message quoting a 1 MB flag value stays a message: its start and end."""
+    if len(message) <= limit:
+        return message
+    return f"{message[:limit - 400]} ... ({len(message) - limit + 200:,} characters left out) ... {message[-200:]}"
 
 
 def _check_out(out_dir: Path) -> None:

@@ -451,3 +451,31 @@ def test_a_read_only_folder_is_an_exit_2_message(tmp_path, monkeypatch, code, ne
     faults.reset()
     assert r.exit_code == 2 and needle in r.stderr, r.output
     assert leftovers(tmp_path, set()) == []
+
+
+# ------------------------------------------------------------------- siblings found on the way
+
+def test_big_endian_weights_import(tmp_path, h5):
+    """TF on a big-endian machine, or any writer's choice: torch reads native order only."""
+    with h5py.File(h5, "r+") as f:
+        g, n = first_weight(f)
+        data = g[n][()]
+        del g[n]
+        g.create_dataset(n, data=data.astype(">f4"))
+    r = run_import(h5, "--flags", FIX / "train.sh", "--out", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+
+
+def test_npz_with_an_encrypted_member_is_refused(tmp_path):
+    path = npz_with(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[data.find(b"PK\x03\x04") + 6] |= 1                 # the "encrypted" flag bit
+    data[data.find(b"PK\x01\x02") + 8] |= 1
+    path.write_bytes(bytes(data))
+    refused(tmp_path, path, "encrypted")
+
+
+def test_a_message_quoting_a_huge_value_is_clipped(tmp_path):
+    stderr = flags_refused(tmp_path, their_command() + " --train_hparams=optimizer=" + "x" * 500_000,
+                           "optimizer=xxx", "characters left out")
+    assert len(stderr) < 3000

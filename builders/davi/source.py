@@ -104,8 +104,9 @@ def find_weights(source: Path) -> Path:
         return source / "final_model.h5"     # read_h5 refuses it if it is not a regular file
     found = sorted(source.glob("*.h5")) or sorted(source.glob("*_by_path.npz"))
     if len(found) != 1:
-        raise ConversionError(f"{source}: expected final_model.h5 (found "
-                              f"{', '.join(p.name for p in found) or 'no weights file'}); name the file")
+        shown = ", ".join(p.name for p in found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        raise ConversionError(f"{source}: expected final_model.h5 (found {shown or 'no weights file'}); "
+                              "name the file")
     return found[0]
 
 
@@ -129,7 +130,8 @@ def read_npz(path: Path, model) -> dict[str, np.ndarray]:
             return out
     except ConversionError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    # RuntimeError: an encrypted member; NotImplementedError: a compression zipfile lacks.
+    except (OSError, ValueError, EOFError, RuntimeError, NotImplementedError, zipfile.BadZipFile) as e:
         raise ConversionError(f"{path}: not a readable .npz of tensors ({str(e)[:200]})") from None
 
 
