@@ -43,8 +43,8 @@ def import_davi(
         result = _import(source, out_dir, flags, flags_only)
     except (FlagError, ConversionError) as e:
         raise UserError(_clip(str(e))) from None
-    except OSError as e:              # from writing DIR: a full disk, a read-only folder ...
-        raise UserError(f"cannot write {out_dir}: {e.strerror or e}; nothing was written") from None
+    except OSError as e:              # a read the readers above do not name (a folder we may not list)
+        raise UserError(f"cannot read {e.filename or source}: {e.strerror or e}; nothing was written") from None
     if as_json:
         print(json.dumps(result, indent=2))
         return
@@ -56,7 +56,6 @@ def _import(source: Path, out_dir: Path, flags_file: Path | None, flags_only: bo
     from builders.davi.importer import build_imported, spec_mapping
     from builders.davi.source import find_flags, find_weights, read_flags
 
-    from builders.folder import create_folder
     flags_path = find_flags(source, flags_file)
     flags = read_flags(flags_path)
     name = out_dir.name
@@ -64,15 +63,24 @@ def _import(source: Path, out_dir: Path, flags_file: Path | None, flags_only: bo
     if flags_only:
         mapping = spec_mapping(flags, name)
         resolved = load_document(mapping.document, source=str(flags_path))
-        create_folder(out_dir, lambda d: _write(d / "spec.yaml", dump_yaml(resolved.document)))
+        _publish(out_dir, lambda d: _write(d / "spec.yaml", dump_yaml(resolved.document)))
         return _result(mapping, flags_path, None, [str(out_dir / "spec.yaml")], resolved)
     weights = find_weights(source)
     tensors = _read_weights(weights, flags, name)
     model, resolved, mapping = build_imported(flags, name, tensors)
     origin = {"flags": str(flags_path), "weights": str(weights)}
-    create_folder(out_dir, lambda d: _save(d, resolved, model, origin))
+    _publish(out_dir, lambda d: _save(d, resolved, model, origin))
     written = [str(out_dir / "spec.yaml"), str(out_dir / "checkpoints" / "last.pt")]
     return _result(mapping, flags_path, weights, written, resolved)
+
+
+def _publish(out_dir: Path, fill) -> None:
+    """DIR written whole or not at all (builders.folder); a failed write is the user's message."""
+    from builders.folder import create_folder
+    try:
+        create_folder(out_dir, fill)
+    except OSError as e:              # a full disk, a read-only folder ...
+        raise UserError(f"cannot write {out_dir}: {e.strerror or e}; nothing was written") from None
 
 
 NAME_MAX = 255             # bytes of one file name on Linux's file systems
