@@ -11,13 +11,13 @@ import shutil
 import time
 from pathlib import Path
 
+import h5py                    # a test dependency (pyproject [test]): never skipped
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
 
-h5py = pytest.importorskip("h5py", reason="the .h5 cases need h5py (the [test] extra)")
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "davi" / "trained_tiny_attn"
 runner = CliRunner()
