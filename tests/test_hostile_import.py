@@ -479,3 +479,33 @@ def test_a_message_quoting_a_huge_value_is_clipped(tmp_path):
     stderr = flags_refused(tmp_path, their_command() + " --train_hparams=optimizer=" + "x" * 500_000,
                            "optimizer=xxx", "characters left out")
     assert len(stderr) < 3000
+
+
+def _edit_layer_names(f, change):
+    names = [n.decode() if isinstance(n, bytes) else n for n in f.attrs["layer_names"]]
+    return change(f, names)
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("dataset where a layer group belongs", "a dataset where a group belongs"),
+    ("model_weights as a soft link", "soft link"),
+    ("layer_names a scalar", "expected a list of names"),
+    ("layer_names not UTF-8", "cannot be read as names"),
+    ("weight_names one short", "holds 51 tensors"),
+])
+def test_more_malformed_keras_layouts_are_one_message(tmp_path, h5, case, needle):
+    with h5py.File(h5, "r+") as f:
+        layers = [n.decode() if isinstance(n, bytes) else n for n in f.attrs["layer_names"]]
+        if case == "dataset where a layer group belongs":
+            del f[layers[0]]
+            f[layers[0]] = np.zeros(3, np.float32)
+        elif case == "model_weights as a soft link":
+            f["model_weights"] = h5py.SoftLink("/")
+        elif case == "layer_names a scalar":
+            f.attrs["layer_names"] = "concat_conv2d"
+        elif case == "layer_names not UTF-8":
+            f.attrs["layer_names"] = np.array([b"\xff\xfe"] * len(layers))
+        else:
+            g = f["res_net_1"]
+            g.attrs["weight_names"] = g.attrs["weight_names"][:-1]
+    refused(tmp_path, h5, needle)
