@@ -37,9 +37,16 @@ MAX_CHARS = 4 << 20
 
 def display_path(path: Path) -> str:
     try:
-        return str(path.relative_to(Path.cwd()))
+        shown = str(path.relative_to(Path.cwd()))
     except ValueError:
-        return str(path)
+        shown = str(path)
+    return clip_path(shown)
+
+
+def clip_path(shown: str, limit: int = 240) -> str:
+    """A path as a message shows it: whole up to `limit` characters, else its start and end
+    (a 5,000-character path is a message of its own)."""
+    return shown if len(shown) <= limit else f"{shown[:limit // 2]}...{shown[-limit // 4:]} ({len(shown):,} characters)"
 
 
 # ------------------------------------------------------------------------ files

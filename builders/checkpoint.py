@@ -13,6 +13,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -129,10 +130,16 @@ def _display(path: Path) -> str:
 def load_checkpoint(path: str | Path) -> dict:
     """Read a checkpoint (on the CPU) with ``weights_only=True``; CheckpointError if it cannot."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{_display(path)} does not exist")
+    if not os.path.isfile(path):
+        what = "is not a regular file" if os.path.lexists(path) else "does not exist"
+        raise CheckpointError(f"{_display(path)} {what}")
+    why = _not_torch_save(path)
+    if why:
+        raise CheckpointError(f"{_display(path)} is not an avi checkpoint: {why}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():          # torch's own notes (pickle protocol ...): ours say it
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:                       # truncated zip, bad pickle, unsafe content ...
         raise CheckpointError(_load_failure(path, e)) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -141,6 +148,24 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{_display(path)} was written by a newer avi (format "
                               f"{payload['format_version']}); upgrade avi")
     return payload
+
+
+def _not_torch_save(path: Path) -> str | None:
+    """Why the file cannot be one torch.save wrote (a zip archive), from its first bytes, when
+    they show it is a raw pickle; None otherwise (a damaged zip is for torch.load to report)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return None
+    if len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5:      # pickle's PROTO opcode
+        return RAW_PICKLE
+    return None
+
+
+RAW_PICKLE = ("it is a raw Python pickle (or a torch.save file from before PyTorch 1.6), not the "
+              "zip archive torch.save writes. It was not loaded: unpickling can run any code the "
+              "file holds, and avi loads checkpoints as tensors and plain values only")
 
 
 def _load_failure(path: Path, e: Exception) -> str:
@@ -153,7 +178,14 @@ def _load_failure(path: Path, e: Exception) -> str:
         return (f"refused to load {_display(path)}: it holds Python objects whose loading could run "
                 f"code{detail}. avi checkpoints hold tensors and plain values only; do not load this "
                 f"file unless you know where it came from")
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    # Not a zip, yet torch's legacy reader read a whole pickle, of something other than the
+    # magic number a legacy torch.save file starts with: a pickle of protocol 0 or 1 (no PROTO
+    # opcode to tell it by). Junk that merely starts like a pickle stays "corrupt".
+    if "magic number" in text and not _looks_complete(path):
+        return f"{_display(path)} is not an avi checkpoint: {RAW_PICKLE}"
+    # torch's message advises loading with weights_only=False (unsafely): never repeat that.
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln
+             and "file an issue" not in ln and "Check the documentation" not in ln]
     return f"{_display(path)} is corrupt ({(lines or [type(e).__name__])[0][:200]})"
 
 

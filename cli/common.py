@@ -6,6 +6,7 @@ UserError for a user's mistake: cli.main turns them into messages and exit 2, ne
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Iterable, NoReturn, Optional
 
@@ -43,7 +44,9 @@ def fail(message: str, code: int = 2) -> NoReturn:
 def spec_file(path: str | Path) -> Path:
     """A spec file, or the spec.yaml a run directory keeps (so commands take SPEC_OR_RUN)."""
     p = Path(path)
-    if p.is_dir() and (p / "spec.yaml").is_file():
+    # os.path, not pathlib: Path.is_dir() raises on a name too long or a folder we may not
+    # read (Python < 3.12); the loader then says what is wrong with the path.
+    if os.path.isdir(p) and os.path.isfile(p / "spec.yaml"):
         return p / "spec.yaml"
     return p
 

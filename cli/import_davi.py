@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from .common import JsonOption, UserError, err, out
+from .common import JsonOption, UserError, _escape, err, out
 
 
 def import_davi(
@@ -25,8 +27,10 @@ def import_davi(
     Maps every flag of their run.py (ifiaposto/Deep_Attentive_VI) to a spec field, converts
     their Keras weights, and writes DIR/spec.yaml and DIR/checkpoints/last.pt, so that
     `avi eval / sample / reconstruct / plot DIR` work.
-    A flag avi cannot express, or a tensor missing or of the wrong shape, is an error (exit 2)
-    and nothing is written. Reading .h5 files needs h5py (pip install -e '.\\[import]').
+    DIR must be new (or an empty folder); it is written whole, through a temporary folder
+    renamed into place. A flag avi cannot express, a tensor missing or of the wrong shape, a
+    weights file that reaches outside itself, or a full disk is an error (exit 2) and nothing
+    is written. Reading .h5 files needs h5py (pip install -e '.\\[import]').
 
     Example:
 
@@ -37,14 +41,13 @@ def import_davi(
     from builders.davi.flags import FlagError
     from builders.davi.weights import ConversionError
 
-    targets = [out_dir / "spec.yaml"] + ([] if flags_only else [out_dir / "checkpoints" / "last.pt"])
-    existing = [str(p) for p in targets if p.exists()]
-    if existing:
-        raise UserError(f"{existing[0]} exists; choose another --out (nothing was overwritten)")
+    _check_out(out_dir)
     try:
         result = _import(source, out_dir, flags, flags_only, data_root)
     except (FlagError, ConversionError) as e:
-        raise UserError(str(e)) from None
+        raise UserError(_clip(str(e))) from None
+    except OSError as e:              # a read the readers above do not name (a folder we may not list)
+        raise UserError(f"cannot read {e.filename or source}: {e.strerror or e}; nothing was written") from None
     if as_json:
         print(json.dumps(result, indent=2))
         return
@@ -62,19 +65,68 @@ def _import(source: Path, out_dir: Path, flags_file: Path | None, flags_only: bo
     flags = read_flags(flags_path)
     name = out_dir.name
     if data_root is not None and not Path(data_root).exists():
-        err.print(f"warning: --data-root {data_root} does not exist here; data.root is set to it "
-                  f"all the same (avi train/eval read it)", markup=False)
+        err.print(f"warning: --data-root {_escape(data_root)} does not exist here; data.root is set "
+                  f"to it all the same (avi train/eval read it)")
+    # Everything is read, mapped and checked first; then DIR is written whole or not at all.
     if flags_only:
         mapping = spec_mapping(flags, name, data_root=data_root)
         resolved = checked_spec(mapping.document, str(flags_path))
         build_model(resolved.spec, "meta")       # what avi build checks, before anything is written
-        written = [_write(out_dir / "spec.yaml", dump_yaml(resolved.document))]
-        return _result(mapping, flags_path, None, written, resolved)
+        _publish(out_dir, lambda d: _write(d / "spec.yaml", dump_yaml(resolved.document)))
+        return _result(mapping, flags_path, None, [str(out_dir / "spec.yaml")], resolved)
     weights = find_weights(source)
     tensors = _read_weights(weights, flags, name)
     model, resolved, mapping = build_imported(flags, name, tensors, data_root)
-    written = _save(out_dir, resolved, model, {"flags": str(flags_path), "weights": str(weights)})
+    origin = {"flags": str(flags_path), "weights": str(weights)}
+    _publish(out_dir, lambda d: _save(d, resolved, model, origin))
+    written = [str(out_dir / "spec.yaml"), str(out_dir / "checkpoints" / "last.pt")]
     return _result(mapping, flags_path, weights, written, resolved)
+
+
+def _publish(out_dir: Path, fill) -> None:
+    """DIR written whole or not at all (builders.folder); a failed write is the user's message."""
+    from builders.folder import create_folder
+    try:
+        create_folder(out_dir, fill)
+    except OSError as e:              # a full disk, a read-only folder ...
+        raise UserError(f"cannot write {out_dir}: {e.strerror or e}; nothing was written") from None
+
+
+NAME_MAX = 255             # bytes of one file name on Linux's file systems
+
+
+def _clip(message: str, limit: int = 2000) -> str:
+    """A message quoting a 1 MB flag value stays a message: its start and end."""
+    if len(message) <= limit:
+        return message
+    return f"{message[:limit - 400]} ... ({len(message) - limit + 200:,} characters left out) ... {message[-200:]}"
+
+
+def _check_out(out_dir: Path) -> None:
+    """DIR must be new (or an empty folder) and nameable, before anything is read."""
+    name = out_dir.name
+    if name in ("", ".", ".."):
+        raise UserError(f"--out {out_dir}: name a new folder to create")
+    if len(os.fsencode(name)) > NAME_MAX:
+        raise UserError(f"--out: the folder name ({name[:40]}...) is {len(os.fsencode(name))} bytes; "
+                        f"a file name is at most {NAME_MAX} bytes")
+    try:
+        st = os.lstat(out_dir)
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        raise UserError(f"--out {out_dir}: a parent of it is a file, not a folder") from None
+    except OSError as e:
+        raise UserError(f"--out {out_dir}: {e.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        try:
+            with os.scandir(out_dir) as entries:
+                if next(entries, None) is None:
+                    return                                     # an empty folder is replaced
+        except OSError as e:
+            raise UserError(f"--out {out_dir}: {e.strerror}") from None
+    what = "exists and is not empty" if stat.S_ISDIR(st.st_mode) else "exists and is not a folder"
+    raise UserError(f"--out {out_dir} {what}; choose another --out (nothing was overwritten)")
 
 
 def _read_weights(weights: Path, flags: dict, name: str) -> dict:
@@ -90,14 +142,14 @@ def _read_weights(weights: Path, flags: dict, name: str) -> dict:
     return (read_npz if weights.suffix == ".npz" else read_h5)(weights, shape_model)
 
 
-def _save(out_dir: Path, resolved, model, origin: dict) -> list[str]:
+def _save(out_dir: Path, resolved, model, origin: dict) -> None:
     from avi_spec.loader import dump_yaml
     from builders.checkpoint import save_checkpoint
-    ckpt = out_dir / "checkpoints" / "last.pt"
-    save_checkpoint(ckpt, {"spec": resolved.document, "spec_hash": resolved.hash,
-                           "model": model.state_dict(), "imported_from": origin,
-                           "state": {"step": 0, "epoch": 0}}, keep_previous=False)
-    return [_write(out_dir / "spec.yaml", dump_yaml(resolved.document)), str(ckpt)]
+    save_checkpoint(out_dir / "checkpoints" / "last.pt",
+                    {"spec": resolved.document, "spec_hash": resolved.hash,
+                     "model": model.state_dict(), "imported_from": origin,
+                     "state": {"step": 0, "epoch": 0}}, keep_previous=False)
+    _write(out_dir / "spec.yaml", dump_yaml(resolved.document))
 
 
 def _write(path: Path, text: str) -> str:
@@ -112,13 +164,21 @@ def _result(mapping, flags_path: Path, weights: Path | None, written: list[str],
             "mapped": [{"flag": f, "value": v, "to": t} for f, v, t in mapping.rows]}
 
 
+MAX_TABLE_ROWS = 500      # a real run maps about 60 flags and hparams
+
+
 def _print_table(result: dict) -> None:
     from rich.table import Table
-    t = Table(title=f"{result['name']}: their flags ({result['flags']}) -> avi spec", title_justify="left")
+    # Every cell is the user's text (their flags, values, paths): escaped, never markup.
+    t = Table(title=_escape(f"{result['name']}: their flags ({result['flags']}) -> avi spec"),
+              title_justify="left")
     for col in ("flag", "value", "spec field / note"):
         t.add_column(col, overflow="fold")
-    for row in result["mapped"]:
-        t.add_row(row["flag"], row["value"], row["to"])
+    rows = result["mapped"]
+    for row in rows[:MAX_TABLE_ROWS]:
+        t.add_row(_escape(row["flag"]), _escape(row["value"]), _escape(row["to"]))
+    if len(rows) > MAX_TABLE_ROWS:        # rendering 80,000 rows takes rich half a minute
+        t.add_row("...", "", f"{len(rows) - MAX_TABLE_ROWS:,} more rows: --json lists every one")
     out.print(t)
     if result["weights"]:
         out.print(f"weights: {result['weights']} converted", markup=False)

@@ -555,3 +555,13 @@ def test_a_train_seed_past_64_bits_is_a_spec_error_before_anything_is_built(tmp_
     assert r.exit_code == 2 and "train.seed" in r.output, r.output
     assert not out.exists()
     assert load_spec(QUICKSTART, [f"train.seed={-2 ** 63}"]).spec.train.seed == -2 ** 63
+
+
+# ------------------------------------------------- issue 20: a spec path too long to exist
+
+@pytest.mark.parametrize("command", [["validate"], ["graph"], ["build"], ["diff", "specs/quickstart.yaml"]])
+def test_a_5000_character_spec_path_is_an_error_not_a_traceback(command):
+    r = runner.invoke(app, [*command, "a" * 5000])
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output and "File name too long" in r.stderr
+    assert "(5,000 characters)" in r.stderr and len(r.stderr) < 1500

@@ -8,14 +8,11 @@ is a FlagError naming it. `Mapping.rows` says what went where (the import table)
 """
 from __future__ import annotations
 
-import re
-import shlex
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-
-class FlagError(ValueError):
-    """A flag (or one of its hparams) that avi cannot express, or a malformed command."""
+from .command import FlagError, _clip, parse_command, split_hparams  # noqa: F401 (re-exported)
 
 
 # Flags that only place files or pick the mode: recorded, never mapped.
@@ -30,48 +27,30 @@ _DATASETS = {  # their dataset -> (avi dataset, image channels, side, pad, distr
 }
 
 
-def split_hparams(text: str) -> dict[str, str]:
-    """`a=1,b=[x=1,y=2],c=[0,0]` -> {"a": "1", "b": "[x=1,y=2]", "c": "[0,0]"} (their parser's
-    rule: split on commas and '=' outside brackets)."""
-    out: dict[str, str] = {}
-    for pair in re.split(r",\s*(?![^\[]*\])", text.strip()):
-        if not pair:
-            continue
-        parts = re.split(r"=\s*(?![^\[]*\])", pair, maxsplit=1)
-        if len(parts) != 2:
-            raise FlagError(f"cannot read '{pair}': expected key=value")
-        out[parts[0].strip()] = parts[1].strip()
-    return out
+def _int(flag: str, key: str, v: str) -> int:
+    """An integer value: digits (or a float literal of an integer, as their parser allows);
+    never inf, nan or 1e400, which int() would turn into a traceback or a 400-digit number."""
+    x = _num(flag, key, v)
+    if not x.is_integer() or abs(x) > _MAX_INT:
+        raise FlagError(f"--{flag}: {key}={_clip(v)} is not an integer avi can use")
+    return int(x)
 
 
-def parse_command(text: str) -> dict[str, str]:
-    """The --name=value flags of a run.py command line (several lines, `\\` continuations and
-    a leading `python3 run.py` allowed; the last value of a repeated flag wins, as absl does)."""
-    flags: dict[str, str] = {}
-    for tok in shlex.split(text.replace("\\\n", " "), comments=True):
-        if not tok.startswith("--"):
-            continue
-        name, eq, value = tok[2:].partition("=")
-        if not eq:
-            raise FlagError(f"flag --{name}: expected --{name}=VALUE")
-        flags[name] = value
-    if not flags:
-        raise FlagError("no --name=value flags found")
-    return flags
+_MAX_INT = 2 ** 53      # exact in a float; far above any size, count or epoch
 
 
 def _int_list(flag: str, key: str, v: str) -> list[int]:
-    try:
-        return [int(float(x)) for x in v.strip("[]").split(",") if x.strip()]
-    except ValueError:
-        raise FlagError(f"--{flag}: {key}={v} is not a list of numbers") from None
+    return [_int(flag, key, x) for x in v.strip("[]").split(",") if x.strip()]
 
 
 def _num(flag: str, key: str, v: str) -> float:
     try:
-        return float(v)
+        x = float(v)
     except ValueError:
-        raise FlagError(f"--{flag}: {key}={v} is not a number") from None
+        raise FlagError(f"--{flag}: {key}={_clip(v)} is not a number") from None
+    if not math.isfinite(x):
+        raise FlagError(f"--{flag}: {key}={_clip(v)} is not a finite number")
+    return x
 
 
 def _bool(flag: str, key: str, v: str) -> bool:
@@ -118,8 +97,8 @@ def _nonlocal(flag: str, hp: dict[str, str]) -> dict | None:
         if inner.get(k, ok) != ok:
             raise FlagError(f"--{flag}: nonlocop_hparams {k}={inner[k]} cannot be expressed in avi "
                             f"(avi's non-local block has {k}={ok})")
-    key = int(_num(flag, "key_dim", inner.get("key_dim", "32")))
-    query = int(_num(flag, "query_dim", inner.get("query_dim", str(key))))
+    key = _int(flag, "key_dim", inner.get("key_dim", "32"))
+    query = _int(flag, "query_dim", inner.get("query_dim", str(key)))
     return {"key_dim": key, "query_dim": query}
 
 
@@ -136,17 +115,17 @@ def _cells(m: Mapping, flag: str, raw: str, where: str, own_filters: bool) -> No
                 raise FlagError(f"--{flag}: scale={v}: avi's blocks take -2, 0 or 2")
             m.put(f"{where}.scales", scales, flag, f"{k}={v}")
         elif k == "num_blocks":
-            n = int(_num(flag, k, v))
+            n = _int(flag, k, v)
             scales = _int_list(flag, "scale", hp.get("scale", "-2"))
             if n != len(scales):
                 raise FlagError(f"--{flag}: num_blocks={n} but scale has {len(scales)} entries; "
                                 "avi takes one scale per block")
             m.note(flag, f"{k}={v}", f"{where}.scales has {n} entries")
         elif k == "num_nodes":
-            m.put(f"{where}.nodes", int(_num(flag, k, v)), flag, f"{k}={v}")
+            m.put(f"{where}.nodes", _int(flag, k, v), flag, f"{k}={v}")
         elif k == "num_filters":
             if own_filters:
-                m.put(f"{where}.filters", int(_num(flag, k, v)), flag, f"{k}={v}")
+                m.put(f"{where}.filters", _int(flag, k, v), flag, f"{k}={v}")
             else:
                 m.note(flag, f"{k}={v}", "unused by their model here (no stem; the width is derived)")
         elif k == "use_stem":
@@ -175,7 +154,7 @@ def _attention(m: Mapping, flag: str, raw: str, where: str) -> None:
     doc: dict[str, Any] = {"key_dim": 20, "query_dim": 20, "layer_norm": False}   # their defaults
     for k, v in hp.items():
         if k in ("key_dim", "query_dim"):
-            doc[k] = int(_num(flag, k, v))
+            doc[k] = _int(flag, k, v)
         elif k == "use_layer_norm":
             doc["layer_norm"] = _bool(flag, k, v)
         elif (k, v) in (("use_scale", "True"), ("alignment_function", "softmax")) or k == "value_dim":
@@ -201,7 +180,7 @@ def _data_dist(m: Mapping, flag: str, raw: str, kind: str) -> None:
     where = "data.distribution"
     for k, v in hp.items():
         if kind == "discretized_logistic_mixture" and k == "num_logistic_mix":
-            m.put(f"{where}.mixtures", int(_num(flag, k, v)), flag, f"{k}={v}")
+            m.put(f"{where}.mixtures", _int(flag, k, v), flag, f"{k}={v}")
         elif kind == "discretized_logistic_mixture" and k == "log_scale_low_bound":
             m.put(f"{where}.min_log_scale", _num(flag, k, v), flag, f"{k}={v}")
         elif (k, v) in (("high", "255"), ("low", "0")):
@@ -226,7 +205,7 @@ def _model(m: Mapping, raw: str) -> str:
                 raise FlagError(f"--hparams: {k}={v} cannot be expressed in avi (it builds {k}={fixed[k]})")
             m.note("hparams", f"{k}={v}", "avi's fixed design")
         elif k == "num_layers":
-            m.put("hierarchy.layers", int(_num("hparams", k, v)), "hparams", f"{k}={v}")
+            m.put("hierarchy.layers", _int("hparams", k, v), "hparams", f"{k}={v}")
         elif k == "layer_latent_shape":
             s = _int_list("hparams", k, v)
             if len(s) != 3 or s[0] != s[1]:
@@ -250,22 +229,22 @@ _SCHEDULES = {"cosine_warmup": "cosine", "cosine_restart_warmup": "cosine_restar
 
 def _train(m: Mapping, raw: str) -> None:
     hp = split_hparams(raw)
-    gpus = int(_num("train_hparams", "num_gpus", hp.pop("num_gpus", "1")))
-    per = int(_num("train_hparams", "batch_size", hp.pop("batch_size", "256")))
+    gpus = _int("train_hparams", "num_gpus", hp.pop("num_gpus", "1"))
+    per = _int("train_hparams", "batch_size", hp.pop("batch_size", "256"))
     m.put("train.batch_size", gpus * per, "train_hparams", f"num_gpus={gpus} x batch_size={per}")
-    simple = {"epochs": ("train.epochs", int), "learning_rate": ("train.optimizer.lr", float),
-              "lr_warmup_epochs": ("train.schedule.warmup_epochs", float),
-              "lr_min_learning_rate": ("train.schedule.min_lr", float),   # also the warm-up start
-              "lr_first_decay_epochs": ("train.schedule.first_cycle_epochs", float),
-              "lr_t_mul": ("train.schedule.cycle_mult", float),
-              "keras_lr_epsilon": ("train.optimizer.eps", float)}
+    simple = {"epochs": ("train.epochs", _int), "learning_rate": ("train.optimizer.lr", _num),
+              "lr_warmup_epochs": ("train.schedule.warmup_epochs", _num),
+              "lr_min_learning_rate": ("train.schedule.min_lr", _num),   # also the warm-up start
+              "lr_first_decay_epochs": ("train.schedule.first_cycle_epochs", _num),
+              "lr_t_mul": ("train.schedule.cycle_mult", _num),
+              "keras_lr_epsilon": ("train.optimizer.eps", _num)}
     betas = [0.9, 0.999]
     for k, v in hp.items():
         if k in simple:
-            path, cast = simple[k]
-            m.put(path, cast(_num("train_hparams", k, v)), "train_hparams", f"{k}={v}")
+            path, read = simple[k]
+            m.put(path, read("train_hparams", k, v), "train_hparams", f"{k}={v}")
             if k == "lr_min_learning_rate":      # their warm-up rises from the minimum
-                m.put("train.schedule.warmup_start_lr", float(v), "train_hparams", f"{k}={v}")
+                m.put("train.schedule.warmup_start_lr", _num("train_hparams", k, v), "train_hparams", f"{k}={v}")
         elif k == "learning_rate_schedule":
             if v not in _SCHEDULES:
                 raise FlagError(f"--train_hparams: learning_rate_schedule={v} has no avi equivalent")
@@ -294,9 +273,9 @@ def _train(m: Mapping, raw: str) -> None:
 def _eval(m: Mapping, raw: str) -> None:
     for k, v in split_hparams(raw).items():
         if k == "num_importance_samples":
-            m.put("eval.importance_samples", int(_num("eval_hparams", k, v)), "eval_hparams", f"{k}={v}")
+            m.put("eval.importance_samples", _int("eval_hparams", k, v), "eval_hparams", f"{k}={v}")
         elif k == "batch_size":
-            m.put("eval.batch_size", int(_num("eval_hparams", k, v)), "eval_hparams", f"{k}={v}")
+            m.put("eval.batch_size", _int("eval_hparams", k, v), "eval_hparams", f"{k}={v}")
         else:
             m.note("eval_hparams", f"{k}={v}", "what their evaluation prints; `avi eval/sample/reconstruct` do it")
 
@@ -349,20 +328,20 @@ def to_spec(flags: dict[str, str], name: str, data_root: str | None = None) -> M
     if unknown:
         raise FlagError(f"--{unknown[0]} is not a flag of their run.py that avi knows")
     _dataset(m, flags.get("dataset", "cifar10"), flags.get("dataset_path"), flags.get("dataset_transform"))
-    kind = _model(m, flags.get("hparams", ""))
+    kind = _named("hparams", _model, m, flags.get("hparams", ""))
     # Unset attention / merge flags are their defaults: no attention, no non-local block.
     for f in ("decoder_attention_hparams", "encoder_attention_hparams", "merge_encoder_hparams",
               "merge_decoder_hparams", "posterior_hparams", "prior_hparams"):
-        handlers[f](flags.get(f, ""))
+        _named(f, handlers[f], flags.get(f, ""))
     for f in ("decoder_hparams", "encoder_hparams", "preproc_encoder_hparams",
               "postproc_decoder_hparams", "eval_hparams"):
         if f in flags:
-            handlers[f](flags[f])
+            _named(f, handlers[f], flags[f])
         elif f != "eval_hparams":
             raise FlagError(f"--{f} is not given: their default cell (scale=-2, 16 filters) is not "
                             "one avi imports; give their command with the flag stated")
-    handlers["train_hparams"](flags.get("train_hparams", ""))   # their defaults differ from avi's
-    _data_dist(m, "data_dist_hparams", flags.get("data_dist_hparams", ""), kind)
+    _named("train_hparams", handlers["train_hparams"], flags.get("train_hparams", ""))   # their defaults differ from avi's
+    _named("data_dist_hparams", _data_dist, m, "data_dist_hparams", flags.get("data_dist_hparams", ""), kind)
     for f in BOOKKEEPING & flags.keys():
         m.note(f, flags[f], "run bookkeeping (paths, mode): not part of the spec")
     if data_root is not None:      # where the data is on this machine wins over their path
@@ -371,3 +350,13 @@ def to_spec(flags: dict[str, str], name: str, data_root: str | None = None) -> M
         m.note("dataset_path", "(none)", f"their {m.document['data']['dataset']} came from tfds: "
                "data.root is unset; avi train/eval ask for it (--data-root DIR when importing)")
     return m
+
+
+def _named(flag: str, handler: Callable, *args: Any) -> Any:
+    """handler(*args), its FlagError naming the flag (split_hparams knows only the text)."""
+    try:
+        return handler(*args)
+    except FlagError as e:
+        if str(e).startswith("--"):
+            raise
+        raise FlagError(f"--{flag}: {e}") from None

@@ -107,9 +107,11 @@ def read_h5(path: str | Path, model: nn.Module) -> dict[str, np.ndarray]:
     groups = keras_order(model)
     shapes = expected_shapes(model)
     with _open(Path(path)) as f:
-        root = f
-        if f.get("model_weights", getlink=True) is not None:         # model.save(): a full model
-            root = _resolve(f, "model_weights", path, want="group")
+        try:
+            full = f.get("model_weights", getlink=True) is not None   # model.save(): a full model
+        except Exception as e:                                        # a damaged link table
+            raise ConversionError(f"{path}: cannot be read ({_first_line(e)})") from None
+        root = _resolve(f, "model_weights", path, want="group") if full else f
         layer_names = _names(root, "layer_names", path, (len(groups),), "the file", "top-level layers",
                              f" ({', '.join(t for t, _, _ in groups)})")
         plan = []

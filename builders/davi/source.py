@@ -54,11 +54,37 @@ def find_flags(source: Path, flags_file: Path | None) -> Path:
 def read_flags(path: Path) -> dict[str, str]:
     """Their flags, with a relative --dataset_path made relative to the flags file's folder
     (their run.py ran there), so the spec finds the data from anywhere."""
-    flags = parse_command(path.read_text(errors="replace"))
+    flags = parse_command(_flag_text(path))
     data = flags.get("dataset_path")
-    if data and not Path(data).is_absolute() and (path.parent / data).exists():
-        flags["dataset_path"] = str((path.parent / data).resolve())
+    # os.path's exists/realpath: False for a path too long or unreadable (pathlib raises).
+    if data and not os.path.isabs(data) and os.path.exists(path.parent / data):
+        flags["dataset_path"] = os.path.realpath(path.parent / data)
     return flags
+
+
+# A command line longer than Linux's ARG_MAX (2 MiB by default) never ran; a flag file is a
+# few KB. Larger files (a log, a 3 GB file named train.sh) are refused without being read.
+MAX_FLAG_BYTES = 2 << 20
+
+
+def _flag_text(path: Path) -> str:
+    """The text of a flag file: a regular file of at most MAX_FLAG_BYTES of UTF-8 text."""
+    from avi_spec.yaml_io import read_bytes_file
+    try:
+        raw = read_bytes_file(path, MAX_FLAG_BYTES)
+    except ValueError as e:                       # a device, FIFO or socket, or too large
+        raise FlagError(f"{path}: {e}; expected their run.py command (train.sh, eval_command.sh)") from None
+    except OSError as e:
+        raise FlagError(f"{path}: cannot be read ({e.strerror})") from None
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raise FlagError(f"{path}: binary data (a NUL byte at byte {nul}), not a command line")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise FlagError(f"{path}: line {line}: not UTF-8 text ({e.reason} at byte {e.start}); "
+                        "expected their run.py command") from None
 
 
 def find_weights(source: Path) -> Path:
@@ -78,8 +104,9 @@ def find_weights(source: Path) -> Path:
         return source / "final_model.h5"     # read_h5 refuses it if it is not a regular file
     found = sorted(source.glob("*.h5")) or sorted(source.glob("*_by_path.npz"))
     if len(found) != 1:
-        raise ConversionError(f"{source}: expected final_model.h5 (found "
-                              f"{', '.join(p.name for p in found) or 'no weights file'}); name the file")
+        shown = ", ".join(p.name for p in found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        raise ConversionError(f"{source}: expected final_model.h5 (found {shown or 'no weights file'}); "
+                              "name the file")
     return found[0]
 
 
@@ -103,7 +130,8 @@ def read_npz(path: Path, model) -> dict[str, np.ndarray]:
             return out
     except ConversionError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    # RuntimeError: an encrypted member; NotImplementedError: a compression zipfile lacks.
+    except (OSError, ValueError, EOFError, RuntimeError, NotImplementedError, zipfile.BadZipFile) as e:
         raise ConversionError(f"{path}: not a readable .npz of tensors ({str(e)[:200]})") from None
 
 

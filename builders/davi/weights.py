@@ -231,7 +231,8 @@ def convert(tensors: Mapping[str, np.ndarray], model: nn.Module) -> dict[str, to
                                   f"the model needs {_theirs(want, to_avi)} (avi's {key} {list(want)})")
         if not np.isfinite(value).all():          # a model file avi would refuse to evaluate
             raise ConversionError(f"tensor {path} holds non-finite values (NaN or infinity)")
-        out[key] = torch.from_numpy(np.ascontiguousarray(value)).to(state[key].dtype)
+        native = value.dtype.newbyteorder("=")           # torch reads native byte order only
+        out[key] = torch.from_numpy(np.ascontiguousarray(value, dtype=native)).to(state[key].dtype)
         used.add(path)
     left = [k for k in tensors if k not in used and not k.endswith(IGNORED_SUFFIXES)
             and not (k.endswith(SCALE_SUFFIX) and np.allclose(tensors[k], 1.0))]
