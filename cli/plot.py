@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import JsonOption, SetOption, UserError, out
+from .common import JsonOption, SetOption, UserError, print_path
 from .eval import (Device, DeviceOption, LimitOption, NoEmaOption, RunArgument, SeedOption,
                    Split, default_output, images, load_model, print_json)
 
@@ -121,7 +121,7 @@ def kl_command(
                              for run, (label, v) in zip(runs, kl.items())],
                     "figure": str(path)})
     else:
-        out.print(str(path), markup=False)
+        print_path(path)
 
 
 @plot_app.command("attention")
@@ -159,7 +159,7 @@ def attention_command(
         print_json({"generative": maps["generative"], "inference": maps["inference"],
                     "rows": "target layer", "columns": "source layer", "figure": str(path)})
     else:
-        out.print(str(path), markup=False)
+        print_path(path)
 
 
 @plot_app.command("curves")
@@ -192,7 +192,7 @@ def curves_command(
             raise UserError(f"{metrics} not found (is {run} a run directory of `avi train`?)") from None
         except (OSError, ValueError) as e:
             raise UserError(f"{metrics}: {e}") from None
-    out.print(str(_save(curves_figure(curves, x.value), path)), markup=False)
+    print_path(_save(curves_figure(curves, x.value), path))
 
 
 def register(app: typer.Typer) -> None:

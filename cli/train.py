@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import SetOption, UserError, load_valid, spec_file
+from .common import SetOption, UserError, _escape, load_valid, spec_file
 
 
 # The workers' interpreter must not look in the current folder for modules: a user's own
@@ -116,7 +116,7 @@ def train(
     except user_errors as e:
         raise UserError(str(e)) from None
     except KeyboardInterrupt:               # training wrote checkpoints/last.pt first
-        sys.stderr.write(_interrupted_hint(spec, out))
+        sys.stderr.write(_escape(_interrupted_hint(spec, out), keep_newlines=True, markup=False))
         raise typer.Exit(130) from None
     if os.environ.get("RANK", "0") == "0":
         _print_result(result, resolved.spec.train.epochs, mode)
@@ -127,7 +127,7 @@ def _print_result(result: dict, epochs: int, mode: str) -> None:
         from builders.train.reporting import strict
         sys.stdout.write(json.dumps({"result": strict(result)}, allow_nan=False) + "\n")
     elif mode != "quiet":
-        sys.stdout.write(_summary(result, epochs) + "\n")
+        sys.stdout.write(_escape(_summary(result, epochs), markup=False) + "\n")
 
 
 def register(app: typer.Typer) -> None:

@@ -360,3 +360,44 @@ def test_a_score_on_other_images_never_replaces_the_runs_result(tiny, tmp_path):
     for doc in results:                                 # neither file replaced the other's
         assert read(run, doc).nll_nats.shape == (4,)
     assert best_result(results) is results[0]           # the run is compared by its own data
+
+
+# ------------------------------------------------------------- 9: the terminal
+
+HOSTILE_TEXT = "a\x1b[2J\x1b]0;owned\x07b\x9b31m\x9d8;;http://x\x9c[red]c[/]\u202ed:smile:"
+RAW = ("\x1b", "\x07", "\x9b", "\x9d", "\u202e")
+
+
+def test_one_escaping_function_for_markup_and_every_control_sequence():
+    from rich.console import Console
+    from cli.common import _escape
+    console = Console(record=True, width=200, emoji=False, force_terminal=False)
+    console.print(_escape(HOSTILE_TEXT))
+    console.print(_escape(HOSTILE_TEXT, markup=False), markup=False)
+    shown = console.export_text()
+    assert not any(c in shown for c in RAW)
+    assert shown.count("[red]c[/]") == 2 and shown.count("\\x1b]0;owned\\x07") == 2
+
+
+def test_eval_json_fields_reach_the_terminal_escaped(tiny, tmp_path):
+    a, b = copy_run(tiny, tmp_path, "a"), copy_run(tiny, tmp_path, "b")
+    doc = {"split": HOSTILE_TEXT, "importance_samples": 2, "examples": HOSTILE_TEXT, "nll_nats": 90.0,
+           "dataset": HOSTILE_TEXT, "checkpoint": HOSTILE_TEXT, "full_split": True,
+           "per_example": {"file": "eval/x.npz", "sha256": HOSTILE_TEXT}}
+    for run, dataset in ((a, HOSTILE_TEXT), (b, "other" + HOSTILE_TEXT)):
+        (run / "eval.json").write_text(json.dumps({"format": "avi-evaluations",
+                                                   "results": [{**doc, "dataset": dataset}]}))
+    for layout in ("fields", "switches"):
+        r = avi("diff", a, b, "--no-params", "--layout", layout)
+        assert r.returncode in (0, 1) and "Traceback" not in r.stderr, r.stderr
+        assert "owned" in r.stdout and not any(c in r.stdout + r.stderr for c in RAW), r.stdout
+
+
+def test_out_names_and_paths_are_printed_escaped(exported, tmp_path):
+    name = tmp_path / "x\x1b]0;owned\x07[red]y.safetensors"
+    shutil.copy(exported, tmp_path / "m.safetensors")
+    r = avi("sample", tmp_path / "m.safetensors", "--n", "1", "--out", name.with_suffix(".png"), check=0)
+    assert name.with_suffix(".png").is_file() and "owned" in r.stdout
+    assert not any(c in r.stdout + r.stderr for c in RAW) and "[red]y" in r.stdout
+    r = avi("eval", tmp_path / "nowhere\x1b[2J", check=2)
+    assert "nowhere\\x1b[2J" in r.stderr and "\x1b" not in r.stderr
