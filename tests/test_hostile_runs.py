@@ -401,3 +401,41 @@ def test_out_names_and_paths_are_printed_escaped(exported, tmp_path):
     assert not any(c in r.stdout + r.stderr for c in RAW) and "[red]y" in r.stdout
     r = avi("eval", tmp_path / "nowhere\x1b[2J", check=2)
     assert "nowhere\\x1b[2J" in r.stderr and "\x1b" not in r.stderr
+
+
+# ------------------------------------------------------------- 5: enormous model specs
+
+def _grown(document: dict, filters: int = 4096) -> dict:
+    grown = json.loads(json.dumps(document))
+    grown["cells"]["preprocess"]["filters"] = filters
+    return grown
+
+
+def test_a_small_model_file_describing_an_enormous_model_is_refused_unbuilt(tiny, exported, tmp_path):
+    import resource
+    from builders.checkpoint import load_checkpoint, save_checkpoint
+    from builders.evaluation.evaluate import RunError, load_trained
+    from builders.export import SPEC_KEY
+
+    def grow(_, metadata):
+        metadata[SPEC_KEY] = json.dumps(_grown(json.loads(metadata[SPEC_KEY])))
+    big_export = _altered_export(exported, tmp_path / "big.safetensors", grow)
+    payload = load_checkpoint(tiny.run / "checkpoints" / "last.pt")
+    payload["spec"] = _grown(payload["spec"])
+    big_pt = save_checkpoint(tmp_path / "big.pt", {k: v for k, v in payload.items()
+                                                    if k not in ("format", "format_version")})
+    assert big_export.stat().st_size < 1 << 20
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for path in (big_export, big_pt):
+        with pytest.raises(RunError, match=r"do not fit the model of its spec \([\d,]{14,} values\)"):
+            load_trained(path, "cpu")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500 << 10     # KiB
+    r = avi("eval", big_export, check=2)
+    assert "do not fit" in r.stderr
+
+
+def test_training_a_model_too_large_for_memory_is_refused_with_the_estimate(tiny, tmp_path):
+    r = avi("train", tiny.spec, "--set", "cells.preprocess.filters=4096", "--out", tmp_path / "big",
+            "--max-steps", "1", "-q", check=2)
+    assert "parameters and buffers" in r.stderr and "GB" in r.stderr and "cells.*.filters" in r.stderr
+    assert not (tmp_path / "big").exists()
