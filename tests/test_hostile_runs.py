@@ -439,3 +439,35 @@ def test_training_a_model_too_large_for_memory_is_refused_with_the_estimate(tiny
             "--max-steps", "1", "-q", check=2)
     assert "parameters and buffers" in r.stderr and "GB" in r.stderr and "cells.*.filters" in r.stderr
     assert not (tmp_path / "big").exists()
+
+
+# ------------------------------------------------------------- 10: figures
+
+def test_curves_leave_out_what_cannot_be_drawn_and_never_parse_names(tmp_path):
+    from typer.testing import CliRunner
+    from cli.main import app
+    named = tmp_path / "kl$\\foo$"
+    big = tmp_path / "big"
+    for run in (named, big):
+        run.mkdir()
+    (named / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0, "lr": 0.001}\n'
+                                         '{"step": 2, "loss": 4.0, "lr": 0.001, "test_nelbo": 9.0}\n')
+    (big / "metrics.jsonl").write_text(
+        '{"step": 1, "loss": 1e308, "lr": 0.001}\n{"step": 2, "loss": -1e308, "lr": 1e400}\n'
+        '{"step": 1e309, "loss": 3.0, "lr": 0.001}\n{"step": 100000000000000000000000000000000000000'
+        + "0" * 400 + ', "loss": 3.0}\n{"step": 3, "loss": 2.0, "lr": 0.001, "test_nelbo": -1e300}\n'
+        '{"step": 4, "loss": 1.0, "lr": 0.001, "test_nelbo": 5.0}\n')
+    for axis in ("step", "epoch"):
+        out = tmp_path / f"curves_{axis}.svg"
+        r = CliRunner().invoke(app, ["plot", "curves", str(named), str(big), "--out", str(out), "--x", axis])
+        assert r.exit_code == 0, r.output
+        assert "5 point(s) left out" in r.stderr and out.is_file()
+        assert "kl$\\foo$" in out.read_text()                  # the name as written, not mathtext
+
+
+def test_kl_bars_leave_out_infinite_layers(tmp_path):
+    from builders.evaluation.figures import kl_figure, plottable, save_figure
+    values = np.array([1.0, np.inf, 1e305, -np.inf])
+    assert plottable(values)[1] == 3
+    path = save_figure(kl_figure({"a$\\x$": values, "b": np.array([2.0, 3.0])}), tmp_path / "kl.svg")
+    assert "a$\\x$" in path.read_text()
