@@ -214,6 +214,13 @@ def _params_text(v: Any) -> str:
     return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else "-"
 
 
+def _literal_text(text, *args, keep_newlines: bool = False, **kwargs):
+    """rich's Text (never markup) of ``text`` with its control characters escaped: names,
+    paths and every field of an eval.json reach the terminal as text, never as a sequence."""
+    from rich.text import Text
+    return Text(literal(str(text), keep_newlines), *args, **kwargs)
+
+
 def _cell(v: Any) -> str:
     if v is None:
         return "—"
@@ -234,7 +241,7 @@ def render(result: dict, console: Any = None, extra_rows: dict[str, list] | None
     not every spec has, then any extra rows (parameters, results), one column per spec."""
     from rich.console import Console
     from rich.table import Table
-    from rich.text import Text
+    Text = _literal_text
 
     console = console or Console()
     names = result["names"]
@@ -294,7 +301,7 @@ def render(result: dict, console: Any = None, extra_rows: dict[str, list] | None
 
 def _result_columns(runs: list, n: int) -> dict[str, list]:
     """{metric: one rich Text per spec}, the lowest value of each metric in bold green."""
-    from rich.text import Text
+    Text = _literal_text
 
     values = [result_value(r) for r in _per_spec(runs, n)]
     out: dict[str, list] = {}
@@ -328,7 +335,7 @@ def _paired_columns(paired: dict | None, names: list[str]) -> dict[str, list]:
     """{"Δ NLL (unit)": cells, "Δ -ELBO (unit)": cells} of the paired comparisons: the mean
     difference from the reference ± its standard error [95% interval], * where the interval
     excludes 0; "reference" for the reference, "not paired" (why: below the table) elsewhere."""
-    from rich.text import Text
+    Text = _literal_text
 
     if not paired:
         return {}
@@ -350,7 +357,7 @@ def _paired_columns(paired: dict | None, names: list[str]) -> dict[str, list]:
 
 
 def _paired_cell(stats: dict, unit: str) -> Any:
-    from rich.text import Text
+    Text = _literal_text
 
     digits = 4 if unit == "bits_per_dim" else 2
     text = f"{stats['mean']:+.{digits}f}"
@@ -361,7 +368,7 @@ def _paired_cell(stats: dict, unit: str) -> Any:
 
 def _print_paired_notes(paired: dict | None, names: list[str], console: Any) -> None:
     """Under the table: what Δ means, and per run what it was paired on or why it was not."""
-    from rich.text import Text
+    Text = _literal_text
 
     if not paired:
         return
@@ -388,7 +395,7 @@ def render_switches(result: dict, console: Any = None) -> None:
     names), attention edges (generative / inference) when they differ, parameters, results."""
     from rich.console import Console
     from rich.table import Table
-    from rich.text import Text
+    Text = _literal_text
 
     console = console or Console()
     names = result["names"]
@@ -419,7 +426,7 @@ def render_switches(result: dict, console: Any = None) -> None:
     columns += [(label, [Text(_cell(v)) for v in _per_spec(vals, n)], "right") for label, vals in extra.items()]
     for header, cells, justify in columns:
         words = [len(w) for w in header.split()]
-        table.add_column(Text(header), justify=justify, overflow="fold",
+        table.add_column(Text(header, keep_newlines=True), justify=justify, overflow="fold",
                          min_width=max([c.cell_len for c in cells] + words + [1]))
     for i in range(n):
         table.add_row(*[cells[i] for _, cells, _ in columns])
@@ -441,7 +448,7 @@ def _header(switch: dict) -> str:
 
 
 def _print_summary(result: dict, console: Any) -> None:
-    from rich.text import Text
+    Text = _literal_text
 
     names, edges = result["names"], result["edges"]
     if result["same"]:

@@ -84,7 +84,9 @@ def did_you_mean(word: str, candidates: Iterable[str]) -> str | None:
     return f"did you mean '{close[0]}'?" if close else None
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+# C0 (ESC starts every terminal sequence), DEL, C1 (\x9b and \x9d are 8-bit CSI and OSC), and the
+# invisible and bidirectional characters that can make one text look like another
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
 
 
 def literal(text: str, keep_newlines: bool = False) -> str:

@@ -68,6 +68,7 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", override
     from avi_spec import SpecError, load_document
 
     from .network.build import build_model
+    from .network.size import ModelSizeError, check_fits, check_weights_fit
     from .devices import place, resolve_device
 
     dev = resolve_device(device)
@@ -75,12 +76,11 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", override
     if not path.is_file():
         raise RunError(f"no such file: {path}")
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:       # the header only: no weights yet
             metadata = f.metadata() or {}
-        weights = load_file(str(path))
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise RunError(f"{path} is not a readable safetensors file: {e}") from None
-    refuse_non_finite(weights, path, "export it again from a checkpoint of the run before it diverged")
     if SPEC_KEY not in metadata:
         raise RunError(f"{path} holds no avi spec in its metadata (was it written by `avi export`?)")
     try:
@@ -89,14 +89,17 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", override
                 for k, default in (("ema", "false"), ("step", "null"), ("epoch", "null"))}
     except (SpecError, ValueError, RecursionError) as e:    # RecursionError: nested too deep
         raise RunError(f"the avi metadata (spec, ema, step, epoch) in {path} is not valid: {e}") from None
+    try:        # shapes compared, and memory checked, on the meta device before allocating
+        check_weights_fit(resolved.spec, shapes, str(path))
+        check_fits(resolved.spec, "cpu", "load")
+    except ModelSizeError as e:
+        raise RunError(f"{e}; was it written by `avi export`?") from None
+    try:
+        weights = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise RunError(f"{path} is not a readable safetensors file: {e}") from None
+    refuse_non_finite(weights, path, "export it again from a checkpoint of the run before it diverged")
     model = build_model(resolved.spec, device="cpu")
-    keys = model.state_dict().keys()
-    missing = sorted(keys - weights.keys())
-    unexpected = sorted(weights.keys() - keys)
-    if missing or unexpected:     # torch's own message lists every key: thousands of names
-        raise RunError(f"{path}: the weights do not fit the model of its spec: {len(missing)} "
-                       f"missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. "
-                       f"{unexpected[:3]}); was it written by `avi export`?")
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from .common import JsonOption, SetOption, err, load_valid, out
+from .common import JsonOption, SetOption, _escape, err, load_valid, out
 
 
 class BuildDevice(str, Enum):
@@ -71,7 +71,7 @@ def _group_table(info: dict, short_hash: str):
     """Parameters by module group, with the share of each and the total."""
     from rich.table import Table
     total = info["parameters"]
-    groups = Table(title=f"{info['name']}  ({short_hash})", title_justify="left")
+    groups = Table(title=_escape(f"{info['name']}  ({short_hash})"), title_justify="left")
     groups.add_column("module group")
     groups.add_column("parameters", justify="right")
     groups.add_column("share", justify="right")

@@ -6,7 +6,9 @@ UserError for a user's mistake: cli.main turns them into messages and exit 2, ne
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Iterable, NoReturn, Optional
 
@@ -74,7 +76,31 @@ def print_problems(problems: Iterable[Problem], console: Console | None = None) 
         (console or err).print(line, markup=False)
 
 
-def _escape(text: str, keep_newlines: bool = False) -> str:
-    """User text made safe for a rich markup string: printed literally, control characters escaped."""
+def _escape(text, keep_newlines: bool = False, markup: bool = True) -> str:
+    """The one way user-controlled text (paths, names, flag values, fields of eval.json or of an
+    imported file) reaches the terminal: control characters (ESC and OSC sequences, C1 codes,
+    bidirectional overrides) written as escapes, and with ``markup`` rich markup escaped too,
+    for a markup string; markup=False for plain text (print(..., markup=False), a write)."""
     from rich.markup import escape
-    return escape(literal(str(text), keep_newlines))
+    text = literal(str(text), keep_newlines)
+    return escape(text) if markup else text
+
+
+_JSON_UNSAFE = re.compile("[\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+
+
+def json_text(value, **kwargs) -> str:
+    """json.dumps, with the characters it leaves raw under ensure_ascii=False that a terminal
+    acts on (C1 codes such as the 8-bit CSI \x9b, bidirectional overrides) written as \\u
+    escapes: the same JSON to a parser, inert on a terminal."""
+    return _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(value, **kwargs))
+
+
+def warn(text: str) -> None:
+    """`warning: text` on stderr (text is escaped)."""
+    err.print(f"[yellow]warning:[/] {_escape(text, keep_newlines=True)}")
+
+
+def print_path(path) -> None:
+    """A written file's path on stdout, the result of a command (escaped)."""
+    out.print(_escape(path, markup=False), markup=False)

@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import JsonOption, SetOption, UserError, err, out
+from .common import JsonOption, SetOption, UserError, _escape, err, out, warn
 from .relaunch import launched, relaunch
 
 
@@ -57,7 +57,7 @@ def load_model(path: str, device: Device | str = "auto", use_ema: bool = True, o
     from builders.evaluation.evaluate import RunError, load_trained
     try:
         return load_trained(path, device.value if isinstance(device, Device) else device, use_ema,
-                            overrides or (), warn=lambda text: err.print(f"warning: {text}", markup=False))
+                            overrides or (), warn=warn)
     except (DeviceError, RunError) as e:
         raise UserError(str(e)) from None
 
@@ -319,10 +319,10 @@ def _record(path: Path, document: dict, per_example: dict, quiet: bool) -> None:
         saved = record_result(path, jsonable(document), per_example)
     except OSError as e:          # name the file at fault: it may be RUN/eval/, not eval.json
         where = f" ({e.filename})" if e.filename and str(e.filename) != str(path) else ""
-        err.print(f"warning: the result was not saved to {path}: {e.strerror or e}{where}", markup=False)
+        warn(f"the result was not saved to {path}: {e.strerror or e}{where}")
         return
     if not quiet:
-        out.print(f"saved to {path} (per image: {path.parent / saved['per_example']['file']})", markup=False)
+        out.print(_escape(f"saved to {path} (per image: {path.parent / saved['per_example']['file']})"))
 
 
 def _fmt(value, se, digits: int = 2) -> str:
@@ -333,8 +333,8 @@ def _fmt(value, se, digits: int = 2) -> str:
 
 def _print_table(d: dict) -> None:
     from rich.table import Table
-    t = Table(title=f"{d['name']}  ({d['split']} split, {d['examples']} images, "
-                    f"K = {d['importance_samples']})", title_justify="left")
+    t = Table(title=_escape(f"{d['name']}  ({d['split']} split, {d['examples']} images, "
+                            f"K = {d['importance_samples']})"), title_justify="left")
     t.add_column("quantity")
     t.add_column("value", justify="right")
     t.add_row("-log p(x)  (nats)", _fmt(d["nll_nats"], d["nll_stderr_nats"]))
@@ -345,8 +345,8 @@ def _print_table(d: dict) -> None:
         t.add_row("-ELBO      (bits/dim)", f"{d['nelbo_nats'] / (d['dims'] * math.log(2)):.4f}")
     t.add_row("images/s", f"{d['images_per_s']:.1f}" if d["images_per_s"] else "-")
     out.print(t)
-    out.print(f"± is one standard error over images; checkpoint {d['checkpoint']}"
-              f"{' (EMA weights)' if d['ema'] else ''}", markup=False)
+    out.print(_escape(f"± is one standard error over images; checkpoint {d['checkpoint']}"
+                      f"{' (EMA weights)' if d['ema'] else ''}"))
 
 
 def register(app: typer.Typer) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import JsonOption, UserError, out
+from .common import JsonOption, UserError, print_path
 from .eval import NoEmaOption, RunArgument, print_json
 
 
@@ -45,7 +45,7 @@ def export_command(
                     "spec_hash": metadata["avi.spec_hash"], "source": metadata["avi.source"],
                     **{k: json.loads(metadata[f"avi.{k}"]) for k in ("ema", "step", "epoch")}})
     else:
-        out.print(str(output), markup=False)
+        print_path(output)
 
 
 def register(app: typer.Typer) -> None:

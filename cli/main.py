@@ -21,7 +21,7 @@ from typer.core import TyperGroup
 
 from avi_spec import SpecError
 
-from .common import JsonOption, SetOption, UserError, _escape, err, fail, load, out, print_problems
+from .common import JsonOption, SetOption, UserError, _escape, err, fail, json_text, load, out, print_problems
 
 COMMAND_MODULES = ["cli.build", "cli.train", "cli.eval", "cli.sample", "cli.plot", "cli.export",
                    "cli.import_davi", "cli.encode", "cli.sweep"]
@@ -202,7 +202,7 @@ def resolve(
 
     resolved = load(spec, overrides)
     if as_json:
-        sys.stdout.write(json.dumps(resolved.document, indent=2, ensure_ascii=False) + "\n")
+        sys.stdout.write(json_text(resolved.document, indent=2, ensure_ascii=False) + "\n")
     else:
         sys.stdout.write(dump_yaml(resolved.document))
 

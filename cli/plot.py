@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import JsonOption, SetOption, UserError, out
+from .common import JsonOption, SetOption, UserError, print_path, warn
 from .eval import (Device, DeviceOption, LimitOption, NoEmaOption, RunArgument, SeedOption,
                    Split, default_output, images, load_model, print_json)
 
@@ -106,7 +106,7 @@ def kl_command(
         avi plot kl runs/case09 runs/case16 --out kl.pdf --json
     """
     from builders.evaluation.evaluate import kl_per_layer
-    from builders.evaluation.figures import kl_figure
+    from builders.evaluation.figures import kl_figure, plottable
 
     path = _output(output, runs, "kl.png")
     kl = {}
@@ -114,6 +114,11 @@ def kl_command(
         model, resolved, _ = load_model(run, device, not no_ema, overrides)
         _seed(seed)
         kl[label] = kl_per_layer(model, _batches(resolved, split, limit, batch_size))
+    for label, v in kl.items():
+        left = plottable(v)[1]
+        if left:
+            warn(f"{label}: the KL of {left} layer(s) is infinite or beyond +-1e300 (a diverged "
+                 f"model?): left out of the figure")
     path = _save(kl_figure(kl), path)
     if as_json:
         print_json({"runs": [{"run": run, "label": label, "kl_per_layer_nats": v,
@@ -121,7 +126,7 @@ def kl_command(
                              for run, (label, v) in zip(runs, kl.items())],
                     "figure": str(path)})
     else:
-        out.print(str(path), markup=False)
+        print_path(path)
 
 
 @plot_app.command("attention")
@@ -159,7 +164,7 @@ def attention_command(
         print_json({"generative": maps["generative"], "inference": maps["inference"],
                     "rows": "target layer", "columns": "source layer", "figure": str(path)})
     else:
-        out.print(str(path), markup=False)
+        print_path(path)
 
 
 @plot_app.command("curves")
@@ -192,7 +197,11 @@ def curves_command(
             raise UserError(f"{metrics} not found (is {run} a run directory of `avi train`?)") from None
         except (OSError, ValueError) as e:
             raise UserError(f"{metrics}: {e}") from None
-    out.print(str(_save(curves_figure(curves, x.value), path)), markup=False)
+        left = curves[label].points_left_out()
+        if left:
+            warn(f"{metrics}: {left} point(s) left out of the figure (infinite, or beyond "
+                 f"+-1e300: they cannot be drawn)")
+    print_path(_save(curves_figure(curves, x.value), path))
 
 
 def register(app: typer.Typer) -> None:

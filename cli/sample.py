@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import SetOption, UserError, out
+from .common import SetOption, UserError, print_path
 from .eval import (DeviceOption, NoEmaOption, RunArgument, SeedOption, Device, Split,
                    default_output, images, load_model)
 
@@ -64,7 +64,7 @@ def sample_command(
     _seed(seed, dev)
     x = model.sample(n, temperature, mode.value)
     path = output or default_output(run_dir, "samples", f"prior_t{temperature:g}.png")
-    out.print(str(_save(save_grid, path, x)), markup=False)
+    print_path(_save(save_grid, path, x))
 
 
 def reconstruct_command(
@@ -101,7 +101,7 @@ def reconstruct_command(
     pairs = torch.stack([original, recon.to(original.dtype)], 1).flatten(0, 1)   # [2n, C, H, W]
     columns = 2 * max(1, min(8, round(len(x) ** 0.5)))
     path = output or default_output(run_dir, "samples", "reconstructions.png")
-    out.print(str(_save(lambda p, im: save_grid(p, im, columns), path, pairs)), markup=False)
+    print_path(_save(lambda p, im: save_grid(p, im, columns), path, pairs))
 
 
 def _center_crop(x, size: int):

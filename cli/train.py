@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import SetOption, UserError, fail, load_valid, spec_file
+from .common import SetOption, UserError, _escape, fail, load_valid, spec_file
 from .relaunch import launched, relaunch
 
 
@@ -98,7 +98,7 @@ def train(
     except user_errors as e:
         raise UserError(str(e)) from None
     except KeyboardInterrupt:               # training wrote checkpoints/last.pt first
-        sys.stderr.write(_interrupted_hint(spec, out))
+        sys.stderr.write(_escape(_interrupted_hint(spec, out), keep_newlines=True, markup=False))
         raise typer.Exit(130) from None
     from builders.launch.environment import launch_environment
     if launch_environment().rank == 0:
@@ -110,7 +110,7 @@ def _print_result(result: dict, epochs: int, mode: str) -> None:
         from builders.train.reporting import strict
         sys.stdout.write(json.dumps({"result": strict(result)}, allow_nan=False) + "\n")
     elif mode != "quiet":
-        sys.stdout.write(_summary(result, epochs) + "\n")
+        sys.stdout.write(_escape(_summary(result, epochs), markup=False) + "\n")
 
 
 def register(app: typer.Typer) -> None:

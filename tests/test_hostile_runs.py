@@ -360,3 +360,114 @@ def test_a_score_on_other_images_never_replaces_the_runs_result(tiny, tmp_path):
     for doc in results:                                 # neither file replaced the other's
         assert read(run, doc).nll_nats.shape == (4,)
     assert best_result(results) is results[0]           # the run is compared by its own data
+
+
+# ------------------------------------------------------------- 9: the terminal
+
+HOSTILE_TEXT = "a\x1b[2J\x1b]0;owned\x07b\x9b31m\x9d8;;http://x\x9c[red]c[/]\u202ed:smile:"
+RAW = ("\x1b", "\x07", "\x9b", "\x9d", "\u202e")
+
+
+def test_one_escaping_function_for_markup_and_every_control_sequence():
+    from rich.console import Console
+    from cli.common import _escape
+    console = Console(record=True, width=200, emoji=False, force_terminal=False)
+    console.print(_escape(HOSTILE_TEXT))
+    console.print(_escape(HOSTILE_TEXT, markup=False), markup=False)
+    shown = console.export_text()
+    assert not any(c in shown for c in RAW)
+    assert shown.count("[red]c[/]") == 2 and shown.count("\\x1b]0;owned\\x07") == 2
+
+
+def test_eval_json_fields_reach_the_terminal_escaped(tiny, tmp_path):
+    a, b = copy_run(tiny, tmp_path, "a"), copy_run(tiny, tmp_path, "b")
+    doc = {"split": HOSTILE_TEXT, "importance_samples": 2, "examples": HOSTILE_TEXT, "nll_nats": 90.0,
+           "dataset": HOSTILE_TEXT, "checkpoint": HOSTILE_TEXT, "full_split": True,
+           "per_example": {"file": "eval/x.npz", "sha256": HOSTILE_TEXT}}
+    for run, dataset in ((a, HOSTILE_TEXT), (b, "other" + HOSTILE_TEXT)):
+        (run / "eval.json").write_text(json.dumps({"format": "avi-evaluations",
+                                                   "results": [{**doc, "dataset": dataset}]}))
+    for layout in ("fields", "switches"):
+        r = avi("diff", a, b, "--no-params", "--layout", layout)
+        assert r.returncode in (0, 1) and "Traceback" not in r.stderr, r.stderr
+        assert "owned" in r.stdout and not any(c in r.stdout + r.stderr for c in RAW), r.stdout
+
+
+def test_out_names_and_paths_are_printed_escaped(exported, tmp_path):
+    name = tmp_path / "x\x1b]0;owned\x07[red]y.safetensors"
+    shutil.copy(exported, tmp_path / "m.safetensors")
+    r = avi("sample", tmp_path / "m.safetensors", "--n", "1", "--out", name.with_suffix(".png"), check=0)
+    assert name.with_suffix(".png").is_file() and "owned" in r.stdout
+    assert not any(c in r.stdout + r.stderr for c in RAW) and "[red]y" in r.stdout
+    r = avi("eval", tmp_path / "nowhere\x1b[2J", check=2)
+    assert "nowhere\\x1b[2J" in r.stderr and "\x1b" not in r.stderr
+
+
+# ------------------------------------------------------------- 5: enormous model specs
+
+def _grown(document: dict, filters: int = 4096) -> dict:
+    grown = json.loads(json.dumps(document))
+    grown["cells"]["preprocess"]["filters"] = filters
+    return grown
+
+
+def test_a_small_model_file_describing_an_enormous_model_is_refused_unbuilt(tiny, exported, tmp_path):
+    import resource
+    from builders.checkpoint import load_checkpoint, save_checkpoint
+    from builders.evaluation.evaluate import RunError, load_trained
+    from builders.export import SPEC_KEY
+
+    def grow(_, metadata):
+        metadata[SPEC_KEY] = json.dumps(_grown(json.loads(metadata[SPEC_KEY])))
+    big_export = _altered_export(exported, tmp_path / "big.safetensors", grow)
+    payload = load_checkpoint(tiny.run / "checkpoints" / "last.pt")
+    payload["spec"] = _grown(payload["spec"])
+    big_pt = save_checkpoint(tmp_path / "big.pt", {k: v for k, v in payload.items()
+                                                    if k not in ("format", "format_version")})
+    assert big_export.stat().st_size < 1 << 20
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for path in (big_export, big_pt):
+        with pytest.raises(RunError, match=r"do not fit the model of its spec \([\d,]{14,} values\)"):
+            load_trained(path, "cpu")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500 << 10     # KiB
+    r = avi("eval", big_export, check=2)
+    assert "do not fit" in r.stderr
+
+
+def test_training_a_model_too_large_for_memory_is_refused_with_the_estimate(tiny, tmp_path):
+    r = avi("train", tiny.spec, "--set", "cells.preprocess.filters=4096", "--out", tmp_path / "big",
+            "--max-steps", "1", "-q", check=2)
+    assert "parameters and buffers" in r.stderr and "GB" in r.stderr and "cells.*.filters" in r.stderr
+    assert not (tmp_path / "big").exists()
+
+
+# ------------------------------------------------------------- 10: figures
+
+def test_curves_leave_out_what_cannot_be_drawn_and_never_parse_names(tmp_path):
+    from typer.testing import CliRunner
+    from cli.main import app
+    named = tmp_path / "kl$\\foo$"
+    big = tmp_path / "big"
+    for run in (named, big):
+        run.mkdir()
+    (named / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0, "lr": 0.001}\n'
+                                         '{"step": 2, "loss": 4.0, "lr": 0.001, "test_nelbo": 9.0}\n')
+    (big / "metrics.jsonl").write_text(
+        '{"step": 1, "loss": 1e308, "lr": 0.001}\n{"step": 2, "loss": -1e308, "lr": 1e400}\n'
+        '{"step": 1e309, "loss": 3.0, "lr": 0.001}\n{"step": 100000000000000000000000000000000000000'
+        + "0" * 400 + ', "loss": 3.0}\n{"step": 3, "loss": 2.0, "lr": 0.001, "test_nelbo": -1e300}\n'
+        '{"step": 4, "loss": 1.0, "lr": 0.001, "test_nelbo": 5.0}\n')
+    for axis in ("step", "epoch"):
+        out = tmp_path / f"curves_{axis}.svg"
+        r = CliRunner().invoke(app, ["plot", "curves", str(named), str(big), "--out", str(out), "--x", axis])
+        assert r.exit_code == 0, r.output
+        assert "5 point(s) left out" in r.stderr and out.is_file()
+        assert "kl$\\foo$" in out.read_text()                  # the name as written, not mathtext
+
+
+def test_kl_bars_leave_out_infinite_layers(tmp_path):
+    from builders.evaluation.figures import kl_figure, plottable, save_figure
+    values = np.array([1.0, np.inf, 1e305, -np.inf])
+    assert plottable(values)[1] == 3
+    path = save_figure(kl_figure({"a$\\x$": values, "b": np.array([2.0, 3.0])}), tmp_path / "kl.svg")
+    assert "a$\\x$" in path.read_text()

@@ -416,6 +416,7 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", use_ema: 
     from avi_spec import SpecError, load_document, load_spec
 
     from ..network.build import build_model
+    from ..network.size import ModelSizeError, check_fits, check_weights_fit
     from ..devices import place, resolve_device
 
     if Path(path).suffix == ".safetensors":           # a file of `avi export`: one set of weights
@@ -438,8 +439,13 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", use_ema: 
         raise RunError(f"the spec saved with {ckpt} is not valid: "
                        + "; ".join(f"{p.path or '(document)'}: {p.message}" for p in e.problems)) from None
     state = ck.get("model")
-    if not isinstance(state, dict):
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise RunError(f"{ckpt} holds no model weights (keys: {', '.join(map(str, ck))})")
+    try:        # shapes compared, and memory checked, on the meta device before allocating
+        check_weights_fit(resolved.spec, {k: tuple(t.shape) for k, t in state.items()}, str(ckpt))
+        check_fits(resolved.spec, "cpu", "load")
+    except ModelSizeError as e:
+        raise RunError(str(e)) from None
     model = build_model(resolved.spec, device="cpu")
     try:
         model.load_state_dict(state)

@@ -47,6 +47,40 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     return write_atomically(path, encoded.getvalue())
 
 
+PLOTTABLE = 1e300       # beyond this, matplotlib's axis spans and ticks overflow to inf
+
+
+def plottable(values) -> tuple[np.ndarray, int]:
+    """Values as floats, those that cannot be drawn (inf, beyond +-PLOTTABLE, an integer too
+    large for a float, not a number at all) as NaN, which matplotlib leaves out of a line or a
+    bar; and how many were left out (a missing value, None or NaN, is not counted)."""
+    out, left = [], 0
+    for v in values:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            out.append(math.nan)
+            continue
+        f = _as_float(v)
+        if f is None or not abs(f) <= PLOTTABLE:
+            left, f = left + 1, math.nan
+        out.append(f)
+    return np.array(out, dtype=float), left
+
+
+def _as_float(v) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.number)):
+        return None
+    try:
+        return float(v)
+    except OverflowError:
+        return None
+
+
+def literal_label(text: str) -> str:
+    """A run's name as a legend label drawn as written: a `$` would start matplotlib's mathtext
+    (a name like kl$\\foo$ was a parse error), so every one is escaped."""
+    return str(text).replace("$", r"\$")
+
+
 def _figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
@@ -66,8 +100,8 @@ def kl_figure(kl: dict[str, np.ndarray]) -> Figure:
     x = np.arange(layers)
     for i, (label, values) in enumerate(kl.items()):
         v = np.full(layers, np.nan)
-        v[:len(values)] = values
-        bars = ax.bar(x + (i - (n - 1) / 2) * width, v, width, label=label)
+        v[:len(values)] = plottable(values)[0]
+        bars = ax.bar(x + (i - (n - 1) / 2) * width, v, width, label=literal_label(label))
         if n * layers <= 24:
             ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
     ax.set_xticks(x, [str(l) for l in x])
@@ -150,19 +184,21 @@ class Curves:
     loss, lr) and the epoch-end records (test_nelbo, train_loss) of builders.train.training."""
 
     def __init__(self, records: list[dict]):
-        self.steps = [r for r in records if "loss" in r or "lr" in r]
-        self.epochs = [r for r in records if "test_nelbo" in r]
+        drawable = [r for r in records if not plottable([r["step"]])[1]]
+        self.left_out = len(records) - len(drawable)      # records at a step that cannot be drawn
+        self.steps = [r for r in drawable if "loss" in r or "lr" in r]
+        self.epochs = [r for r in drawable if "test_nelbo" in r]
         self.bits = bool(self.epochs) and all("test_nelbo_bits_per_dim" in r for r in self.epochs)
         if not self.steps and not self.epochs:
             raise ValueError("it holds no training records (loss, lr or test_nelbo)")
 
     def x(self, records: list[dict], axis: str) -> np.ndarray:
-        steps = np.array([float(r["step"]) for r in records])
+        steps = plottable(r["step"] for r in records)[0]
         if axis == "step":
             return steps
         # Epochs by position, not by the records' epoch numbers: the k-th epoch-end record
         # closes epoch k, and steps in between are fractions of an epoch.
-        ends = np.array([0.0] + [float(r["step"]) for r in self.epochs])
+        ends = np.concatenate([[0.0], plottable(r["step"] for r in self.epochs)[0]])
         if len(ends) < 2:
             raise ValueError("no epoch has finished yet; plot it against the step")
         per_epoch = ends[-1] - ends[-2]
@@ -173,8 +209,13 @@ class Curves:
 
     @staticmethod
     def y(records: list[dict], key: str) -> np.ndarray:
-        return np.array([float(r[key]) if isinstance(r.get(key), (int, float)) else np.nan
-                         for r in records])
+        return plottable(r.get(key, math.nan) for r in records)[0]
+
+    def points_left_out(self) -> int:
+        """Records and values that cannot be drawn (non-finite, beyond +-PLOTTABLE)."""
+        keys = ("loss", "lr", "test_nelbo", "test_nelbo_bits_per_dim")
+        return self.left_out + sum(plottable(r[k] for r in self.steps + self.epochs if k in r)[1]
+                                   for k in keys)
 
 
 def curves_figure(runs: dict[str, Curves], axis: str = "step") -> Figure:
@@ -186,6 +227,7 @@ def curves_figure(runs: dict[str, Curves], axis: str = "step") -> Figure:
     test_key = "test_nelbo_bits_per_dim" if bits else "test_nelbo"
     for label, c in runs.items():
         steps = c.x(c.steps, axis)
+        label = literal_label(label)
         line, = loss_ax.plot(steps, c.y(c.steps, "loss"), lw=1.0, label=label)
         colour = line.get_color()
         if c.epochs:

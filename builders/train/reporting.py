@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from avi_spec.errors import literal
+
 from ..faults import fault_point
 from ..files import open_for_append
 
@@ -36,7 +38,7 @@ def strict(record):
 
 
 def warn(text: str) -> None:
-    sys.stderr.write(f"warning: {text}\n")
+    sys.stderr.write(f"warning: {literal(text, keep_newlines=True)}\n")
     sys.stderr.flush()
 
 
@@ -115,9 +117,11 @@ class Reporter:
                     self.tb.add_scalar(f"{'test' if k.startswith('test') else 'train'}/{k}", v, record["step"])
 
     def message(self, text: str) -> None:
-        """A line on stderr (above the bar if one is shown); nothing in quiet/jsonl modes."""
+        """A line on stderr (above the bar if one is shown); nothing in quiet/jsonl modes.
+        Control characters of the paths in it are written as escapes."""
         if not self.active or self.display in ("quiet", "jsonl"):
             return
+        text = literal(text, keep_newlines=True)
         if self.progress is not None:
             self.progress.console.print(text, markup=False, highlight=False)
         else:

@@ -137,6 +137,16 @@ def check_batch_size(batch_size: int, world_size: int, n_train: int | None = Non
         raise TrainingError(f"train.batch_size {batch_size} exceeds the {n_train} training images")
 
 
+def check_model_fits(spec, dev) -> None:
+    """TrainingError, with the estimate, for a model too large for the memory of ``dev``
+    (counted on the meta device before anything is allocated)."""
+    from ..network.size import ModelSizeError, check_fits
+    try:
+        check_fits(spec, dev, "train")
+    except ModelSizeError as e:
+        raise TrainingError(str(e)) from None
+
+
 def preflight(resolved: ResolvedSpec, out_dir: str | Path, resume: bool, world_size: int) -> None:
     """Every check `avi train` makes before it builds anything, for a launcher to run before
     it starts its processes: --out, the checkpoint to resume from, the data (no empty split),
@@ -144,6 +154,7 @@ def preflight(resolved: ResolvedSpec, out_dir: str | Path, resume: bool, world_s
     out_dir = Path(out_dir)
     check_batch_size(resolved.spec.train.batch_size, world_size, accumulate=resolved.spec.train.accumulate)
     check_out_dir(out_dir)
+    check_model_fits(resolved.spec, "cpu")
     resume_payload(resolved, out_dir, resume, world_size)
     data = TrainData(resolved.spec, torch.device("cpu"))
     check_batch_size(resolved.spec.train.batch_size, world_size, len(data.train), resolved.spec.train.accumulate)
@@ -169,6 +180,7 @@ def train(resolved: ResolvedSpec, out_dir: str | Path, resume: bool = False,
         dev = resolve_device(device, ddp.local_rank)
         check_batch_size(resolved.spec.train.batch_size, ddp.world_size, accumulate=resolved.spec.train.accumulate)
         check_out_dir(out_dir)
+        check_model_fits(resolved.spec, dev)
         payload = resume_payload(resolved, out_dir, resume, ddp.world_size, warn if ddp.main else None)
         data = TrainData(resolved.spec, dev)
         if ddp.main:
