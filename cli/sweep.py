@@ -161,7 +161,9 @@ def run_command(
             _wait(out_dir)
     else:
         _run_local(out_dir, todo, jobs_, jobs, time_min, entries, manifest)
-    _show(out_dir, as_json)
+    final = _show(out_dir, as_json)
+    if any(r["state"] == "failed" for r in final["runs"]):
+        raise typer.Exit(1)
 
 
 def _read_manifest(out_dir: Path) -> dict | None:

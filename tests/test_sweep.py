@@ -20,6 +20,7 @@ import pytest
 
 from builders.checkpoint import load_checkpoint
 from builders.data.datasets import load_images
+from builders.launch import manifest
 from builders.train.training import tensors_hash
 
 from slurm_cluster import require_slurm
@@ -56,13 +57,15 @@ def status(sweep: Path) -> dict:
 
 
 def wait_for(sweep: Path, states=("done", "failed"), timeout=TIMEOUT) -> dict:
+    """Poll the states as `avi sweep status` derives them (in this process: an avi start per
+    poll would cost seconds on a busy machine), then read them once through the command."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        s = status(sweep)
+        s = manifest.refresh(sweep, manifest.read(sweep))
         if all(r["state"] in states for r in s["runs"]):
-            return s
-        time.sleep(1)
-    raise AssertionError(f"the sweep did not end in {timeout} s: {json.dumps(status(sweep), indent=1)}\n"
+            return status(sweep)
+        time.sleep(0.5)
+    raise AssertionError(f"the sweep did not end in {timeout} s: {json.dumps(s, indent=1)}\n"
                          + "\n".join(Path(r["log"]).read_text() for r in s["runs"] if r.get("log")
                                      and Path(r["log"]).exists()))
 
@@ -151,7 +154,7 @@ def test_warning_signal_requeues_and_resumes_bit_identical(tiny):
     avi("train", QUICKSTART, "--out", reference, "--max-steps", steps, "--quiet", *sets, check=0)
     sweep = root / "requeue"
     avi("sweep", QUICKSTART, "--max-steps", steps, "--launcher", "slurm", "--out", sweep, *sets, check=0)
-    job = status(sweep)["runs"][0]["job_id"]
+    job = manifest.read(sweep)["runs"][0]["job_id"]
     run = sweep / "quickstart"
     deadline = time.time() + TIMEOUT
     while not _trained_steps(run) and time.time() < deadline:      # a step done: it is training
@@ -161,6 +164,10 @@ def test_warning_signal_requeues_and_resumes_bit_identical(tiny):
     assert s["runs"][0]["state"] == "requeued", s
     stopped = load_checkpoint(run / "checkpoints" / "last.pt")["state"]["step"]
     assert 0 < stopped < steps                    # the signal's checkpoint, not the end of the run
+    # Issued again meanwhile: the queued run gets no second job (and so no second writer).
+    again = avi("sweep", QUICKSTART, "--max-steps", steps, "--launcher", "slurm", "--out", sweep, *sets, check=0)
+    assert f"skip quickstart: queued or running as job {job}" in again.stderr
+    assert queued_in(sweep) == [job]
     # SLURM holds a requeued job for two minutes (BeginTime); let it start now.
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
     s = wait_for(sweep)
@@ -176,3 +183,22 @@ def _trained_steps(run: Path) -> int:
         return len((run / "metrics.jsonl").read_text().splitlines())
     except OSError:
         return 0
+
+
+def test_local_launcher_runs_jobs_and_shows_a_failed_log(tiny):
+    """--launcher local (a workstation, no SLURM needed): two runs at a time through submitit's
+    local executor; a run whose data is missing fails, and status shows its log's last lines."""
+    root, sets = tiny
+    sweep = root / "local"
+    missing = root / "no_such_data"
+    r = avi("sweep", QUICKSTART, "--grid", f"data.root={root / 'data'},{missing}", "--max-steps", 2,
+            "--launcher", "local", "--jobs", 2, "--out", sweep, *sets)
+    assert r.returncode == 1, r.stderr                  # a run failed
+    s = manifest.read(sweep)
+    assert s["launcher"] == "local"
+    assert sorted(x["state"] for x in s["runs"]) == ["done", "failed"]
+    good = next(x for x in s["runs"] if x["state"] == "done")
+    assert load_checkpoint(Path(good["run_dir"]) / "checkpoints" / "last.pt")["state"]["step"] == 2
+    shown = avi("sweep", "status", sweep)
+    assert shown.returncode == 1 and "failed; last lines of" in shown.stdout
+    assert "image folder not found" in shown.stdout and "Traceback" not in shown.stdout
