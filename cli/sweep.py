@@ -107,8 +107,8 @@ def run_command(
     or being written, and resumes the others from their checkpoints. On SLURM a job that reaches
     its time limit or is pre-empted writes a checkpoint and is requeued; the run ends as an
     uninterrupted one would. Ctrl-C on `avi sweep` cancels nothing on SLURM (`avi sweep cancel
-    DIR` does); with --launcher local the runs are its child processes and stop after their
-    current step with a checkpoint, to be resumed by the same command.
+    DIR` does); with --launcher local the runs are its child processes: they stop, and the
+    same command resumes them from their checkpoints.
 
     Example:
 
@@ -192,8 +192,8 @@ def _run_local(out_dir, todo, jobs_, n, time_min, entries, manifest) -> None:
         run_local(out_dir, todo, jobs_, n, time_min, entries, manifest,
                   lambda text: err.print(text, markup=False))
     except KeyboardInterrupt:
-        err.print("interrupted: the runs stopped after their current step with a checkpoint; "
-                  "issue the same avi sweep again to resume them", markup=False)
+        err.print("interrupted: the local runs are stopped; issue the same avi sweep again to "
+                  "resume them from their last checkpoints", markup=False)
         raise typer.Exit(130) from None
 
 
