@@ -202,3 +202,21 @@ def test_local_launcher_runs_jobs_and_shows_a_failed_log(tiny):
     shown = avi("sweep", "status", sweep)
     assert shown.returncode == 1 and "failed; last lines of" in shown.stdout
     assert "image folder not found" in shown.stdout and "Traceback" not in shown.stdout
+
+
+def test_name_clash_and_bad_flags_are_refused_before_anything_is_written(tmp_path):
+    """No SLURM needed: these are refused (exit 2, file:line, nothing written) before submitit."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    runner, out = CliRunner(), tmp_path / "sweep"
+    r = runner.invoke(app, ["sweep", str(QUICKSTART), str(QUICKSTART), "--grid", "train.seed=0,1",
+                            "--launcher", "local", "--out", str(out)])
+    assert r.exit_code == 2 and "quickstart.yaml:6:7: name: run name 'quickstart_seed0' is taken twice" in r.stderr
+    r = runner.invoke(app, ["sweep", str(QUICKSTART), "--grid", "train.seed", "--out", str(out)])
+    assert r.exit_code == 2 and "expected --grid FIELD=V1,V2" in r.stderr
+    r = runner.invoke(app, ["sweep", str(QUICKSTART), "--slurm", "exclusive", "--out", str(out)])
+    assert r.exit_code == 2 and "--slurm exclusive: expected KEY=VALUE" in r.stderr
+    assert not out.exists()
+    r = runner.invoke(app, ["sweep", "status", str(out)])
+    assert r.exit_code == 2 and "not a sweep directory" in r.stderr
