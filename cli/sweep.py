@@ -116,46 +116,26 @@ def run_command(
 
         avi sweep specs/ablations/case*.yaml --eval-k 1000 --gpus-per-node 1 --time 1440 --partition gpu --out sweeps/table5
     """
-    from builders.launch import manifest as mf
     from builders.launch.grid import expand
-    from builders.launch.sweep import Resources, entry, skip_reason, submit, write_specs
+    from builders.launch.sweep import Resources
 
     out_dir = out_dir.absolute()          # the jobs may start in another folder
-
     chosen = launcher.value if launcher is not Launcher.auto else ("slurm" if shutil.which("sbatch") else "local")
     if chosen == "slurm" and shutil.which("sbatch") is None:
         raise UserError("--launcher slurm: sbatch is not on the PATH (no SLURM here); use --launcher local")
-    extra = _pairs(slurm, "--slurm")
+    res = Resources(partition, gpus_per_node, cpus_per_task, mem, time_min, account, qos, constraint,
+                    array_parallelism, _pairs(slurm, "--slurm"))
     evaluation = _eval_args(eval_k, eval_limit, eval_batch_size)
     runs = expand(specs, list(grid or ()), list(overrides or ()))      # SpecError: exit 2, nothing written
-    previous = _read_manifest(out_dir)
     _refuse_other_specs(out_dir, runs)
-    queue = mf.queue_states([r.get("job_id") for r in (previous or {}).get("runs", [])]) if chosen == "slurm" else None
     manifest = {"version": 1, "launcher": chosen, "grid_fields": sorted({k for r in runs for k in r.grid}),
                 "specs": list(specs), "overrides": list(overrides or ()), "max_steps": max_steps,
                 "eval": evaluation, "runs": []}
-    entries, todo = {}, []
-    for run in runs:
-        key = mf.job_key(run.resolved.hash, max_steps, evaluation)
-        entries[run.name] = entry(run, out_dir, key)
-        old = next((r for r in (previous or {}).get("runs", []) if r["name"] == run.name), None)
-        reason = skip_reason(out_dir, run, key, previous, queue)
-        if reason:
-            err.print(f"skip {run.name}: {reason}", markup=False)
-            if old:
-                entries[run.name].update(job_id=old.get("job_id"), log=old.get("log"))
-        else:
-            todo.append(run)
-    manifest["runs"] = list(entries.values())
-    write_specs(out_dir, todo)
+    todo, entries = _plan(out_dir, runs, manifest)
     from builders.launch.job import SweepJob
     jobs_ = [SweepJob(str(out_dir), r.name, entries[r.name]["key"], max_steps, evaluation) for r in todo]
-    res = Resources(partition, gpus_per_node, cpus_per_task, mem, time_min, account, qos, constraint,
-                    array_parallelism, extra)
     if chosen == "slurm":
-        if todo:
-            submit(out_dir, todo, jobs_, "slurm", res, entries)
-        mf.write(out_dir, manifest)
+        _submit(out_dir, todo, jobs_, res, entries, manifest)
         err.print(f"submitted {len(todo)} of {len(runs)} runs to SLURM", markup=False)
         if wait:
             _wait(out_dir)
@@ -164,6 +144,54 @@ def run_command(
     final = _show(out_dir, as_json)
     if any(r["state"] == "failed" for r in final["runs"]):
         raise typer.Exit(1)
+
+
+def _plan(out_dir: Path, runs: list, manifest: dict) -> tuple[list, dict]:
+    """Which runs to submit (the others are done, queued or being written: said on stderr),
+    and the sweep.json entry of every run (a skipped one keeps its job id and log)."""
+    from builders.launch import manifest as mf
+    from builders.launch.sweep import entry, skip_reason
+    previous = _read_manifest(out_dir)
+    old_runs = {r["name"]: r for r in (previous or {}).get("runs", [])}
+    queue = _queue([r.get("job_id") for r in old_runs.values()]) if manifest["launcher"] == "slurm" else None
+    entries, todo = {}, []
+    for run in runs:
+        key = mf.job_key(run.resolved.hash, manifest["max_steps"], manifest["eval"])
+        entries[run.name] = entry(run, out_dir, key)
+        reason = skip_reason(out_dir, run, key, previous, queue)
+        if not reason:
+            todo.append(run)
+            continue
+        err.print(f"skip {run.name}: {reason}", markup=False)
+        if run.name in old_runs:
+            entries[run.name].update(job_id=old_runs[run.name].get("job_id"), log=old_runs[run.name].get("log"))
+    manifest["runs"] = list(entries.values())
+    return todo, entries
+
+
+def _submit(out_dir: Path, todo: list, jobs_: list, res, entries: dict, manifest: dict) -> None:
+    """One job array, then sweep.json. If sbatch refuses it (a bad partition, account, ...),
+    exit 2 and leave no trace of this sweep: a folder made here is removed."""
+    from builders.launch import manifest as mf
+    from builders.launch.sweep import submit_slurm, write_specs
+    fresh = not out_dir.exists()
+    write_specs(out_dir, todo)
+    try:
+        if todo:
+            submit_slurm(out_dir, todo, jobs_, res, entries)
+    except Exception as e:          # submitit's FailedJobError, or sbatch missing or not runnable
+        if fresh:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise UserError(f"sbatch refused the jobs, nothing was submitted: {str(e).strip()[-600:]}") from None
+    mf.write(out_dir, manifest)
+
+
+def _queue(job_ids: list) -> dict | None:
+    from builders.launch import manifest as mf
+    try:
+        return mf.queue_states(job_ids)
+    except mf.QueueError as e:
+        raise UserError(f"cannot tell which runs are queued: {e}; nothing was submitted") from None
 
 
 def _read_manifest(out_dir: Path) -> dict | None:
@@ -186,7 +214,8 @@ def _refuse_other_specs(out_dir: Path, runs: list) -> None:
 
 def _run_local(out_dir, todo, jobs_, n, time_min, entries, manifest) -> None:
     from builders.launch import manifest as mf
-    from builders.launch.sweep import run_local
+    from builders.launch.sweep import run_local, write_specs
+    write_specs(out_dir, todo)
     mf.write(out_dir, manifest)
     try:
         run_local(out_dir, todo, jobs_, n, time_min, entries, manifest,
@@ -201,7 +230,12 @@ def _wait(out_dir: Path) -> None:
     from builders.launch import manifest as mf
     try:
         while True:
-            m = mf.refresh(out_dir, mf.read(out_dir))
+            try:
+                m = mf.refresh(out_dir, mf.read(out_dir))
+            except mf.QueueError as e:          # slurmctld busy for a moment: ask again
+                err.print(f"warning: {e}", markup=False)
+                time.sleep(10)
+                continue
             mf.write(out_dir, m)
             if all(r["state"] in ("done", "failed") for r in m["runs"]):
                 return
@@ -219,7 +253,10 @@ def _show(out_dir: Path, as_json: bool) -> dict:
     manifest = _read_manifest(out_dir)
     if manifest is None:
         raise UserError(f"{out_dir} is not a sweep directory (no {mf.MANIFEST})")
-    manifest = mf.refresh(out_dir, manifest, alive=_alive_local)
+    try:
+        manifest = mf.refresh(out_dir, manifest, alive=_alive_local)
+    except mf.QueueError as e:
+        raise UserError(f"cannot tell the states of {out_dir}: {e}") from None
     mf.write(out_dir, manifest)
     if as_json:
         sys.stdout.write(json.dumps(manifest, indent=2) + "\n")
@@ -287,7 +324,10 @@ def cancel_command(
         raise UserError(f"{sweep_dir} is not a sweep directory (no {mf.MANIFEST})")
     if manifest["launcher"] != "slurm":
         raise UserError("a local sweep runs inside its `avi sweep`: stop that one (Ctrl-C)")
-    manifest = mf.refresh(sweep_dir, manifest)
+    try:
+        manifest = mf.refresh(sweep_dir, manifest)
+    except mf.QueueError as e:
+        raise UserError(f"cannot tell what is queued: {e}") from None
     live = [r["job_id"] for r in manifest["runs"] if r["state"] in ("pending", "running", "requeued") and r.get("job_id")]
     if live:
         proc = subprocess.run(["scancel", *live], capture_output=True, text=True)

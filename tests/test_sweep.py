@@ -52,6 +52,15 @@ def avi(*args, check=None, timeout=TIMEOUT):
     return r
 
 
+def avi_here(*args):
+    """The command in this process (typer's CliRunner): for the commands that start no job,
+    where a new interpreter per call would cost seconds on a busy machine."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
 def status(sweep: Path) -> dict:
     return json.loads(avi("sweep", "status", sweep, "--json").stdout)
 
@@ -123,11 +132,12 @@ def test_reissued_sweep_skips_done_runs(seeds, tiny):
     sweep, _, _ = seeds
     root, sets = tiny
     before = status(sweep)
-    r = avi("sweep", QUICKSTART, "--grid", "train.seed=0,1", "--max-steps", 20, "--eval-k", 4,
-            "--launcher", "slurm", "--out", sweep, *sets, check=0)
+    r = avi_here("sweep", QUICKSTART, "--grid", "train.seed=0,1", "--max-steps", 20, "--eval-k", 4,
+                 "--launcher", "slurm", "--out", sweep, *sets)
+    assert r.exit_code == 0, r.output
     assert "skip quickstart_seed0: done" in r.stderr and "skip quickstart_seed1: done" in r.stderr
     assert "submitted 0 of 2" in r.stderr and queued_in(sweep) == []
-    after = status(sweep)
+    after = manifest.read(sweep)
     assert [x["job_id"] for x in after["runs"]] == [x["job_id"] for x in before["runs"]]
 
 
@@ -140,8 +150,11 @@ def test_bad_grid_value_submits_nothing(tiny):
     assert "--grid train.seed=0,zero" in r.stderr and "train.seed" in r.stderr and "zero" in r.stderr
     assert "Traceback" not in r.stderr
     assert not sweep.exists() and queued_in(sweep) == []
-    r = avi("sweep", QUICKSTART, "--grid", "train.sede=0,1", "--launcher", "slurm", "--out", sweep, *sets)
-    assert r.returncode == 2 and "did you mean 'seed'" in r.stderr and not sweep.exists()
+    r = avi_here("sweep", QUICKSTART, "--grid", "train.sede=0,1", "--launcher", "slurm", "--out", sweep, *sets)
+    assert r.exit_code == 2 and "did you mean 'seed'" in r.stderr and not sweep.exists()
+    r = avi_here("sweep", QUICKSTART, "--partition", "no_such_partition", "--launcher", "slurm", "--out", sweep, *sets)
+    assert r.exit_code == 2 and "sbatch refused the jobs" in r.stderr and "Traceback" not in r.stderr
+    assert not sweep.exists() and queued_in(sweep) == []
 
 
 def test_warning_signal_requeues_and_resumes_bit_identical(tiny):
@@ -206,17 +219,13 @@ def test_local_launcher_runs_jobs_and_shows_a_failed_log(tiny):
 
 def test_name_clash_and_bad_flags_are_refused_before_anything_is_written(tmp_path):
     """No SLURM needed: these are refused (exit 2, file:line, nothing written) before submitit."""
-    from typer.testing import CliRunner
-
-    from cli.main import app
-    runner, out = CliRunner(), tmp_path / "sweep"
-    r = runner.invoke(app, ["sweep", str(QUICKSTART), str(QUICKSTART), "--grid", "train.seed=0,1",
-                            "--launcher", "local", "--out", str(out)])
+    out = tmp_path / "sweep"
+    r = avi_here("sweep", QUICKSTART, QUICKSTART, "--grid", "train.seed=0,1", "--launcher", "local", "--out", out)
     assert r.exit_code == 2 and "quickstart.yaml:6:7: name: run name 'quickstart_seed0' is taken twice" in r.stderr
-    r = runner.invoke(app, ["sweep", str(QUICKSTART), "--grid", "train.seed", "--out", str(out)])
+    r = avi_here("sweep", QUICKSTART, "--grid", "train.seed", "--out", out)
     assert r.exit_code == 2 and "expected --grid FIELD=V1,V2" in r.stderr
-    r = runner.invoke(app, ["sweep", str(QUICKSTART), "--slurm", "exclusive", "--out", str(out)])
+    r = avi_here("sweep", QUICKSTART, "--slurm", "exclusive", "--out", out)
     assert r.exit_code == 2 and "--slurm exclusive: expected KEY=VALUE" in r.stderr
     assert not out.exists()
-    r = runner.invoke(app, ["sweep", "status", str(out)])
+    r = avi_here("sweep", "status", out)
     assert r.exit_code == 2 and "not a sweep directory" in r.stderr

@@ -106,8 +106,9 @@ def _name_grid_flag(p: Problem, point: dict[str, str], grid_items: list[str]) ->
 
 
 def run_name(name: str, point: dict[str, str]) -> str:
-    """quickstart + {train.seed: 1} -> quickstart_seed1: a folder name (no '/', spaces)."""
-    parts = [name] + [f"{k.split('.')[-1]}{v}" for k, v in point.items()]
+    """quickstart + {train.seed: 1} -> quickstart_seed1: a folder name (no '/', spaces); a
+    path value gives its last part (data.root=/data/mnist -> quickstart_rootmnist)."""
+    parts = [name] + [f"{k.split('.')[-1]}{v.rstrip('/').rsplit('/', 1)[-1]}" for k, v in point.items()]
     return re.sub(r"[^A-Za-z0-9_.=+-]+", "-", "_".join(parts)).strip("-")
 
 
