@@ -17,6 +17,8 @@ from typer.core import TyperGroup
 from .common import JsonOption, SetOption, UserError, _escape, err, out
 
 LOG_LINES = 15
+SLURM_TIME_MIN = 60                 # a job's time limit unless --time: short jobs start sooner
+LOCAL_TIME_MIN = 30 * 24 * 60       # local processes: no limit worth requeueing for
 
 
 class _DefaultRun(TyperGroup):
@@ -92,7 +94,7 @@ def run_command(
     gpus_per_node: Annotated[Optional[int], typer.Option("--gpus-per-node", min=0, help="slurm: GPUs per job.")] = None,
     cpus_per_task: Annotated[Optional[int], typer.Option("--cpus-per-task", min=1, help="slurm: CPUs per job.")] = None,
     mem: Annotated[Optional[str], typer.Option("--mem", help="slurm: memory per job, e.g. 16G.")] = None,
-    time_min: Annotated[int, typer.Option("--time", min=1, metavar="MINUTES", help="Time limit of each job (it is requeued from its checkpoint when reached).")] = 60,
+    time_min: Annotated[Optional[int], typer.Option("--time", min=1, metavar="MINUTES", help="Time limit of each job; reached, the job is requeued and resumes from its checkpoint (default: 60 on SLURM, none locally).")] = None,
     account: Annotated[Optional[str], typer.Option("--account", help="slurm: account.")] = None,
     qos: Annotated[Optional[str], typer.Option("--qos", help="slurm: quality of service.")] = None,
     constraint: Annotated[Optional[str], typer.Option("--constraint", help="slurm: node features.")] = None,
@@ -123,6 +125,8 @@ def run_command(
     chosen = launcher.value if launcher is not Launcher.auto else ("slurm" if shutil.which("sbatch") else "local")
     if chosen == "slurm" and shutil.which("sbatch") is None:
         raise UserError("--launcher slurm: sbatch is not on the PATH (no SLURM here); use --launcher local")
+    if time_min is None:
+        time_min = SLURM_TIME_MIN if chosen == "slurm" else LOCAL_TIME_MIN
     res = Resources(partition, gpus_per_node, cpus_per_task, mem, time_min, account, qos, constraint,
                     array_parallelism, _pairs(slurm, "--slurm"))
     evaluation = _eval_args(eval_k, eval_limit, eval_batch_size)

@@ -118,13 +118,14 @@ def test_grid_of_seeds_runs_on_slurm_and_diffs_paired(seeds):
         assert load_checkpoint(run / "checkpoints" / "last.pt")["state"]["step"] == 20
         assert json.loads((run / "eval.json").read_text())
         assert Path(x["log"]).is_file()
-    d = avi("diff", sweep, "--json", check=1)
+    d = avi_here("diff", sweep, "--json")
+    assert d.exit_code == 1, d.output
     result = json.loads(d.stdout)
     assert result["names"] == ["quickstart_seed0", "quickstart_seed1"]
     assert [f["path"] for f in result["fields"]] == ["train.seed"] or "train.seed" in d.stdout
     paired = result["paired"]["comparisons"][1]
     assert paired["paired"] and paired["importance_samples"] == 4 and paired["examples"] == 32
-    table = avi("diff", sweep, check=1).stdout
+    table = avi_here("diff", sweep).stdout
     assert "seed" in table and "Δ" in table
 
 
@@ -163,8 +164,9 @@ def test_warning_signal_requeues_and_resumes_bit_identical(tiny):
     require_slurm()
     root, sets = tiny
     steps = 18
-    reference = root / "reference"
-    avi("train", QUICKSTART, "--out", reference, "--max-steps", steps, "--quiet", *sets, check=0)
+    reference = root / "reference"        # trained meanwhile: the job waits for SLURM at times
+    uninterrupted = subprocess.Popen([sys.executable, "-m", "cli.main", "train", QUICKSTART, "--out", reference,
+                                      "--max-steps", str(steps), "--quiet", *sets], cwd=REPO, env=ENV)
     sweep = root / "requeue"
     avi("sweep", QUICKSTART, "--max-steps", steps, "--launcher", "slurm", "--out", sweep, *sets, check=0)
     job = manifest.read(sweep)["runs"][0]["job_id"]
@@ -187,6 +189,7 @@ def test_warning_signal_requeues_and_resumes_bit_identical(tiny):
     assert (s["runs"][0]["state"], s["runs"][0]["attempts"]) == ("done", 2), s
     log = Path(s["runs"][0]["log"]).read_text()
     assert f"resuming {run} at step {stopped}" in log
+    assert uninterrupted.wait(timeout=TIMEOUT) == 0
     assert weights(run) == weights(reference)
     assert by_step(run) == by_step(reference)
 
@@ -212,8 +215,8 @@ def test_local_launcher_runs_jobs_and_shows_a_failed_log(tiny):
     assert sorted(x["state"] for x in s["runs"]) == ["done", "failed"]
     good = next(x for x in s["runs"] if x["state"] == "done")
     assert load_checkpoint(Path(good["run_dir"]) / "checkpoints" / "last.pt")["state"]["step"] == 2
-    shown = avi("sweep", "status", sweep)
-    assert shown.returncode == 1 and "failed; last lines of" in shown.stdout
+    shown = avi_here("sweep", "status", sweep)
+    assert shown.exit_code == 1 and "failed; last lines of" in shown.stdout
     assert "image folder not found" in shown.stdout and "Traceback" not in shown.stdout
 
 
