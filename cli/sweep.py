@@ -17,6 +17,8 @@ from typer.core import TyperGroup
 from .common import JsonOption, SetOption, UserError, _escape, err, out
 
 LOG_LINES = 15
+SLURM_TIME_MIN = 60                 # a job's time limit unless --time: short jobs start sooner
+LOCAL_TIME_MIN = 30 * 24 * 60       # local processes: no limit worth requeueing for
 
 
 class _DefaultRun(TyperGroup):
@@ -92,7 +94,7 @@ def run_command(
     gpus_per_node: Annotated[Optional[int], typer.Option("--gpus-per-node", min=0, help="slurm: GPUs per job.")] = None,
     cpus_per_task: Annotated[Optional[int], typer.Option("--cpus-per-task", min=1, help="slurm: CPUs per job.")] = None,
     mem: Annotated[Optional[str], typer.Option("--mem", help="slurm: memory per job, e.g. 16G.")] = None,
-    time_min: Annotated[int, typer.Option("--time", min=1, metavar="MINUTES", help="Time limit of each job (it is requeued from its checkpoint when reached).")] = 60,
+    time_min: Annotated[Optional[int], typer.Option("--time", min=1, metavar="MINUTES", help="Time limit of each job; reached, the job is requeued and resumes from its checkpoint (default: 60 on SLURM, none locally).")] = None,
     account: Annotated[Optional[str], typer.Option("--account", help="slurm: account.")] = None,
     qos: Annotated[Optional[str], typer.Option("--qos", help="slurm: quality of service.")] = None,
     constraint: Annotated[Optional[str], typer.Option("--constraint", help="slurm: node features.")] = None,
@@ -107,8 +109,8 @@ def run_command(
     or being written, and resumes the others from their checkpoints. On SLURM a job that reaches
     its time limit or is pre-empted writes a checkpoint and is requeued; the run ends as an
     uninterrupted one would. Ctrl-C on `avi sweep` cancels nothing on SLURM (`avi sweep cancel
-    DIR` does); with --launcher local the runs are its child processes and stop after their
-    current step with a checkpoint, to be resumed by the same command.
+    DIR` does); with --launcher local the runs are its child processes: they stop, and the
+    same command resumes them from their checkpoints.
 
     Example:
 
@@ -116,52 +118,84 @@ def run_command(
 
         avi sweep specs/ablations/case*.yaml --eval-k 1000 --gpus-per-node 1 --time 1440 --partition gpu --out sweeps/table5
     """
-    from builders.launch import manifest as mf
     from builders.launch.grid import expand
-    from builders.launch.sweep import Resources, entry, skip_reason, submit, write_specs
+    from builders.launch.sweep import Resources
 
     out_dir = out_dir.absolute()          # the jobs may start in another folder
-
     chosen = launcher.value if launcher is not Launcher.auto else ("slurm" if shutil.which("sbatch") else "local")
     if chosen == "slurm" and shutil.which("sbatch") is None:
         raise UserError("--launcher slurm: sbatch is not on the PATH (no SLURM here); use --launcher local")
-    extra = _pairs(slurm, "--slurm")
+    if time_min is None:
+        time_min = SLURM_TIME_MIN if chosen == "slurm" else LOCAL_TIME_MIN
+    res = Resources(partition, gpus_per_node, cpus_per_task, mem, time_min, account, qos, constraint,
+                    array_parallelism, _pairs(slurm, "--slurm"))
     evaluation = _eval_args(eval_k, eval_limit, eval_batch_size)
     runs = expand(specs, list(grid or ()), list(overrides or ()))      # SpecError: exit 2, nothing written
-    previous = _read_manifest(out_dir)
     _refuse_other_specs(out_dir, runs)
-    queue = mf.queue_states([r.get("job_id") for r in (previous or {}).get("runs", [])]) if chosen == "slurm" else None
     manifest = {"version": 1, "launcher": chosen, "grid_fields": sorted({k for r in runs for k in r.grid}),
                 "specs": list(specs), "overrides": list(overrides or ()), "max_steps": max_steps,
                 "eval": evaluation, "runs": []}
-    entries, todo = {}, []
-    for run in runs:
-        key = mf.job_key(run.resolved.hash, max_steps, evaluation)
-        entries[run.name] = entry(run, out_dir, key)
-        old = next((r for r in (previous or {}).get("runs", []) if r["name"] == run.name), None)
-        reason = skip_reason(out_dir, run, key, previous, queue)
-        if reason:
-            err.print(f"skip {run.name}: {reason}", markup=False)
-            if old:
-                entries[run.name].update(job_id=old.get("job_id"), log=old.get("log"))
-        else:
-            todo.append(run)
-    manifest["runs"] = list(entries.values())
-    write_specs(out_dir, todo)
+    todo, entries = _plan(out_dir, runs, manifest)
     from builders.launch.job import SweepJob
     jobs_ = [SweepJob(str(out_dir), r.name, entries[r.name]["key"], max_steps, evaluation) for r in todo]
-    res = Resources(partition, gpus_per_node, cpus_per_task, mem, time_min, account, qos, constraint,
-                    array_parallelism, extra)
     if chosen == "slurm":
-        if todo:
-            submit(out_dir, todo, jobs_, "slurm", res, entries)
-        mf.write(out_dir, manifest)
+        _submit(out_dir, todo, jobs_, res, entries, manifest)
         err.print(f"submitted {len(todo)} of {len(runs)} runs to SLURM", markup=False)
         if wait:
             _wait(out_dir)
     else:
         _run_local(out_dir, todo, jobs_, jobs, time_min, entries, manifest)
-    _show(out_dir, as_json)
+    final = _show(out_dir, as_json)
+    if any(r["state"] == "failed" for r in final["runs"]):
+        raise typer.Exit(1)
+
+
+def _plan(out_dir: Path, runs: list, manifest: dict) -> tuple[list, dict]:
+    """Which runs to submit (the others are done, queued or being written: said on stderr),
+    and the sweep.json entry of every run (a skipped one keeps its job id and log)."""
+    from builders.launch import manifest as mf
+    from builders.launch.sweep import entry, skip_reason
+    previous = _read_manifest(out_dir)
+    old_runs = {r["name"]: r for r in (previous or {}).get("runs", [])}
+    queue = _queue([r.get("job_id") for r in old_runs.values()]) if manifest["launcher"] == "slurm" else None
+    entries, todo = {}, []
+    for run in runs:
+        key = mf.job_key(run.resolved.hash, manifest["max_steps"], manifest["eval"])
+        entries[run.name] = entry(run, out_dir, key)
+        reason = skip_reason(out_dir, run, key, previous, queue)
+        if not reason:
+            todo.append(run)
+            continue
+        err.print(f"skip {run.name}: {reason}", markup=False)
+        if run.name in old_runs:
+            entries[run.name].update(job_id=old_runs[run.name].get("job_id"), log=old_runs[run.name].get("log"))
+    manifest["runs"] = list(entries.values())
+    return todo, entries
+
+
+def _submit(out_dir: Path, todo: list, jobs_: list, res, entries: dict, manifest: dict) -> None:
+    """One job array, then sweep.json. If sbatch refuses it (a bad partition, account, ...),
+    exit 2 and leave no trace of this sweep: a folder made here is removed."""
+    from builders.launch import manifest as mf
+    from builders.launch.sweep import submit_slurm, write_specs
+    fresh = not out_dir.exists()
+    write_specs(out_dir, todo)
+    try:
+        if todo:
+            submit_slurm(out_dir, todo, jobs_, res, entries)
+    except Exception as e:          # submitit's FailedJobError, or sbatch missing or not runnable
+        if fresh:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise UserError(f"sbatch refused the jobs, nothing was submitted: {str(e).strip()[-600:]}") from None
+    mf.write(out_dir, manifest)
+
+
+def _queue(job_ids: list) -> dict | None:
+    from builders.launch import manifest as mf
+    try:
+        return mf.queue_states(job_ids)
+    except mf.QueueError as e:
+        raise UserError(f"cannot tell which runs are queued: {e}; nothing was submitted") from None
 
 
 def _read_manifest(out_dir: Path) -> dict | None:
@@ -184,14 +218,15 @@ def _refuse_other_specs(out_dir: Path, runs: list) -> None:
 
 def _run_local(out_dir, todo, jobs_, n, time_min, entries, manifest) -> None:
     from builders.launch import manifest as mf
-    from builders.launch.sweep import run_local
+    from builders.launch.sweep import run_local, write_specs
+    write_specs(out_dir, todo)
     mf.write(out_dir, manifest)
     try:
         run_local(out_dir, todo, jobs_, n, time_min, entries, manifest,
                   lambda text: err.print(text, markup=False))
     except KeyboardInterrupt:
-        err.print("interrupted: the runs stopped after their current step with a checkpoint; "
-                  "issue the same avi sweep again to resume them", markup=False)
+        err.print("interrupted: the local runs are stopped; issue the same avi sweep again to "
+                  "resume them from their last checkpoints", markup=False)
         raise typer.Exit(130) from None
 
 
@@ -199,7 +234,12 @@ def _wait(out_dir: Path) -> None:
     from builders.launch import manifest as mf
     try:
         while True:
-            m = mf.refresh(out_dir, mf.read(out_dir))
+            try:
+                m = mf.refresh(out_dir, mf.read(out_dir))
+            except mf.QueueError as e:          # slurmctld busy for a moment: ask again
+                err.print(f"warning: {e}", markup=False)
+                time.sleep(10)
+                continue
             mf.write(out_dir, m)
             if all(r["state"] in ("done", "failed") for r in m["runs"]):
                 return
@@ -217,7 +257,10 @@ def _show(out_dir: Path, as_json: bool) -> dict:
     manifest = _read_manifest(out_dir)
     if manifest is None:
         raise UserError(f"{out_dir} is not a sweep directory (no {mf.MANIFEST})")
-    manifest = mf.refresh(out_dir, manifest, alive=_alive_local)
+    try:
+        manifest = mf.refresh(out_dir, manifest, alive=_alive_local)
+    except mf.QueueError as e:
+        raise UserError(f"cannot tell the states of {out_dir}: {e}") from None
     mf.write(out_dir, manifest)
     if as_json:
         sys.stdout.write(json.dumps(manifest, indent=2) + "\n")
@@ -285,7 +328,10 @@ def cancel_command(
         raise UserError(f"{sweep_dir} is not a sweep directory (no {mf.MANIFEST})")
     if manifest["launcher"] != "slurm":
         raise UserError("a local sweep runs inside its `avi sweep`: stop that one (Ctrl-C)")
-    manifest = mf.refresh(sweep_dir, manifest)
+    try:
+        manifest = mf.refresh(sweep_dir, manifest)
+    except mf.QueueError as e:
+        raise UserError(f"cannot tell what is queued: {e}") from None
     live = [r["job_id"] for r in manifest["runs"] if r["state"] in ("pending", "running", "requeued") and r.get("job_id")]
     if live:
         proc = subprocess.run(["scancel", *live], capture_output=True, text=True)

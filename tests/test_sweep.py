@@ -20,6 +20,7 @@ import pytest
 
 from builders.checkpoint import load_checkpoint
 from builders.data.datasets import load_images
+from builders.launch import manifest
 from builders.train.training import tensors_hash
 
 from slurm_cluster import require_slurm
@@ -51,18 +52,29 @@ def avi(*args, check=None, timeout=TIMEOUT):
     return r
 
 
+def avi_here(*args):
+    """The command in this process (typer's CliRunner): for the commands that start no job,
+    where a new interpreter per call would cost seconds on a busy machine."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
 def status(sweep: Path) -> dict:
     return json.loads(avi("sweep", "status", sweep, "--json").stdout)
 
 
 def wait_for(sweep: Path, states=("done", "failed"), timeout=TIMEOUT) -> dict:
+    """Poll the states as `avi sweep status` derives them (in this process: an avi start per
+    poll would cost seconds on a busy machine), then read them once through the command."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        s = status(sweep)
+        s = manifest.refresh(sweep, manifest.read(sweep))
         if all(r["state"] in states for r in s["runs"]):
-            return s
-        time.sleep(1)
-    raise AssertionError(f"the sweep did not end in {timeout} s: {json.dumps(status(sweep), indent=1)}\n"
+            return status(sweep)
+        time.sleep(0.5)
+    raise AssertionError(f"the sweep did not end in {timeout} s: {json.dumps(s, indent=1)}\n"
                          + "\n".join(Path(r["log"]).read_text() for r in s["runs"] if r.get("log")
                                      and Path(r["log"]).exists()))
 
@@ -106,13 +118,14 @@ def test_grid_of_seeds_runs_on_slurm_and_diffs_paired(seeds):
         assert load_checkpoint(run / "checkpoints" / "last.pt")["state"]["step"] == 20
         assert json.loads((run / "eval.json").read_text())
         assert Path(x["log"]).is_file()
-    d = avi("diff", sweep, "--json", check=1)
+    d = avi_here("diff", sweep, "--json")
+    assert d.exit_code == 1, d.output
     result = json.loads(d.stdout)
     assert result["names"] == ["quickstart_seed0", "quickstart_seed1"]
     assert [f["path"] for f in result["fields"]] == ["train.seed"] or "train.seed" in d.stdout
     paired = result["paired"]["comparisons"][1]
     assert paired["paired"] and paired["importance_samples"] == 4 and paired["examples"] == 32
-    table = avi("diff", sweep, check=1).stdout
+    table = avi_here("diff", sweep).stdout
     assert "seed" in table and "Δ" in table
 
 
@@ -120,11 +133,12 @@ def test_reissued_sweep_skips_done_runs(seeds, tiny):
     sweep, _, _ = seeds
     root, sets = tiny
     before = status(sweep)
-    r = avi("sweep", QUICKSTART, "--grid", "train.seed=0,1", "--max-steps", 20, "--eval-k", 4,
-            "--launcher", "slurm", "--out", sweep, *sets, check=0)
+    r = avi_here("sweep", QUICKSTART, "--grid", "train.seed=0,1", "--max-steps", 20, "--eval-k", 4,
+                 "--launcher", "slurm", "--out", sweep, *sets)
+    assert r.exit_code == 0, r.output
     assert "skip quickstart_seed0: done" in r.stderr and "skip quickstart_seed1: done" in r.stderr
     assert "submitted 0 of 2" in r.stderr and queued_in(sweep) == []
-    after = status(sweep)
+    after = manifest.read(sweep)
     assert [x["job_id"] for x in after["runs"]] == [x["job_id"] for x in before["runs"]]
 
 
@@ -137,8 +151,11 @@ def test_bad_grid_value_submits_nothing(tiny):
     assert "--grid train.seed=0,zero" in r.stderr and "train.seed" in r.stderr and "zero" in r.stderr
     assert "Traceback" not in r.stderr
     assert not sweep.exists() and queued_in(sweep) == []
-    r = avi("sweep", QUICKSTART, "--grid", "train.sede=0,1", "--launcher", "slurm", "--out", sweep, *sets)
-    assert r.returncode == 2 and "did you mean 'seed'" in r.stderr and not sweep.exists()
+    r = avi_here("sweep", QUICKSTART, "--grid", "train.sede=0,1", "--launcher", "slurm", "--out", sweep, *sets)
+    assert r.exit_code == 2 and "did you mean 'seed'" in r.stderr and not sweep.exists()
+    r = avi_here("sweep", QUICKSTART, "--partition", "no_such_partition", "--launcher", "slurm", "--out", sweep, *sets)
+    assert r.exit_code == 2 and "sbatch refused the jobs" in r.stderr and "Traceback" not in r.stderr
+    assert not sweep.exists() and queued_in(sweep) == []
 
 
 def test_warning_signal_requeues_and_resumes_bit_identical(tiny):
@@ -147,11 +164,12 @@ def test_warning_signal_requeues_and_resumes_bit_identical(tiny):
     require_slurm()
     root, sets = tiny
     steps = 18
-    reference = root / "reference"
-    avi("train", QUICKSTART, "--out", reference, "--max-steps", steps, "--quiet", *sets, check=0)
+    reference = root / "reference"        # trained meanwhile: the job waits for SLURM at times
+    uninterrupted = subprocess.Popen([sys.executable, "-m", "cli.main", "train", QUICKSTART, "--out", reference,
+                                      "--max-steps", str(steps), "--quiet", *sets], cwd=REPO, env=ENV)
     sweep = root / "requeue"
     avi("sweep", QUICKSTART, "--max-steps", steps, "--launcher", "slurm", "--out", sweep, *sets, check=0)
-    job = status(sweep)["runs"][0]["job_id"]
+    job = manifest.read(sweep)["runs"][0]["job_id"]
     run = sweep / "quickstart"
     deadline = time.time() + TIMEOUT
     while not _trained_steps(run) and time.time() < deadline:      # a step done: it is training
@@ -161,12 +179,17 @@ def test_warning_signal_requeues_and_resumes_bit_identical(tiny):
     assert s["runs"][0]["state"] == "requeued", s
     stopped = load_checkpoint(run / "checkpoints" / "last.pt")["state"]["step"]
     assert 0 < stopped < steps                    # the signal's checkpoint, not the end of the run
+    # Issued again meanwhile: the queued run gets no second job (and so no second writer).
+    again = avi("sweep", QUICKSTART, "--max-steps", steps, "--launcher", "slurm", "--out", sweep, *sets, check=0)
+    assert f"skip quickstart: queued or running as job {job}" in again.stderr
+    assert queued_in(sweep) == [job]
     # SLURM holds a requeued job for two minutes (BeginTime); let it start now.
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
     s = wait_for(sweep)
     assert (s["runs"][0]["state"], s["runs"][0]["attempts"]) == ("done", 2), s
     log = Path(s["runs"][0]["log"]).read_text()
     assert f"resuming {run} at step {stopped}" in log
+    assert uninterrupted.wait(timeout=TIMEOUT) == 0
     assert weights(run) == weights(reference)
     assert by_step(run) == by_step(reference)
 
@@ -176,3 +199,36 @@ def _trained_steps(run: Path) -> int:
         return len((run / "metrics.jsonl").read_text().splitlines())
     except OSError:
         return 0
+
+
+def test_local_launcher_runs_jobs_and_shows_a_failed_log(tiny):
+    """--launcher local (a workstation, no SLURM needed): two runs at a time through submitit's
+    local executor; a run whose data is missing fails, and status shows its log's last lines."""
+    root, sets = tiny
+    sweep = root / "local"
+    missing = root / "no_such_data"
+    r = avi("sweep", QUICKSTART, "--grid", f"data.root={root / 'data'},{missing}", "--max-steps", 2,
+            "--launcher", "local", "--jobs", 2, "--out", sweep, *sets)
+    assert r.returncode == 1, r.stderr                  # a run failed
+    s = manifest.read(sweep)
+    assert s["launcher"] == "local"
+    assert sorted(x["state"] for x in s["runs"]) == ["done", "failed"]
+    good = next(x for x in s["runs"] if x["state"] == "done")
+    assert load_checkpoint(Path(good["run_dir"]) / "checkpoints" / "last.pt")["state"]["step"] == 2
+    shown = avi_here("sweep", "status", sweep)
+    assert shown.exit_code == 1 and "failed; last lines of" in shown.stdout
+    assert "image folder not found" in shown.stdout and "Traceback" not in shown.stdout
+
+
+def test_name_clash_and_bad_flags_are_refused_before_anything_is_written(tmp_path):
+    """No SLURM needed: these are refused (exit 2, file:line, nothing written) before submitit."""
+    out = tmp_path / "sweep"
+    r = avi_here("sweep", QUICKSTART, QUICKSTART, "--grid", "train.seed=0,1", "--launcher", "local", "--out", out)
+    assert r.exit_code == 2 and "quickstart.yaml:6:7: name: run name 'quickstart_seed0' is taken twice" in r.stderr
+    r = avi_here("sweep", QUICKSTART, "--grid", "train.seed", "--out", out)
+    assert r.exit_code == 2 and "expected --grid FIELD=V1,V2" in r.stderr
+    r = avi_here("sweep", QUICKSTART, "--slurm", "exclusive", "--out", out)
+    assert r.exit_code == 2 and "--slurm exclusive: expected KEY=VALUE" in r.stderr
+    assert not out.exists()
+    r = avi_here("sweep", "status", out)
+    assert r.exit_code == 2 and "not a sweep directory" in r.stderr

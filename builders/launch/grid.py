@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from avi_spec import Problem, ResolvedSpec, SpecError, load_spec
 from avi_spec.validate import validate
@@ -100,13 +99,16 @@ def _name_grid_flag(p: Problem, point: dict[str, str], grid_items: list[str]) ->
     for key, value in point.items():
         if p.file == f"--set {key}={value}"[:80] or (p.file or "").startswith(f"--set {key}={value}"):
             flag = next((g for g in grid_items if g.partition("=")[0].strip() == key), key)
-            return Problem(p.path, p.message + f" (value {value!r})", f"--grid {flag}", p.line, p.column, p.hint)
+            about_value = p.path == key and not p.message.startswith("unknown field")
+            message = p.message + (f" (value {value!r})" if about_value else "")
+            return Problem(p.path, message, f"--grid {flag}", p.line, p.column, p.hint)
     return p
 
 
 def run_name(name: str, point: dict[str, str]) -> str:
-    """quickstart + {train.seed: 1} -> quickstart_seed1: a folder name (no '/', spaces)."""
-    parts = [name] + [f"{k.split('.')[-1]}{v}" for k, v in point.items()]
+    """quickstart + {train.seed: 1} -> quickstart_seed1: a folder name (no '/', spaces); a
+    path value gives its last part (data.root=/data/mnist -> quickstart_rootmnist)."""
+    parts = [name] + [f"{k.split('.')[-1]}{v.rstrip('/').rsplit('/', 1)[-1]}" for k, v in point.items()]
     return re.sub(r"[^A-Za-z0-9_.=+-]+", "-", "_".join(parts)).strip("-")
 
 
@@ -115,8 +117,9 @@ def _clashes(runs: list[Run]) -> list[Problem]:
     problems = []
     for r in runs:
         first = seen.setdefault(r.name, r)
-        if first is not r:
-            problems.append(Problem("name", f"run name {r.name!r} is taken twice (by {first.source} "
-                                    f"{first.grid or ''} and {r.source} {r.grid or ''}); give the specs "
-                                    f"different names", str(Path(r.source))))
+        if first is not r:         # located at the spec's own name: field, not a --set of it
+            where = load_spec(r.source).problem(("name",), f"run name {r.name!r} is taken twice (by "
+                                                f"{first.source} {first.grid or ''} and {r.source} "
+                                                f"{r.grid or ''})", "give the specs different names")
+            problems.append(where)
     return problems

@@ -54,11 +54,15 @@ class SweepJob(submitit.helpers.Checkpointable):
         train += ["--max-steps", str(self.max_steps)] if self.max_steps else []
         steps = [train] + ([["eval", str(run_dir), *self.eval_args]] if self.eval_args is not None else [])
         for argv in steps:
-            code = self._avi(argv)
-            if self._warned and callable(requeue):
+            if self._warned and callable(requeue):     # warned between two steps, or during one
                 requeue(submitit.JobEnvironment._usr_sig(), None)   # checkpoint() + requeue + exit
-            if code != 0:
-                raise RuntimeError(f"avi {' '.join(argv)} exited with {code}")
+            code = self._avi(argv)
+            if self._warned and code != 0 and callable(requeue):
+                requeue(submitit.JobEnvironment._usr_sig(), None)
+            if code != 0:       # the job fails with the command's exit status; its message is above
+                print(f"avi sweep: avi {argv[0]} exited with {code}; the run is not done",
+                      file=sys.stderr, flush=True)
+                raise SystemExit(code if code > 0 else 1)
         record = {"key": self.key, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                   "max_steps": self.max_steps, "evaluated": self.eval_args is not None}
         write_atomically(job_files(self.sweep_dir, self.name) / "done.json",

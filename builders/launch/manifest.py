@@ -33,6 +33,10 @@ _SQUEUE_STATES = {"PD": "pending", "CF": "pending", "R": "running", "CG": "runni
                   "S": "running", "RQ": "requeued", "RS": "requeued", "RH": "requeued", "SE": "requeued"}
 
 
+class QueueError(Exception):
+    """SLURM's queue cannot be read: the states would be guesses, so none are given."""
+
+
 def job_files(sweep_dir: Path, name: str) -> Path:
     """DIR/.sweep/<run>/: the job's own files (resolved spec, attempts, done marker)."""
     return Path(sweep_dir) / BOOKKEEPING / name
@@ -87,10 +91,13 @@ def queue_states(job_ids: list[str]) -> dict[str, str] | None:
     ids = sorted({j.split("_")[0] for j in job_ids if j})
     if not ids:
         return {}
-    proc = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(ids), "-o", "%i %t"],
-                          capture_output=True, text=True, timeout=60)
+    try:
+        proc = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(ids), "-o", "%i %t"],
+                              capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise QueueError("squeue did not answer in 60 s (is slurmctld up?)") from None
     if proc.returncode != 0 and "Invalid job id" not in proc.stderr:
-        raise OSError(f"squeue failed: {proc.stderr.strip()}")
+        raise QueueError(f"squeue failed: {proc.stderr.strip()}")
     states = {}
     for line in proc.stdout.splitlines():
         job, _, state = line.strip().partition(" ")

@@ -117,16 +117,12 @@ def entry(run: Run, sweep_dir: Path, key: str) -> dict:
             "attempts": 0, "log": None}
 
 
-def submit(sweep_dir: Path, runs: list[Run], jobs: list[SweepJob], launcher: str,
-           res: Resources, entries: dict[str, dict]) -> list:
-    """Submit the jobs (one SLURM array, or local processes); fills job_id and log."""
-    folder = sweep_dir / mf.BOOKKEEPING / "submitit" / "%j"
-    if launcher == "slurm":
-        ex = slurm_executor(folder, res)
-        with ex.batch():
-            handles = [ex.submit(job) for job in jobs]
-    else:
-        handles = []
+def submit_slurm(sweep_dir: Path, runs: list[Run], jobs: list[SweepJob], res: Resources,
+                 entries: dict[str, dict]) -> list:
+    """Submit the jobs as one SLURM job array; fills each entry's job_id and log."""
+    ex = slurm_executor(sweep_dir / mf.BOOKKEEPING / "submitit" / "%j", res)
+    with ex.batch():
+        handles = [ex.submit(job) for job in jobs]
     for run, handle in zip(runs, handles):
         entries[run.name].update(job_id=handle.job_id, log=str(handle.paths.stdout))
     return handles
