@@ -192,6 +192,9 @@ def eval_command(
         "--binarization-seed", metavar="S", callback=seed_range,
         help="Binary data: the seed of the one binarisation of the images (default 0: the "
              "bits training tested on). Runs are paired by `avi diff` only on the same bits.")] = 0,
+    active_threshold: Annotated[float, typer.Option(
+        "--active-threshold", min=0.0, metavar="NATS",
+        help="A latent channel counts as active when its KL (nats per image) is above this.")] = 0.1,
     overrides: SetOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -201,8 +204,9 @@ def eval_command(
     data, and the negative ELBO. Given a run directory, adds the result to RUN/eval.json,
     where every evaluation is kept by split, K and number of images (`avi diff` shows the
     full test split at the largest K), and the estimates of every image to RUN/eval/*.npz
-    (`avi diff` pairs two runs scored on the same images). --set changes the run's spec
-    (e.g. data.root=...).
+    (`avi diff` pairs two runs scored on the same images). Also counts the active latent
+    channels (KL above --active-threshold; `avi plot active` draws them). --set changes the
+    run's spec (e.g. data.root=...).
 
     Example:
 
@@ -222,6 +226,7 @@ def eval_command(
         result = importance_sampled_nll(model, batched(x, b), k, chunk=chunk, progress=progress,
                                         seed=seed)
     per_example = result.pop("per_example")
+    result["active_units"] = _active_units(model, x, b, seed, active_threshold)
     document = {**result, **_provenance(model, resolved, split.value, b, seed),
                 "limit": limit, "full_split": x.shape[0] == total,
                 **_evaluated_images(spec, x, binarization_seed)}
@@ -231,6 +236,18 @@ def eval_command(
         _print_table(document)
     if run_dir is not None and Path(run).expanduser().is_dir():
         _record(run_dir / "eval.json", document, per_example, quiet=as_json)
+
+
+def _active_units(model, x, batch_size: int, seed: int, threshold: float) -> dict:
+    """KL per latent channel over the evaluated images (one posterior sample each, seeded)."""
+    import torch
+
+    from builders.evaluation.active_units import active_units, kl_per_channel
+    from builders.evaluation.evaluate import batched
+    dev = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return active_units(kl_per_channel(model, batched(x, batch_size)), threshold)
 
 
 def _evaluated_images(spec, x, binarization_seed: int) -> dict:
@@ -286,6 +303,9 @@ def _print_table(d: dict) -> None:
     t.add_row("-ELBO      (nats)", _fmt(d["nelbo_nats"], d["nelbo_stderr_nats"]))
     if d["bits_per_dim"] is not None and d.get("dims"):
         t.add_row("-ELBO      (bits/dim)", f"{d['nelbo_nats'] / (d['dims'] * math.log(2)):.4f}")
+    au = d.get("active_units")
+    if au:
+        t.add_row(f"active latent channels (KL > {au['threshold_nats']:g})", f"{au['active']} / {au['channels']}")
     t.add_row("images/s", f"{d['images_per_s']:.1f}" if d["images_per_s"] else "-")
     out.print(t)
     out.print(f"± is one standard error over images; checkpoint {d['checkpoint']}"
