@@ -42,6 +42,15 @@ class TrainedRun:
         with _seeded(seed, self.device), torch.no_grad():
             return self.model.sample(n, temperature, mode).float().cpu()
 
+    def readjust_bn(self, temperature: float = 1.0, passes: int = 100, batch_size: int = 64,
+                    seed: int | None = None) -> int:
+        """Re-estimate the batch-norm statistics of the sampling path on prior samples at
+        `temperature` (NVAE's readjust_bn; builders.evaluation.readjust_bn), in this model
+        only (no file changes). Returns the number of batch norms re-estimated."""
+        from .evaluation.readjust_bn import readjust_batch_norm
+        with _seeded(seed, self.device):
+            return readjust_batch_norm(self.model, temperature, passes, batch_size)
+
     def reconstruct(self, images: torch.Tensor, seed: int | None = None,
                     mode: str = "mean", temperature: float = 1.0) -> torch.Tensor:
         """Model-input images ([N, C, H, W] in [-1, 1], as builders.evaluation.evaluate.eval_images gives

@@ -211,6 +211,9 @@ def eval_command(
         "--devices", min=1, metavar="N",
         help="Split the images across N processes on this machine (relaunches itself under "
              "torchrun); the result equals one process's.")] = None,
+    active_threshold: Annotated[float, typer.Option(
+        "--active-threshold", min=0.0, metavar="NATS",
+        help="A latent channel counts as active when its KL (nats per image) is above this.")] = 0.1,
     overrides: SetOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -220,8 +223,9 @@ def eval_command(
     data, and the negative ELBO. Given a run directory, adds the result to RUN/eval.json,
     where every evaluation is kept by split, K and number of images (`avi diff` shows the
     full test split at the largest K), and the estimates of every image to RUN/eval/*.npz
-    (`avi diff` pairs two runs scored on the same images). --set changes the run's spec
-    (e.g. data.root=...).
+    (`avi diff` pairs two runs scored on the same images). Also counts the active latent
+    channels (KL above --active-threshold; `avi plot active` draws them). --set changes the
+    run's spec (e.g. data.root=...).
 
     Several processes (--devices N, or N processes started by torchrun or srun) split the
     images; every image draws its samples from its own generator, seeded from --seed and the
@@ -246,7 +250,7 @@ def eval_command(
         raise UserError(str(e)) from None
     try:
         _evaluate(run, importance_samples, split.value, batch_size, chunk, device, seed, limit,
-                  no_ema, binarization_seed, overrides, as_json, ddp)
+                  no_ema, binarization_seed, overrides, as_json, ddp, active_threshold)
     except UserError:
         if not ddp.main:             # every process meets the same mistake; process 0 says it
             raise typer.Exit(2) from None
@@ -256,7 +260,8 @@ def eval_command(
 
 
 def _evaluate(run, importance_samples, split: str, batch_size, chunk, device, seed: int, limit,
-              no_ema: bool, binarization_seed: int, overrides, as_json: bool, ddp) -> None:
+              no_ema: bool, binarization_seed: int, overrides, as_json: bool, ddp,
+              active_threshold: float = 0.1) -> None:
     from builders.devices import DeviceError, resolve_device
     from builders.evaluation.sharded import shard_bounds, sharded_nll
 
@@ -279,6 +284,7 @@ def _evaluate(run, importance_samples, split: str, batch_size, chunk, device, se
     if not ddp.main:
         return
     per_example = result.pop("per_example")
+    result["active_units"] = _active_units(model, x, b, seed, active_threshold)
     document = {**result, **_provenance(model, resolved, split, b, seed),
                 "limit": limit, "full_split": x.shape[0] == total, "overrides": list(overrides or []),
                 **_evaluated_images(spec, x, binarization_seed)}
@@ -288,6 +294,18 @@ def _evaluate(run, importance_samples, split: str, batch_size, chunk, device, se
         _print_table(document)
     if run_dir is not None and Path(run).expanduser().is_dir():
         _record(run_dir / "eval.json", document, per_example, quiet=as_json)
+
+
+def _active_units(model, x, batch_size: int, seed: int, threshold: float) -> dict:
+    """KL per latent channel over the evaluated images (one posterior sample each, seeded)."""
+    import torch
+
+    from builders.evaluation.active_units import active_units, kl_per_channel
+    from builders.evaluation.evaluate import batched
+    dev = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return active_units(kl_per_channel(model, batched(x, batch_size)), threshold)
 
 
 def _evaluated_images(spec, x, binarization_seed: int) -> dict:
@@ -343,6 +361,9 @@ def _print_table(d: dict) -> None:
     t.add_row("-ELBO      (nats)", _fmt(d["nelbo_nats"], d["nelbo_stderr_nats"]))
     if d["bits_per_dim"] is not None and d.get("dims"):
         t.add_row("-ELBO      (bits/dim)", f"{d['nelbo_nats'] / (d['dims'] * math.log(2)):.4f}")
+    au = d.get("active_units")
+    if au:
+        t.add_row(f"active latent channels (KL > {au['threshold_nats']:g})", f"{au['active']} / {au['channels']}")
     t.add_row("images/s", f"{d['images_per_s']:.1f}" if d["images_per_s"] else "-")
     out.print(t)
     out.print(_escape(f"± is one standard error over images; checkpoint {d['checkpoint']}"

@@ -1,4 +1,4 @@
-"""`avi plot kl | attention | curves`: figures of trained runs (drawn by builders.evaluation.figures with
+"""`avi plot kl | active | attention | curves`: figures of trained runs (drawn by builders.evaluation.figures with
 matplotlib; the format follows the output's extension: .png, .svg or .pdf)."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from .eval import (Device, DeviceOption, LimitOption, NoEmaOption, RunArgument, 
 
 plot_app = typer.Typer(no_args_is_help=True, add_completion=False,
                        context_settings={"help_option_names": ["-h", "--help"]},
-                       help="Figures of trained runs: KL per layer, attention maps, training curves.\n\n"
+                       help="Figures of trained runs: KL per layer, active latent channels, attention maps, training curves.\n\n"
                             "Example:\n\n    avi plot curves runs/case09 runs/case16 --out curves.svg")
 
 OutOption = Annotated[Optional[Path], typer.Option(
@@ -127,6 +127,48 @@ def kl_command(
                     "figure": str(path)})
     else:
         print_path(path)
+
+
+ThresholdOption = Annotated[float, typer.Option(
+    "--threshold", min=0.0, metavar="NATS",
+    help="A latent channel is active when its KL (nats per image, summed over its positions) is above this.")]
+
+
+@plot_app.command("active")
+def active_command(
+    run: RunArgument,
+    output: OutOption = None,
+    threshold: ThresholdOption = 0.1,
+    split: SplitOption = Split.test,
+    limit: LimitOption = None,
+    batch_size: BatchOption = None,
+    device: DeviceOption = Device.auto,
+    seed: SeedOption = 0,
+    no_ema: NoEmaOption = False,
+    overrides: SetOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Heat map of the KL of every latent channel of every layer, the active ones ringed.
+
+    A channel is active when its KL is above --threshold (nats per image); the count per layer
+    shows which layers the model uses. Prints the figure's path (default RUN/plots/active.png).
+
+    Example:
+
+        avi plot active runs/quickstart --threshold 0.1 --out active.png --json
+    """
+    from builders.evaluation.active_units import active_units, kl_per_channel
+    from builders.evaluation.figures import active_units_figure
+
+    path = _output(output, [run], "active.png")
+    model, resolved, _ = load_model(run, device, not no_ema, overrides)
+    _seed(seed)
+    kl = kl_per_channel(model, _batches(resolved, split, limit, batch_size))
+    path = _save(active_units_figure(kl, threshold), path)
+    if as_json:
+        print_json({"run": run, **active_units(kl, threshold), "figure": str(path)})
+    else:
+        out.print(str(path), markup=False)
 
 
 @plot_app.command("attention")

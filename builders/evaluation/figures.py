@@ -264,3 +264,27 @@ def _zoom_past_warmup(ax, runs: dict[str, Curves]) -> None:
         low, high = min(bottoms), max(tops)
         pad = 0.05 * max(high - low, 1e-9)
         ax.set_ylim(low - pad, high + pad)
+
+
+# ------------------------------------------------------------------ active units
+
+def active_units_figure(kl_channels: np.ndarray, threshold: float) -> Figure:
+    """Heat map of the KL of every latent channel (rows: layers, 0 = top; log colour scale),
+    the active channels (KL above `threshold`) ringed, and their count per layer on the right."""
+    layers, channels = kl_channels.shape
+    fig = _figure(max(5.0, 2.5 + channels * 0.28), max(3.0, 1.4 + layers * 0.3))
+    ax = fig.add_subplot()
+    shown = np.log10(np.maximum(kl_channels, 1e-6))
+    image = ax.imshow(shown, cmap=colormaps["viridis"], aspect="auto", interpolation="nearest")
+    rows, cols = np.nonzero(kl_channels > threshold)
+    ax.scatter(cols, rows, s=30, facecolors="none", edgecolors="white", linewidths=0.8)
+    ax.set_xlabel("latent channel")
+    ax.set_ylabel("stochastic layer (0 = top)")
+    ax.set_yticks(range(layers), [f"{l}  ({n} active)" for l, n in enumerate((kl_channels > threshold).sum(1))],
+                  fontsize=7)
+    if channels <= 32:
+        ax.set_xticks(range(channels))
+    ax.set_title(f"KL per latent channel: {int((kl_channels > threshold).sum())} of {kl_channels.size} "
+                 f"active (KL > {threshold:g} nats, ringed)")
+    fig.colorbar(image, ax=ax, label="log10 KL  [nats per image]")
+    return fig
