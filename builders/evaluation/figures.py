@@ -178,20 +178,25 @@ class Curves:
 
 
 def curves_figure(runs: dict[str, Curves], axis: str = "step") -> Figure:
-    """Training loss, test NELBO and learning rate against the step or epoch, one colour per
+    """Training loss (with the KL weight beta on a second axis: its steps at epoch ends are
+    the loss's jumps), test NELBO and learning rate against the step or epoch, one colour per
     run (bits/dim for the test NELBO when every run is on 8-bit data, else nats)."""
     fig = _figure(13.0, 4.0)
     loss_ax, test_ax, lr_ax = fig.subplots(1, 3)
+    beta_ax = loss_ax.twinx()
     bits = all(c.bits for c in runs.values())
     test_key = "test_nelbo_bits_per_dim" if bits else "test_nelbo"
     for label, c in runs.items():
         steps = c.x(c.steps, axis)
         line, = loss_ax.plot(steps, c.y(c.steps, "loss"), lw=1.0, label=label)
         colour = line.get_color()
+        beta_ax.plot(steps, c.y(c.steps, "beta"), lw=0.9, ls="--", color=colour, alpha=0.6)
         if c.epochs:
             test_ax.plot(c.x(c.epochs, axis), c.y(c.epochs, test_key), "o-", ms=3.5, lw=1.2,
                          color=colour, label=label)
         lr_ax.plot(steps, c.y(c.steps, "lr"), lw=1.2, color=colour, label=label)
+    beta_ax.set_ylim(0.0, 1.05)
+    beta_ax.set_ylabel("β, the KL weight (dashed)", color="0.4")
     xlabel = "training step" if axis == "step" else "epoch"
     for ax, title, ylabel in (
             (loss_ax, "Training loss", "loss = NLL + β·KL  [nats per image]"),
@@ -203,6 +208,10 @@ def curves_figure(runs: dict[str, Curves], axis: str = "step") -> Figure:
         ax.grid(alpha=0.3)
     _zoom_past_warmup(loss_ax, runs)
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    note = _schedule_note(runs)
+    if note:                                   # under the axis: the curve fills the panel
+        lr_ax.text(0.5, -0.2, note, transform=lr_ax.transAxes, ha="center", va="top",
+                   fontsize=7, color="0.3")
     handles, labels = loss_ax.get_legend_handles_labels()
     fig.legend(handles, labels, title="run", loc="outside right center", fontsize=8)
     return fig
@@ -222,3 +231,27 @@ def _zoom_past_warmup(ax, runs: dict[str, Curves]) -> None:
         low, high = min(bottoms), max(tops)
         pad = 0.05 * max(high - low, 1e-9)
         ax.set_ylim(low - pad, high + pad)
+        peak = max(c.y(c.steps, "loss")[np.isfinite(c.y(c.steps, "loss"))].max(initial=-np.inf)
+                   for c in runs.values())
+        if peak > high + pad:                   # say so: a cut axis must not pass for the data
+            ax.text(0.02, 0.98, f"▲ axis cut: the first steps reach {peak:.4g}",
+                    transform=ax.transAxes, ha="left", va="top", fontsize=7, color="0.3")
+
+
+def _schedule_note(runs: dict[str, Curves]) -> str | None:
+    """What the learning-rate panel shows, in words: the rate is set every step, and after
+    warm-up holds for a schedule epoch of floor(N / B) steps while a data epoch runs
+    ceil(N / B) (docs/model.md section 9). From the epoch records of the runs."""
+    kinds = set()
+    for c in runs.values():
+        ends = [int(r["step"]) for r in c.epochs]
+        spe = [r.get("lr_steps_per_epoch") for r in c.epochs]
+        if len(ends) and isinstance(spe[-1], int):
+            kinds.add((spe[-1], ends[0] if len(ends) == 1 else ends[-1] - ends[-2]))
+    if len(kinds) != 1:
+        return None
+    schedule, epoch = kinds.pop()
+    if schedule == epoch:
+        return f"set every step; after warm-up one value per epoch ({epoch} steps)"
+    return (f"set every step; after warm-up one value per {schedule} steps (floor(N/B));\n"
+            f"an epoch runs {epoch} steps, so each change comes a step earlier")
