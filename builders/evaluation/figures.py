@@ -17,7 +17,7 @@ import numpy as np
 from matplotlib import colormaps, rc_context
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.patches import Patch
+from matplotlib.patches import Patch, Rectangle
 
 from avi_spec.yaml_io import read_text_file
 
@@ -55,9 +55,10 @@ def _figure(width: float, height: float) -> Figure:
 
 # ------------------------------------------------------------------ KL per layer
 
-def kl_figure(kl: dict[str, np.ndarray]) -> Figure:
+def kl_figure(kl: dict[str, np.ndarray], about: str | None = None) -> Figure:
     """Grouped bars: the mean KL of every stochastic layer (nats per image), one colour per
-    run. `kl` maps a run's label to its per-layer KL (layer 0 = the top of the hierarchy)."""
+    run. `kl` maps a run's label to its per-layer KL (layer 0 = the top of the hierarchy);
+    `about` (what was measured: split, images, checkpoints) goes under the title."""
     layers = max(len(v) for v in kl.values())
     n = len(kl)
     width = 0.8 / n
@@ -74,6 +75,7 @@ def kl_figure(kl: dict[str, np.ndarray]) -> Figure:
     ax.set_xlabel("stochastic layer (0 = top of the hierarchy)")
     ax.set_ylabel("KL(q || p)  [nats per image]")
     ax.set_title("KL divergence per stochastic layer")
+    _about(fig, about)
     ax.margins(y=0.12)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
@@ -87,9 +89,27 @@ def _source_labels(columns: int, layers: int) -> list[str]:
     return [str(m) if m < layers else "pre" for m in range(columns)]
 
 
+def _about(fig: Figure, about: str | None) -> None:
+    """What a figure shows, in small type at its foot: the run, checkpoint, split, images."""
+    if about:                                  # supxlabel: the layout makes room for it
+        fig.supxlabel(about, fontsize=7, color="0.3")
+
+
+def _single_sources(matrix: np.ndarray) -> np.ndarray:
+    """Cells that are the only source of their row: their score is 1 by construction (a
+    softmax over one candidate) and says nothing about the model."""
+    finite = np.isfinite(matrix)
+    return finite & (finite.sum(axis=1, keepdims=True) == 1)
+
+
 def _attention_panel(ax, matrix: np.ndarray, layers: int, title: str, annotate: bool):
     cmap = colormaps["Blues"].with_extremes(bad=NOT_A_SOURCE)
-    image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, vmin=0.0, vmax=1.0)
+    single = _single_sources(matrix)
+    image = ax.imshow(np.ma.masked_invalid(np.where(single, np.nan, matrix)), cmap=cmap,
+                      vmin=0.0, vmax=1.0)
+    for l, m in zip(*np.nonzero(single)):       # white and hatched, not a dark 1.00
+        ax.add_patch(Rectangle((m - 0.5, l - 0.5), 1, 1, facecolor="white", edgecolor="0.55",
+                               hatch="////", lw=0.0))
     rows, cols = matrix.shape
     ax.set_xticks(range(cols), _source_labels(cols, layers))
     ax.set_yticks(range(rows), [str(l) for l in range(rows)])
@@ -98,16 +118,17 @@ def _attention_panel(ax, matrix: np.ndarray, layers: int, title: str, annotate: 
     ax.set_title(title)
     if annotate:
         for (l, m), v in np.ndenumerate(matrix):
-            if math.isfinite(v):
+            if math.isfinite(v) and not single[l, m]:
                 ax.text(m, l, f"{v:.2f}", ha="center", va="center", fontsize=7,
                         color="white" if v > 0.55 else "black")
     return image
 
 
-def attention_figure(generative: np.ndarray, inference: np.ndarray) -> Figure:
+def attention_figure(generative: np.ndarray, inference: np.ndarray, about: str | None = None) -> Figure:
     """The mean depth-wise attention score of every target layer l (rows) on every source layer
     m (columns): the prior (generative path) left, the posterior (inference path) right. The
-    posterior's column "pre" is the preprocessing output; grey cells are not sources of l."""
+    posterior's column "pre" is the preprocessing output; grey cells are not sources of l,
+    hatched cells its only source (score 1 by construction). `about` goes at the foot."""
     layers = generative.shape[0]
     gen = generative[:, :layers] if np.isnan(generative[:, layers:]).all() else generative
     side = max(2.6, 0.42 * inference.shape[1] + 1.0)
@@ -118,9 +139,15 @@ def attention_figure(generative: np.ndarray, inference: np.ndarray) -> Figure:
     _attention_panel(axes[1], inference, layers, "Posterior (inference path)", annotate)
     fig.colorbar(image, ax=list(axes), shrink=0.8, label="mean attention score")
     fig.suptitle("Depth-wise attention: mean score of target layer l on source layer m")
-    fig.legend(handles=[Patch(facecolor=NOT_A_SOURCE, edgecolor="0.5",
-                              label="not a source of layer l (no attention)")],
-               loc="outside lower center", fontsize=8, frameon=False)
+    handles = [Patch(facecolor=NOT_A_SOURCE, edgecolor="0.5", label="not a source of layer l (no attention)")]
+    if _single_sources(gen).any() or _single_sources(inference).any():
+        handles.append(Patch(facecolor="white", edgecolor="0.55", hatch="////",
+                             label="only source of layer l (score 1 by construction)"))
+    # `about` as the legend's title: a second text at the foot would overlap the legend
+    legend = fig.legend(handles=handles, loc="outside lower center", fontsize=8, frameon=False,
+                        ncols=len(handles), title=about, title_fontsize=7)
+    if about:
+        legend.get_title().set_color("0.3")
     return fig
 
 
@@ -177,7 +204,7 @@ class Curves:
                          for r in records])
 
 
-def curves_figure(runs: dict[str, Curves], axis: str = "step") -> Figure:
+def curves_figure(runs: dict[str, Curves], axis: str = "step", about: str | None = None) -> Figure:
     """Training loss (with the KL weight beta on a second axis: its steps at epoch ends are
     the loss's jumps), test NELBO and learning rate against the step or epoch, one colour per
     run (bits/dim for the test NELBO when every run is on 8-bit data, else nats)."""
@@ -214,6 +241,7 @@ def curves_figure(runs: dict[str, Curves], axis: str = "step") -> Figure:
                    fontsize=7, color="0.3")
     handles, labels = loss_ax.get_legend_handles_labels()
     fig.legend(handles, labels, title="run", loc="outside right center", fontsize=8)
+    _about(fig, about)
     return fig
 
 
