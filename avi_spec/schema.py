@@ -197,9 +197,9 @@ class Optimizer(_Strict):
 
 
 class Schedule(_Strict):
-    name: Literal["cosine", "cosine_restart", "constant"] = Field("cosine", description="Learning-rate schedule after warm-up.")
+    name: Literal["cosine", "cosine_restart", "constant"] = Field("cosine", description="Learning-rate schedule after warm-up. The rate is set every step; after warm-up it changes once per schedule epoch of floor(N / batch_size) steps (the authors' lr_steps_per_epoch) while an epoch runs ceil(N / batch_size) steps, so where the batch does not divide N the change comes one step earlier every epoch (docs/model.md section 9).")
     warmup_epochs: float = Field(5.0, ge=0.0, description="Linear warm-up length, per step, from warmup_start_lr to lr.")
-    warmup_start_lr: float = Field(1e-4, ge=0.0, description="Learning rate at step 0.")
+    warmup_start_lr: float = Field(1e-4, ge=0.0, description="Learning rate the warm-up starts from (schedule step 0); the first optimizer step already takes one increment, as in the authors' code.")
     min_lr: float = Field(1e-4, ge=0.0, description="Learning rate at the end of a cosine cycle.")
     first_cycle_epochs: float = Field(300.0, gt=0.0, description="cosine_restart: length of the first cycle (epochs).")
     cycle_mult: float = Field(2.0, ge=1.0, description="cosine_restart: growth of each next cycle's length.")

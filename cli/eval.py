@@ -31,7 +31,7 @@ class Split(str, Enum):
 
 RunArgument = Annotated[str, typer.Argument(
     metavar="RUN_OR_CHECKPOINT", help="A run directory of `avi train` (its checkpoints/best.pt, "
-    "else checkpoints/last.pt) or a .pt checkpoint file.")]
+    "else checkpoints/last.pt), a .pt checkpoint file or a .safetensors file of `avi export`.")]
 DeviceOption = Annotated[Device, typer.Option("--device", help="Where to run: auto picks cuda when available.")]
 
 
@@ -219,6 +219,7 @@ def eval_command(
 ) -> None:
     """Marginal log-likelihood of a trained model by importance sampling, and its ELBO.
 
+    RUN is a run directory, a .pt checkpoint or a .safetensors file of `avi export`.
     Prints -log p(x) in nats (mean over the images, +- standard error), bits/dim for 8-bit
     data, and the negative ELBO. Given a run directory, adds the result to RUN/eval.json,
     where every evaluation is kept by split, K and number of images (`avi diff` shows the

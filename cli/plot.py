@@ -71,9 +71,18 @@ def _save(fig, path: Path) -> Path:
 
 
 def _batches(resolved, split: Split, limit, batch_size):
+    """(the batches of the split's first `limit` images, how many images)."""
     from builders.evaluation.evaluate import batched
     x = images(resolved, split.value, limit)
-    return batched(x, batch_size or resolved.spec.eval.batch_size)
+    return batched(x, batch_size or resolved.spec.eval.batch_size), x.shape[0]
+
+
+def _weights(model) -> str:
+    """Which weights a figure shows: the checkpoint (or export), its step, EMA or not."""
+    info = getattr(model, "avi_checkpoint", None) or {}
+    extra = [f"step {info['step']}"] if info.get("step") is not None else []
+    extra += ["EMA weights"] if info.get("ema") else []
+    return f"{info.get('path', '?')}" + (f" ({', '.join(extra)})" if extra else "")
 
 
 def _seed(seed: int) -> None:
@@ -109,17 +118,22 @@ def kl_command(
     from builders.evaluation.figures import kl_figure, plottable
 
     path = _output(output, runs, "kl.png")
-    kl = {}
+    kl, weights, counts = {}, [], set()
     for label, run in zip(_labels(runs), runs):
         model, resolved, _ = load_model(run, device, not no_ema, overrides)
         _seed(seed)
-        kl[label] = kl_per_layer(model, _batches(resolved, split, limit, batch_size))
+        batches, n = _batches(resolved, split, limit, batch_size)
+        kl[label] = kl_per_layer(model, batches)
+        weights.append(f"{label}: {_weights(model)}")
+        counts.add(n)
     for label, v in kl.items():
         left = plottable(v)[1]
         if left:
             warn(f"{label}: the KL of {left} layer(s) is infinite or beyond +-1e300 (a diverged "
                  f"model?): left out of the figure")
-    path = _save(kl_figure(kl), path)
+    images_text = " / ".join(str(n) for n in sorted(counts))
+    about = "\n".join([f"{split.value} split, {images_text} images, one posterior sample each", *weights])
+    path = _save(kl_figure(kl, about), path)
     if as_json:
         print_json({"runs": [{"run": run, "label": label, "kl_per_layer_nats": v,
                               "kl_total_nats": float(v.sum())}
@@ -200,8 +214,10 @@ def attention_command(
     path = _output(output, [run], "attention.png")
     model, resolved, _ = load_model(run, device, not no_ema, overrides)
     _seed(seed)
-    maps = attention_maps(model, _batches(resolved, split, limit, batch_size))
-    path = _save(attention_figure(maps["generative"], maps["inference"]), path)
+    batches, n = _batches(resolved, split, limit, batch_size)
+    maps = attention_maps(model, batches)
+    about = f"{_labels([run])[0]}: {_weights(model)}; {split.value} split, {n} images"
+    path = _save(attention_figure(maps["generative"], maps["inference"], about), path)
     if as_json:
         print_json({"generative": maps["generative"], "inference": maps["inference"],
                     "rows": "target layer", "columns": "source layer", "figure": str(path)})
@@ -228,10 +244,11 @@ def curves_command(
     from builders.evaluation.figures import Curves, curves_figure, read_metrics
 
     path = _output(output, runs, "curves.png")
-    curves = {}
+    curves, sources = {}, []
     for label, run in zip(_labels(runs), runs):
         p = Path(run).expanduser()
         metrics = p / "metrics.jsonl" if p.is_dir() else p
+        sources.append(f"{label}: {metrics}")
         try:
             curves[label] = Curves(read_metrics(metrics))
             curves[label].x(curves[label].epochs, x.value)      # an epoch axis needs a finished epoch
@@ -243,7 +260,7 @@ def curves_command(
         if left:
             warn(f"{metrics}: {left} point(s) left out of the figure (infinite, or beyond "
                  f"+-1e300: they cannot be drawn)")
-    print_path(_save(curves_figure(curves, x.value), path))
+    print_path(_save(curves_figure(curves, x.value, "\n".join(sources)), path))
 
 
 def register(app: typer.Typer) -> None:

@@ -20,6 +20,9 @@ class Mode(str, Enum):
 
 OutOption = Annotated[Optional[Path], typer.Option("--out", "-o", metavar="FILE.png",
                                                    help="Where to write the PNG grid.")]
+ScaleOption = Annotated[int, typer.Option(
+    "--scale", min=1, max=32, metavar="S",
+    help="Draw every pixel as an S x S block (64 MNIST digits: 242 px wide at 1, 968 px at 4).")]
 ModeOption = Annotated[Mode, typer.Option(
     "--mode", help="Binary data: mean shows pixel probabilities, sample draws Bernoulli pixels "
                    "(8-bit data is always sampled).")]
@@ -38,6 +41,7 @@ def sample_command(
     temperature: Annotated[float, typer.Option(
         "--temperature", "-t", min=0.0, help="Scale of every latent's noise (1: the prior itself).")] = 1.0,
     output: OutOption = None,
+    scale: ScaleOption = 1,
     mode: ModeOption = Mode.mean,
     device: DeviceOption = Device.auto,
     seed: SeedOption = 0,
@@ -53,15 +57,18 @@ def sample_command(
 ) -> None:
     """Draw images from the prior of a trained model and write them as one PNG grid.
 
-    Prints the path of the PNG (default RUN/samples/prior_t<temperature>.png). With
-    --readjust-bn the batch-norm statistics are first re-estimated on prior samples at the
-    same temperature; the draw of the images themselves is the one --seed gives without it.
+    RUN is a run directory, a .pt checkpoint or a .safetensors file of `avi export`. Prints
+    the path of the PNG (default RUN/samples/prior_t<temperature>.png). With --readjust-bn
+    the batch-norm statistics are first re-estimated on prior samples at the same
+    temperature; the draw of the images themselves is the one --seed gives without it.
 
     Example:
 
         avi sample runs/quickstart --n 64 --temperature 0.8 --out samples.png
 
         avi sample runs/quickstart --n 64 --temperature 0.6 --readjust-bn --out sharp.png
+
+        avi sample quickstart.safetensors --n 16 --scale 4
     """
     import math
 
@@ -81,7 +88,7 @@ def sample_command(
     _seed(seed, dev)
     x = model.sample(n, temperature, mode.value)
     path = output or default_output(run_dir, "samples", f"prior_t{temperature:g}.png")
-    print_path(_save(save_grid, path, x))
+    print_path(_save(lambda p, im: save_grid(p, im, scale=scale), path, x))
 
 
 def reconstruct_command(
@@ -89,6 +96,7 @@ def reconstruct_command(
     n: Annotated[int, typer.Option("--n", "-n", min=1, max=1024, help="Number of test images.")] = 16,
     output: OutOption = None,
     split: Annotated[Split, typer.Option("--split", help="Which split to take the images from.")] = Split.test,
+    scale: ScaleOption = 1,
     mode: ModeOption = Mode.mean,
     device: DeviceOption = Device.auto,
     seed: SeedOption = 0,
@@ -118,7 +126,7 @@ def reconstruct_command(
     pairs = torch.stack([original, recon.to(original.dtype)], 1).flatten(0, 1)   # [2n, C, H, W]
     columns = 2 * max(1, min(8, round(len(x) ** 0.5)))
     path = output or default_output(run_dir, "samples", "reconstructions.png")
-    print_path(_save(lambda p, im: save_grid(p, im, columns), path, pairs))
+    print_path(_save(lambda p, im: save_grid(p, im, columns, scale), path, pairs))
 
 
 def _center_crop(x, size: int):

@@ -352,3 +352,29 @@ def test_compressed_data_files_are_bounded(tmp_path, monkeypatch):
         (tmp_path / name).write_bytes(blob)
     with pytest.raises(DatasetError, match="data_batch_2 holds 25,000 bytes"):
         load_images("cifar10", tmp_path, "train")
+
+
+def test_readme_data_section_covers_every_dataset_and_the_folder_layout(tmp_path):
+    """Issue 23 item 7: the README says where every dataset comes from and how a folder
+    dataset is laid out; the layout it shows loads, and its links are the loader's own."""
+    from PIL import Image
+
+    from builders.data.datasets import CIFAR_URL, DATASETS, MNIST_URL
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    data = readme[readme.index("## Data\n"):readme.index("\n## ", readme.index("## Data\n") + 1)]
+    for name in DATASETS:
+        assert f"\n| {name} | `dataset: {name}`" in data, name
+    for text in (MNIST_URL, CIFAR_URL, "yburda/iwae", "chardata.mat", "cifar-10-python.tar.gz",
+                 "train/", "test/", "data/shapes/"):
+        assert text in data, text
+    root = tmp_path / "shapes"                            # the README's example layout
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("test", 2)):
+        (root / split).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(root / split / f"{i:05d}.png")
+    assert load_images("folder", root, "train").shape == (3, 1, 28, 28)
+    np.save(root / "test" / "all.npy", rng.integers(0, 256, (4, 28, 28), dtype=np.uint8))
+    for p in (root / "test").glob("*.png"):
+        p.unlink()
+    assert load_images("folder", root, "test").shape == (4, 1, 28, 28)   # one stacked .npy

@@ -71,6 +71,23 @@ def test_ablation_pair_names_exactly_the_switches(case09_vs_case16):
     assert sorted(next(p for c, p in columns.items() if c.endswith("nonlocal"))) == sorted(NONLOCAL)
 
 
+def test_piped_table_fits_80_columns_without_splitting_words(tmp_path):
+    """Issue 23 item 10: piped (80 columns), the value column was squeezed below its longest
+    word and printed "layer_norm=ye" / "s,". Every word of every cell stays whole."""
+    env_columns = os.environ.pop("COLUMNS", None)
+    try:
+        proc = avi("diff", CASE09, CASE16, "--layout", "fields", cwd=tmp_path)
+    finally:
+        if env_columns is not None:
+            os.environ["COLUMNS"] = env_columns
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    words = " ".join(cell.strip() for line in lines for cell in line.split("│")).split()
+    assert words.count("layer_norm=yes,") == 2 and words.count("sources=all") == 2
+    assert "(--json lists all)" in proc.stdout or "more attention edges" in " ".join(words)
+
+
 def test_ablation_pair_lists_the_attention_edges(case09_vs_case16):
     _, r = case09_vs_case16
     added, removed = r["edges"]["added"], r["edges"]["removed"]

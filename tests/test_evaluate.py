@@ -302,6 +302,16 @@ def test_cli_pictures(run_dir, tmp_path):
     r = _avi("reconstruct", str(run_dir), "--n", "2", "--out", "r.png", "--device", "cpu", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     _png(tmp_path / "r.png", (2 + 2 * 30, 2 + 2 * 30))       # two rows of (image, reconstruction)
+    r = _avi("sample", str(run_dir), "--n", "4", "--temperature", "0.8", "--scale", "3", "--out", "big.png",
+             "--device", "cpu",
+             cwd=tmp_path)                                    # issue 23 item 10: a size for slides
+    assert r.returncode == 0, r.stderr
+    _png(tmp_path / "big.png", (3 * 62, 3 * 62))
+    from PIL import Image
+    with Image.open(tmp_path / "s.png") as small, Image.open(tmp_path / "big.png") as big:
+        assert np.array_equal(np.asarray(big)[::3, ::3], np.asarray(small))   # same draw, pixels x3
+    for command in ("eval", "sample"):
+        assert ".safetensors" in _avi(command, "--help", cwd=tmp_path).stdout
 
     r = _avi("plot", "kl", str(run_dir), str(run_dir / "checkpoints" / "last.pt"), "--limit", "4",
              "--json", "--out", "kl.svg", "--device", "cpu", cwd=tmp_path)
@@ -313,6 +323,9 @@ def test_cli_pictures(run_dir, tmp_path):
     assert runs[0]["kl_per_layer_nats"] == runs[1]["kl_per_layer_nats"]     # the same weights
     svg = (tmp_path / "kl.svg").read_text()
     assert "KL divergence per stochastic layer" in svg and "tiny/last" in svg
+    # the figure says what it measured: split, images, and which weights of which run
+    assert "test split, 4 images, one posterior sample each" in svg
+    assert f"tiny: {run_dir / 'checkpoints' / 'last.pt'} (step 2, EMA weights)" in svg
 
     r = _avi("plot", "attention", str(run_dir), "--limit", "4", "--json", "--device", "cpu", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -320,6 +333,13 @@ def test_cli_pictures(run_dir, tmp_path):
     assert len(doc["generative"]) == 4 and len(doc["inference"][0]) == 5
     assert doc["generative"][0][0] is None                    # NaN (no source) -> null
     _png(run_dir / "plots" / "attention.png")
+    r = _avi("plot", "attention", str(run_dir), "--limit", "4", "--out", "a.svg", "--device", "cpu",
+             cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    svg = (tmp_path / "a.svg").read_text()
+    assert "tiny: " in svg and "(step 2, EMA weights); test split, 4 images" in svg
+    # layer 1 of the prior has one source: hatched and explained, not a dark 1.00
+    assert "only source of layer l (score 1 by construction)" in svg and "1.00" not in svg
 
 
 def test_cli_bad_input(run_dir, tmp_path):

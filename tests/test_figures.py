@@ -76,7 +76,8 @@ def _metrics(run: Path, steps_per_epoch: int, epochs: int, lr: float, start_loss
             lines.append({"step": s, "epoch": e, "lr": lr * min(1.0, s / 20), "beta": 1.0,
                           "loss": start_loss / math.sqrt(s), "nll": 1.0, "kl": 1.0})
         lines.append({"step": (e + 1) * steps_per_epoch, "epoch": e, "train_loss": 100.0 - e,
-                      "test_nelbo": 110.0 - 2 * e, "skipped": 0})
+                      "test_nelbo": 110.0 - 2 * e, "skipped": 0,
+                      "lr_steps_per_epoch": steps_per_epoch - 1})
     lines[1]["loss"] = math.inf                              # json writes Infinity; read as a gap
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
     return run
@@ -104,6 +105,13 @@ def test_avi_plot_curves_overlays_runs(tmp_path):
     for label in ("Training loss", "Test NELBO", "Learning rate", "epoch", "nats per image",
                   "attentive", "baseline"):
         assert label in text, label
+    assert "KL weight" in text                  # issue 23 item 10: beta is shown
+    assert "axis cut" not in text               # the baseline's first loss is in range
+    one = tmp_path / "one.svg"
+    assert runner.invoke(app, ["plot", "curves", str(a), "--out", str(one)]).exit_code == 0
+    words = _svg_text(one)                      # one <text> per line of a note
+    assert "per 19 steps (floor(N/B));" in words and "an epoch runs 20 steps" in words
+    assert "axis cut: the first steps reach 223.6" in words
     r = runner.invoke(app, ["plot", "curves", str(a)])
     assert r.exit_code == 0, r.output
     fig = curves_figure({"attentive": Curves([json.loads(l) for l in

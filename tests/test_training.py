@@ -58,6 +58,43 @@ def test_cosine_warmup_matches_architecture_values():
     assert learning_rate(1000, spe, s, 1e-2, 400) == learning_rate(1009, spe, s, 1e-2, 400)
 
 
+def _authors_cosine_warmup(n, P, W, E, peak, floor, previous):
+    """The authors' CosineWarmup for step n, written from its definition: linear warm-up
+    while n <= W * P, then cosine by epoch n // P; past the decay it keeps its last value."""
+    if n <= W * P:
+        return floor + n / (W * P) * (peak - floor)
+    local = n // P - W
+    if local > E - W:
+        return previous
+    a = floor / peak
+    return peak * ((1 - a) * 0.5 * (1 + math.cos(math.pi * local / (E - W))) + a)
+
+
+def test_schedule_follows_the_authors_step_count_and_epoch_length():
+    """Issue 23 item 3: N = 100 images in batches of 32 run 4 steps per epoch while the
+    schedule's epoch is int(100 / 32) = 3 steps, as the authors' lr_steps_per_epoch; their
+    callback counts the step about to run from 1. Every step of a 6-epoch run matches."""
+    s, P, W, E = sched(warmup_epochs=1.0), 100 // 32, 1, 6
+    previous = None
+    for taken in range(E * 4):                         # optimizer steps already taken
+        want = _authors_cosine_warmup(taken + 1, P, W, E, 1e-2, 1e-4, previous)
+        assert learning_rate(taken + 1, P, s, 1e-2, E) == pytest.approx(want, rel=1e-12), taken
+        previous = want
+    assert learning_rate(E * 4, P, s, 1e-2, E) == pytest.approx(1e-4)     # the run ends at min_lr
+
+
+def test_trainer_sets_the_rate_of_the_step_about_to_run(tiny, reference):
+    """The first step already takes one warm-up increment (the authors' first rate is not
+    warmup_start_lr), and the epoch record names the schedule's epoch length."""
+    spec = load_spec(tiny.spec).spec
+    rows = metrics(reference)
+    steps = [r for r in rows if "loss" in r]
+    for r in steps:                                   # log_every 1: record s is step s's rate
+        assert r["lr"] == pytest.approx(learning_rate(r["step"], 6, spec.train.schedule, 1e-2, 3))
+    assert steps[0]["lr"] == pytest.approx(1e-4 + (1e-2 - 1e-4) / 6)
+    assert {r["lr_steps_per_epoch"] for r in rows if "test_nelbo" in r} == {6}
+
+
 def test_cosine_restart_cycles():
     s, spe = sched(name="cosine_restart"), 4
     lr = lambda epoch: learning_rate(epoch * spe, spe, s, 1e-2, 900)  # noqa: E731

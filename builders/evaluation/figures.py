@@ -17,7 +17,7 @@ import numpy as np
 from matplotlib import colormaps, rc_context
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.patches import Patch
+from matplotlib.patches import Patch, Rectangle
 
 from avi_spec.yaml_io import read_text_file
 
@@ -89,9 +89,10 @@ def _figure(width: float, height: float) -> Figure:
 
 # ------------------------------------------------------------------ KL per layer
 
-def kl_figure(kl: dict[str, np.ndarray]) -> Figure:
+def kl_figure(kl: dict[str, np.ndarray], about: str | None = None) -> Figure:
     """Grouped bars: the mean KL of every stochastic layer (nats per image), one colour per
-    run. `kl` maps a run's label to its per-layer KL (layer 0 = the top of the hierarchy)."""
+    run. `kl` maps a run's label to its per-layer KL (layer 0 = the top of the hierarchy);
+    `about` (what was measured: split, images, checkpoints) goes under the title."""
     layers = max(len(v) for v in kl.values())
     n = len(kl)
     width = 0.8 / n
@@ -108,6 +109,7 @@ def kl_figure(kl: dict[str, np.ndarray]) -> Figure:
     ax.set_xlabel("stochastic layer (0 = top of the hierarchy)")
     ax.set_ylabel("KL(q || p)  [nats per image]")
     ax.set_title("KL divergence per stochastic layer")
+    _about(fig, about)
     ax.margins(y=0.12)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
@@ -121,9 +123,27 @@ def _source_labels(columns: int, layers: int) -> list[str]:
     return [str(m) if m < layers else "pre" for m in range(columns)]
 
 
+def _about(fig: Figure, about: str | None) -> None:
+    """What a figure shows, in small type at its foot: the run, checkpoint, split, images."""
+    if about:                                  # supxlabel: the layout makes room for it
+        fig.supxlabel(about, fontsize=7, color="0.3")
+
+
+def _single_sources(matrix: np.ndarray) -> np.ndarray:
+    """Cells that are the only source of their row: their score is 1 by construction (a
+    softmax over one candidate) and says nothing about the model."""
+    finite = np.isfinite(matrix)
+    return finite & (finite.sum(axis=1, keepdims=True) == 1)
+
+
 def _attention_panel(ax, matrix: np.ndarray, layers: int, title: str, annotate: bool):
     cmap = colormaps["Blues"].with_extremes(bad=NOT_A_SOURCE)
-    image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, vmin=0.0, vmax=1.0)
+    single = _single_sources(matrix)
+    image = ax.imshow(np.ma.masked_invalid(np.where(single, np.nan, matrix)), cmap=cmap,
+                      vmin=0.0, vmax=1.0)
+    for l, m in zip(*np.nonzero(single)):       # white and hatched, not a dark 1.00
+        ax.add_patch(Rectangle((m - 0.5, l - 0.5), 1, 1, facecolor="white", edgecolor="0.55",
+                               hatch="////", lw=0.0))
     rows, cols = matrix.shape
     ax.set_xticks(range(cols), _source_labels(cols, layers))
     ax.set_yticks(range(rows), [str(l) for l in range(rows)])
@@ -132,16 +152,17 @@ def _attention_panel(ax, matrix: np.ndarray, layers: int, title: str, annotate: 
     ax.set_title(title)
     if annotate:
         for (l, m), v in np.ndenumerate(matrix):
-            if math.isfinite(v):
+            if math.isfinite(v) and not single[l, m]:
                 ax.text(m, l, f"{v:.2f}", ha="center", va="center", fontsize=7,
                         color="white" if v > 0.55 else "black")
     return image
 
 
-def attention_figure(generative: np.ndarray, inference: np.ndarray) -> Figure:
+def attention_figure(generative: np.ndarray, inference: np.ndarray, about: str | None = None) -> Figure:
     """The mean depth-wise attention score of every target layer l (rows) on every source layer
     m (columns): the prior (generative path) left, the posterior (inference path) right. The
-    posterior's column "pre" is the preprocessing output; grey cells are not sources of l."""
+    posterior's column "pre" is the preprocessing output; grey cells are not sources of l,
+    hatched cells its only source (score 1 by construction). `about` goes at the foot."""
     layers = generative.shape[0]
     gen = generative[:, :layers] if np.isnan(generative[:, layers:]).all() else generative
     side = max(2.6, 0.42 * inference.shape[1] + 1.0)
@@ -152,9 +173,15 @@ def attention_figure(generative: np.ndarray, inference: np.ndarray) -> Figure:
     _attention_panel(axes[1], inference, layers, "Posterior (inference path)", annotate)
     fig.colorbar(image, ax=list(axes), shrink=0.8, label="mean attention score")
     fig.suptitle("Depth-wise attention: mean score of target layer l on source layer m")
-    fig.legend(handles=[Patch(facecolor=NOT_A_SOURCE, edgecolor="0.5",
-                              label="not a source of layer l (no attention)")],
-               loc="outside lower center", fontsize=8, frameon=False)
+    handles = [Patch(facecolor=NOT_A_SOURCE, edgecolor="0.5", label="not a source of layer l (no attention)")]
+    if _single_sources(gen).any() or _single_sources(inference).any():
+        handles.append(Patch(facecolor="white", edgecolor="0.55", hatch="////",
+                             label="only source of layer l (score 1 by construction)"))
+    # `about` as the legend's title: a second text at the foot would overlap the legend
+    legend = fig.legend(handles=handles, loc="outside lower center", fontsize=8, frameon=False,
+                        ncols=len(handles), title=about, title_fontsize=7)
+    if about:
+        legend.get_title().set_color("0.3")
     return fig
 
 
@@ -218,11 +245,13 @@ class Curves:
                                    for k in keys)
 
 
-def curves_figure(runs: dict[str, Curves], axis: str = "step") -> Figure:
-    """Training loss, test NELBO and learning rate against the step or epoch, one colour per
+def curves_figure(runs: dict[str, Curves], axis: str = "step", about: str | None = None) -> Figure:
+    """Training loss (with the KL weight beta on a second axis: its steps at epoch ends are
+    the loss's jumps), test NELBO and learning rate against the step or epoch, one colour per
     run (bits/dim for the test NELBO when every run is on 8-bit data, else nats)."""
     fig = _figure(13.0, 4.0)
     loss_ax, test_ax, lr_ax = fig.subplots(1, 3)
+    beta_ax = loss_ax.twinx()
     bits = all(c.bits for c in runs.values())
     test_key = "test_nelbo_bits_per_dim" if bits else "test_nelbo"
     for label, c in runs.items():
@@ -230,10 +259,13 @@ def curves_figure(runs: dict[str, Curves], axis: str = "step") -> Figure:
         label = literal_label(label)
         line, = loss_ax.plot(steps, c.y(c.steps, "loss"), lw=1.0, label=label)
         colour = line.get_color()
+        beta_ax.plot(steps, c.y(c.steps, "beta"), lw=0.9, ls="--", color=colour, alpha=0.6)
         if c.epochs:
             test_ax.plot(c.x(c.epochs, axis), c.y(c.epochs, test_key), "o-", ms=3.5, lw=1.2,
                          color=colour, label=label)
         lr_ax.plot(steps, c.y(c.steps, "lr"), lw=1.2, color=colour, label=label)
+    beta_ax.set_ylim(0.0, 1.05)
+    beta_ax.set_ylabel("β, the KL weight (dashed)", color="0.4")
     xlabel = "training step" if axis == "step" else "epoch"
     for ax, title, ylabel in (
             (loss_ax, "Training loss", "loss = NLL + β·KL  [nats per image]"),
@@ -245,8 +277,13 @@ def curves_figure(runs: dict[str, Curves], axis: str = "step") -> Figure:
         ax.grid(alpha=0.3)
     _zoom_past_warmup(loss_ax, runs)
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    note = _schedule_note(runs)
+    if note:                                   # under the axis: the curve fills the panel
+        lr_ax.text(0.5, -0.2, note, transform=lr_ax.transAxes, ha="center", va="top",
+                   fontsize=7, color="0.3")
     handles, labels = loss_ax.get_legend_handles_labels()
     fig.legend(handles, labels, title="run", loc="outside right center", fontsize=8)
+    _about(fig, about)
     return fig
 
 
@@ -264,6 +301,30 @@ def _zoom_past_warmup(ax, runs: dict[str, Curves]) -> None:
         low, high = min(bottoms), max(tops)
         pad = 0.05 * max(high - low, 1e-9)
         ax.set_ylim(low - pad, high + pad)
+        peak = max(c.y(c.steps, "loss")[np.isfinite(c.y(c.steps, "loss"))].max(initial=-np.inf)
+                   for c in runs.values())
+        if peak > high + pad:                   # say so: a cut axis must not pass for the data
+            ax.text(0.02, 0.98, f"▲ axis cut: the first steps reach {peak:.4g}",
+                    transform=ax.transAxes, ha="left", va="top", fontsize=7, color="0.3")
+
+
+def _schedule_note(runs: dict[str, Curves]) -> str | None:
+    """What the learning-rate panel shows, in words: the rate is set every step, and after
+    warm-up holds for a schedule epoch of floor(N / B) steps while a data epoch runs
+    ceil(N / B) (docs/model.md section 9). From the epoch records of the runs."""
+    kinds = set()
+    for c in runs.values():
+        ends = [int(r["step"]) for r in c.epochs]
+        spe = [r.get("lr_steps_per_epoch") for r in c.epochs]
+        if len(ends) and isinstance(spe[-1], int):
+            kinds.add((spe[-1], ends[0] if len(ends) == 1 else ends[-1] - ends[-2]))
+    if len(kinds) != 1:
+        return None
+    schedule, epoch = kinds.pop()
+    if schedule == epoch:
+        return f"set every step; after warm-up one value per epoch ({epoch} steps)"
+    return (f"set every step; after warm-up one value per {schedule} steps (floor(N/B));\n"
+            f"an epoch runs {epoch} steps, so each change comes a step earlier")
 
 
 # ------------------------------------------------------------------ active units

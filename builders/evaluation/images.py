@@ -11,8 +11,9 @@ import numpy as np
 from ..files import write_atomically
 
 
-def grid(images, columns: int | None = None, pad: int = 2) -> np.ndarray:
-    """[N, C, H, W] floats in [0, 1] (tensor or array) -> one uint8 image of tiles."""
+def grid(images, columns: int | None = None, pad: int = 2, scale: int = 1) -> np.ndarray:
+    """[N, C, H, W] floats in [0, 1] (tensor or array) -> one uint8 image of tiles, every
+    pixel drawn as a scale x scale block (sharp edges: slides show the model's pixels)."""
     a = images.detach().float().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
     n, c, h, w = a.shape
     columns = columns or max(1, math.ceil(math.sqrt(n)))
@@ -23,6 +24,8 @@ def grid(images, columns: int | None = None, pad: int = 2) -> np.ndarray:
         y, x = pad + r * (h + pad), pad + k * (w + pad)
         out[y:y + h, x:x + w] = a[i].transpose(1, 2, 0)
     out = (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8)
+    if scale > 1:
+        out = out.repeat(scale, axis=0).repeat(scale, axis=1)
     return out[..., 0] if c == 1 else out
 
 
@@ -50,5 +53,5 @@ def save_image(path: str | Path, pixels: np.ndarray) -> Path:
     return write_atomically(path, encoded.getvalue())
 
 
-def save_grid(path: str | Path, images, columns: int | None = None) -> Path:
-    return save_image(path, grid(images, columns))
+def save_grid(path: str | Path, images, columns: int | None = None, scale: int = 1) -> Path:
+    return save_image(path, grid(images, columns, scale=scale))

@@ -3,13 +3,20 @@
 Both are pure functions of the training position, so a resumed run recomputes exactly the
 values an uninterrupted run would have used; nothing about them is kept in a checkpoint.
 
-learning_rate: linear warm-up *per step* from ``warmup_start_lr`` to the peak ``lr`` over
-``warmup_epochs``; afterwards the rate changes once per epoch e:
+learning_rate(n): the rate of schedule step n, which the trainer sets to the number of the
+optimizer step about to run counted from 1 (n = steps taken + 1), as the authors' callback
+counts it. With P = ``steps_per_epoch`` (the trainer passes floor(N / B), the authors'
+``lr_steps_per_epoch``; an epoch runs ceil(N / B) steps) and W = ``warmup_epochs``:
 
+    n <= W * P      linear warm-up per step from ``warmup_start_lr`` (n = 0) to the peak ``lr``
+    after that      the schedule epoch e = floor(n / P) sets the rate:
     cosine          lr * [(1 - a) * 0.5 * (1 + cos(pi * (e - W) / (E - W))) + a],  a = min_lr / lr
     cosine_restart  the same shape over SGDR cycles: the first lasts ``first_cycle_epochs``,
                     each next one ``cycle_mult`` times longer, every restart back at the peak
     constant        lr
+
+When B does not divide N the schedule epoch runs one step ahead of the data epoch per epoch
+(the rate of data epoch k changes at its step ceil(N/B) - k), as in the authors' runs.
 
 kl_beta: beta(e) = start + (1 - start) * e / epochs, capped at 1 (changes once per epoch).
 """
@@ -24,10 +31,11 @@ def _cosine(fraction: float, peak: float, floor: float) -> float:
 
 
 def learning_rate(step: int, steps_per_epoch: int, schedule, lr: float, epochs: int) -> float:
-    """The learning rate of optimizer step ``step`` (0-based).
+    """The learning rate of schedule step ``step`` (see the module docstring: the trainer
+    passes the 1-based number of the optimizer step about to run).
 
     ``schedule`` is a spec's ``train.schedule``; ``lr`` the peak (``train.optimizer.lr``);
-    ``epochs`` the run's length E. ``steps_per_epoch`` counts optimizer steps per epoch.
+    ``epochs`` the run's length E; ``steps_per_epoch`` the schedule's epoch length P.
     """
     spe = max(1, int(steps_per_epoch))
     warm = float(schedule.warmup_epochs)

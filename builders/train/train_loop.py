@@ -97,7 +97,9 @@ class Trainer:
         self.autocast = autocast_for(dev, self.cfg.precision)
         self.generator = torch.Generator()   # binarisation / flips (CPU draws: device-independent)
         self.drop_last = ddp.world_size > 1
-        self.steps_per_epoch = max(1, len(data.train) // self.cfg.batch_size)  # schedule bookkeeping
+        # The schedule's epoch is floor(N / B) steps, the authors' lr_steps_per_epoch, while an
+        # epoch runs ceil(N / B) steps (docs/model.md section 9): kept, it is what they ran.
+        self.steps_per_epoch = max(1, len(data.train) // self.cfg.batch_size)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.bn_buffers = batchnorm_buffers(model)
         self.bn_snapshot = [b.clone() for b in self.bn_buffers]   # taken before every forward
@@ -149,7 +151,9 @@ class Trainer:
         for raw in batches:
             if self._max_steps_reached():
                 return False
-            lr = learning_rate(state.step, self.steps_per_epoch, cfg.schedule, cfg.optimizer.lr, cfg.epochs)
+            # schedule step n = state.step + 1: the authors' callback counts the batch about to
+            # run before it sets its rate, so their first step already takes one warm-up increment
+            lr = learning_rate(state.step + 1, self.steps_per_epoch, cfg.schedule, cfg.optimizer.lr, cfg.epochs)
             go_on = self.step(raw, lr, beta)
             self._measure_speed(state.batch - batches.start_batch, epoch_t0)
             last = self._max_steps_reached() or (epoch + 1 == cfg.epochs and state.batch == batches.num_batches)
@@ -366,7 +370,8 @@ class Trainer:
         self.last_test = test_nelbo
         rec = {"step": state.step, "epoch": epoch, "test_nelbo": test_nelbo,
                "train_loss": c.get("epoch_loss", 0.0) / c["epoch_n"] if c.get("epoch_n") else math.nan,
-               "beta": beta, "skipped": state.skipped, "epoch_seconds": time.perf_counter() - epoch_t0}
+               "beta": beta, "skipped": state.skipped, "epoch_seconds": time.perf_counter() - epoch_t0,
+               "lr_steps_per_epoch": self.steps_per_epoch}
         if self.bits:
             rec["test_nelbo_bits_per_dim"] = test_nelbo / (self.data.dims * math.log(2))
         self.reporter.write(rec)
