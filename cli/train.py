@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import SetOption, UserError, load_valid, spec_file
+from .common import SetOption, UserError, fail, load_valid, spec_file
 from .relaunch import launched, relaunch
 
 
@@ -71,6 +71,7 @@ def train(
     from builders.data.datasets import DatasetError
     from builders.devices import DeviceError
     from builders.launch.environment import LaunchError
+    from builders.launch.process_group import PeerLost
     from builders.train.training import TrainingError, preflight, train as run_training
 
     user_errors = (CheckpointError, DatasetError, DeviceError, LaunchError, TrainingError)
@@ -86,6 +87,8 @@ def train(
                               progress_mode=mode, devices=devices)
     except user_errors as e:
         raise UserError(str(e)) from None
+    except PeerLost as e:                   # not the user's input: exit 1, but no traceback
+        fail(str(e), code=1)
     except KeyboardInterrupt:               # training wrote checkpoints/last.pt first
         sys.stderr.write(_interrupted_hint(spec, out))
         raise typer.Exit(130) from None
