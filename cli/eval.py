@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import JsonOption, SetOption, UserError, _escape, err, out, warn
+from .common import JsonOption, SetOption, UserError, _escape, err, fail, out, warn
 from .relaunch import launched, relaunch
 
 
@@ -239,7 +239,7 @@ def eval_command(
         avi eval runs/quickstart -k 20 --limit 64 --devices 2 --device cpu
     """
     from builders.launch.environment import LaunchError
-    from builders.launch.process_group import setup_distributed, teardown_distributed
+    from builders.launch.process_group import peer_failure, setup_distributed, teardown_distributed
 
     if devices and devices > 1 and not launched():
         model, resolved, _ = load_model(run, "cpu", not no_ema, overrides)    # one clear message here,
@@ -256,6 +256,11 @@ def eval_command(
         if not ddp.main:             # every process meets the same mistake; process 0 says it
             raise typer.Exit(2) from None
         raise
+    except RuntimeError as e:        # a process or node died: nothing was written, say so
+        lost = peer_failure(e, ddp, "Nothing was written.")
+        if lost is None:
+            raise
+        fail(str(lost), code=1)
     finally:
         teardown_distributed(ddp)
 

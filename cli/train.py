@@ -79,6 +79,7 @@ def train(
     from builders.data.datasets import DatasetError
     from builders.devices import DeviceError
     from builders.launch.environment import LaunchError
+    from builders.launch.process_group import PeerLost
     from builders.train.run_dir import DivergedError
     from builders.train.training import TrainingError, preflight, train as run_training
 
@@ -97,6 +98,8 @@ def train(
         fail(str(e), code=1)
     except user_errors as e:
         raise UserError(str(e)) from None
+    except PeerLost as e:                   # not the user's input: exit 1, but no traceback
+        fail(str(e), code=1)
     except KeyboardInterrupt:               # training wrote checkpoints/last.pt first
         sys.stderr.write(_escape(_interrupted_hint(spec, out), keep_newlines=True, markup=False))
         raise typer.Exit(130) from None

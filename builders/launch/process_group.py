@@ -31,6 +31,28 @@ class Distributed:
         return self.rank == 0
 
 
+class PeerLost(Exception):
+    """Another process of the group died or stopped answering during a collective."""
+
+
+_PEER_FAILURE_TEXT = ("gloo", "nccl", "connection closed", "connection reset", "timed out",
+                      "broken pipe", "socket")
+
+
+def peer_failure(error: BaseException, ddp: Distributed, after: str) -> PeerLost | None:
+    """A PeerLost saying what happened, if ``error`` came from the process group failing under
+    a multi-process run (torch raises DistError or, from gloo, a RuntimeError naming it);
+    None for any other error. ``after``: what the user can rely on (e.g. the last checkpoint)."""
+    text = str(error)
+    if ddp.world_size <= 1 or not (isinstance(error, dist.DistError)
+                                    or any(t in text.lower() for t in _PEER_FAILURE_TEXT)):
+        return None
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return PeerLost(f"process {ddp.rank} of {ddp.world_size} lost contact with the others ({first[:300]}): "
+                    f"a process or node died or stopped answering (every wait is bounded by "
+                    f"AVI_DIST_TIMEOUT, {dist_timeout().total_seconds():.0f} s). {after}".strip())
+
+
 def dist_timeout() -> timedelta:
     raw = os.environ.get("AVI_DIST_TIMEOUT", str(DEFAULT_TIMEOUT_S))
     try:

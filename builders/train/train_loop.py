@@ -31,6 +31,7 @@ from ..checkpoint import rng_state, save_checkpoint
 from ..data.preprocess import EpochBatches
 from ..evaluation.images import save_grid
 from ..faults import fault_point
+from ..launch.process_group import peer_failure
 from .distributed import Distributed, all_processes_agree
 from . import diagnostics
 from .reporting import Reporter
@@ -126,6 +127,12 @@ class Trainer:
                 self.checkpoint()
         except OSError as e:
             raise write_error(e, self.out_dir, self._saved_text()) from None
+        except RuntimeError as e:                     # a dead node or process: say so, no traceback
+            lost = peer_failure(e, self.ddp, f"{self._saved_text()} Once every node is back, "
+                                             f"continue with --resume.")
+            if lost is None:
+                raise
+            raise lost from None
         finally:
             self.interrupt.stop()
         return {"out_dir": str(self.out_dir), "step": state.step, "epoch": state.epoch,
