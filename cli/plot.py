@@ -182,7 +182,7 @@ def active_command(
     if as_json:
         print_json({"run": run, **active_units(kl, threshold), "figure": str(path)})
     else:
-        out.print(str(path), markup=False)
+        print_path(path)
 
 
 @plot_app.command("attention")

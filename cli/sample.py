@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import SetOption, UserError, err, out, print_path
+from .common import SetOption, UserError, err, print_path
 from .eval import (DeviceOption, NoEmaOption, RunArgument, SeedOption, Device, Split,
                    default_output, images, load_model)
 

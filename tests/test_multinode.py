@@ -11,7 +11,6 @@ process over the same global batch computes other numbers by design.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
