@@ -2,7 +2,7 @@
 
     {"version": 1, "launcher": "slurm", "grid_fields": [...], "max_steps": ..., "eval": {...},
      "runs": [{"name", "source", "grid", "spec_hash", "run_dir", "job_id", "state",
-               "attempts", "log", "log_err"}]}
+               "attempts", "log"}]}   (log: the job's stdout and stderr)
 
 The state is derived, never trusted from a previous write: there is no accounting database
 on many clusters (sacct fails), so it comes from files and the queue:
