@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -87,3 +88,25 @@ def test_shard_bounds_cover_the_images_once():
         assert bounds[0][0] == 0 and bounds[-1][1] == n
         assert all(bounds[i][1] == bounds[i + 1][0] for i in range(w - 1))
         assert all(start % b == 0 for start, stop in bounds if stop > start)
+
+
+def test_eval_under_srun_gives_one_processs_numbers(run):
+    """`srun --ntasks 2 avi eval ...` on the local SLURM cluster: the tasks find each other from
+    SLURM's environment (builders.launch) and task 0 alone prints and writes."""
+    srun = shutil.which("srun")
+    if srun is None:
+        if os.environ.get("CI"):
+            pytest.fail("srun is not installed, and CI must run this test")
+        pytest.skip("srun is not installed")
+    subprocess.run(["bash", str(REPO / "tools" / "slurm" / "start.sh")], capture_output=True, timeout=120)
+    _, one = evaluate(run, 1)
+    r = subprocess.run([srun, "--partition", "debug", "--ntasks", "2", "--cpus-per-task", "1", "--time", "5",
+                        "--kill-on-bad-exit=1", sys.executable, "-m", "cli.main", "eval", str(run), "-k", "20",
+                        "--limit", "64", "--device", "cpu", "--json"],
+                       cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads(r.stdout)                                   # one document: task 1 printed nothing
+    assert doc["processes"] == 2
+    saved = json.loads((run / "eval.json").read_text())["results"]
+    with np.load(run / saved[0]["per_example"]["file"]) as z:
+        assert np.array_equal(z["nll_nats"], one["nll_nats"])

@@ -179,12 +179,18 @@ def test_unreachable_torchrun_rendezvous_fails_in_bounded_time(tiny, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def srun_task_env(rank: int, port: int, **extra) -> dict:
+    """The environment srun gives task ``rank`` of a two-task step on this host."""
+    env = {k: v for k, v in ENV.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env.update(SLURM_JOB_ID="4242", SLURM_STEP_ID="0", SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
+               SLURM_STEP_NUM_TASKS="2", SLURM_NTASKS="2", SLURM_JOB_NODELIST="127.0.0.1",
+               MASTER_PORT=str(port), **extra)
+    return env
+
+
 def test_unreachable_srun_rendezvous_is_a_clear_error(tiny, tmp_path):
     """Task 1 of an srun step whose task 0 never comes: avi's own bounded wait (AVI_DIST_TIMEOUT)."""
-    env = {k: v for k, v in ENV.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
-    env.update(SLURM_JOB_ID="4242", SLURM_STEP_ID="0", SLURM_PROCID="1", SLURM_LOCALID="0",
-               SLURM_STEP_NUM_TASKS="2", SLURM_NTASKS="2", SLURM_JOB_NODELIST="127.0.0.1",
-               MASTER_PORT=str(free_port()), AVI_DIST_TIMEOUT="5")
+    env = srun_task_env(1, free_port(), AVI_DIST_TIMEOUT="5")
     t0 = time.monotonic()
     r = subprocess.run([*AVI, *train_args(tiny, tmp_path / "run")], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=120)
@@ -194,14 +200,16 @@ def test_unreachable_srun_rendezvous_is_a_clear_error(tiny, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_world_size_not_dividing_the_batch_is_refused(tiny, tmp_path):
-    tool_or_skip("torchrun")
-    out = tmp_path / "run"
-    results = finish(torchrun_nodes(tiny, out, free_port(), tmp_path / "h", "--set", "train.batch_size=15"))
-    for rc, _, err in results:
-        assert rc != 0
-    assert any("batch_size" in err and "(2)" in err for _, _, err in results)
-    assert not (out / "checkpoints").exists()
+def test_world_size_not_dividing_the_batch_is_refused_before_the_rendezvous(tiny, tmp_path):
+    """Task 1 of 2 of an srun step, alone: a batch of 15 is refused at once (exit 2), without
+    waiting for task 0, and nothing is written."""
+    env = srun_task_env(1, free_port(), AVI_DIST_TIMEOUT="600")
+    t0 = time.monotonic()
+    r = subprocess.run([*AVI, *train_args(tiny, tmp_path / "run", "--set", "train.batch_size=15")],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and time.monotonic() - t0 < 60, r.stderr[-2000:]
+    assert "train.batch_size 15 is not divisible by the number of processes (2)" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "run").exists()
 
 
 def test_a_dead_node_ends_the_run_with_whole_checkpoints(tiny, tmp_path):

@@ -44,6 +44,7 @@ from avi_spec.diff import changed_fields
 from ..network.build import build_model
 from ..checkpoint import CheckpointError, load_with_fallback, previous_path, set_rng_state
 from ..devices import place, resolve_device
+from ..launch.environment import launch_environment
 from .distributed import (Distributed, all_processes_agree, setup_distributed,  # noqa: F401 (API)
                           teardown_distributed, wrap_data_parallel)
 from .optim import build_optimizer
@@ -174,6 +175,9 @@ def train(resolved: ResolvedSpec, out_dir: str | Path, resume: bool = False,
     DatasetError, SpecError for the user's problems.
     """
     out_dir = Path(out_dir)
+    # Before the rendezvous: a batch the processes cannot share is refused by each of them at
+    # once, not after every node has come up (or by a lone node that waits for the others).
+    check_batch_size(resolved.spec.train.batch_size, launch_environment().world_size)
     ddp = setup_distributed(str(device) if device is not None else None)
     lock = None
     try:
