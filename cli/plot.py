@@ -177,7 +177,7 @@ def active_command(
     path = _output(output, [run], "active.png")
     model, resolved, _ = load_model(run, device, not no_ema, overrides)
     _seed(seed)
-    kl = kl_per_channel(model, _batches(resolved, split, limit, batch_size))
+    kl = kl_per_channel(model, _batches(resolved, split, limit, batch_size)[0])
     path = _save(active_units_figure(kl, threshold), path)
     if as_json:
         print_json({"run": run, **active_units(kl, threshold), "figure": str(path)})
