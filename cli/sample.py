@@ -53,7 +53,8 @@ def sample_command(
 ) -> None:
     """Draw images from the prior of a trained model and write them as one PNG grid.
 
-    Prints the path of the PNG (default RUN/samples/prior_t<temperature>.png). With
+    Prints the path of the PNG (default RUN/samples/prior_t<temperature>.png, or
+    prior_t<temperature>_readjusted.png with --readjust-bn). With
     --readjust-bn the batch-norm statistics are first re-estimated on prior samples at the
     same temperature; the draw of the images themselves is the one --seed gives without it.
 
@@ -80,7 +81,8 @@ def sample_command(
                   f"{n} prior samples at temperature {temperature:g}", markup=False)
     _seed(seed, dev)
     x = model.sample(n, temperature, mode.value)
-    path = output or default_output(run_dir, "samples", f"prior_t{temperature:g}.png")
+    name = f"prior_t{temperature:g}{'_readjusted' if readjust_bn else ''}.png"
+    path = output or default_output(run_dir, "samples", name)
     out.print(str(_save(save_grid, path, x)), markup=False)
 
 
