@@ -58,9 +58,10 @@ def sample_command(
     """Draw images from the prior of a trained model and write them as one PNG grid.
 
     RUN is a run directory, a .pt checkpoint or a .safetensors file of `avi export`. Prints
-    the path of the PNG (default RUN/samples/prior_t<temperature>.png). With --readjust-bn
-    the batch-norm statistics are first re-estimated on prior samples at the same
-    temperature; the draw of the images themselves is the one --seed gives without it.
+    the path of the PNG (default RUN/samples/prior_t<temperature>.png, or
+    prior_t<temperature>_readjusted.png with --readjust-bn). With --readjust-bn the
+    batch-norm statistics are first re-estimated on prior samples at the same temperature;
+    the draw of the images themselves is the one --seed gives without it.
 
     Example:
 
@@ -87,7 +88,8 @@ def sample_command(
                   f"{n} prior samples at temperature {temperature:g}", markup=False)
     _seed(seed, dev)
     x = model.sample(n, temperature, mode.value)
-    path = output or default_output(run_dir, "samples", f"prior_t{temperature:g}.png")
+    name = f"prior_t{temperature:g}{'_readjusted' if readjust_bn else ''}.png"
+    path = output or default_output(run_dir, "samples", name)
     print_path(_save(lambda p, im: save_grid(p, im, scale=scale), path, x))
 
 

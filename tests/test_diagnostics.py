@@ -62,6 +62,8 @@ def test_a_nan_in_layer_1_is_named_and_the_run_stops_with_last_pt_intact(spec, t
     assert d["kl_per_layer"][0] is not None and d["kl_per_layer"][1] is None
     assert d["layers"][1]["posterior_log_scale_non_finite"] and not d["layers"][0]["posterior_log_scale_non_finite"]
     assert "layers.1" in d["non_finite_grad_groups"] and "postprocess" in d["grad_norm_per_group"]
+    assert d["non_finite_weight_groups"] == [] and "largest |weight|" in text
+    assert set(d["weight_max_abs_per_group"]) >= set(d["grad_norm_per_group"])
     payload = load_checkpoint(out / "checkpoints" / "last.pt")
     assert payload["state"]["step"] == 2 and payload["state"]["skipped"] == 1
     assert all(torch.isfinite(t).all() for t in payload["model"].values() if t.is_floating_point())
@@ -83,6 +85,8 @@ def test_a_huge_learning_rate_stops_through_the_entry_point(spec, tmp_path):
     rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f"not JSON: {c}")) for line in r.stdout.splitlines()]
     diag = [row["diagnosis"] for row in rows if "diagnosis" in row]
     assert len(diag) >= 2 and all(set(d["grad_norm_per_group"]) >= {"head", "layers.0"} for d in diag)
+    # lr 1e30: the first update throws the weights far out, and every later step says so.
+    assert max(diag[-1]["weight_max_abs_per_group"].values()) > 1e20 and "largest |weight|" in r.stderr
 
 
 def test_group_names_and_bound_shares():

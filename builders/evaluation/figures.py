@@ -345,7 +345,7 @@ def active_units_figure(kl_channels: np.ndarray, threshold: float) -> Figure:
                   fontsize=7)
     if channels <= 32:
         ax.set_xticks(range(channels))
-    ax.set_title(f"KL per latent channel: {int((kl_channels > threshold).sum())} of {kl_channels.size} "
-                 f"active (KL > {threshold:g} nats, ringed)")
+    ax.set_title(f"KL per latent channel\n{int((kl_channels > threshold).sum())} of {kl_channels.size} "
+                 f"active (KL > {threshold:g} nats, ringed)", fontsize=10)
     fig.colorbar(image, ax=ax, label="log10 KL  [nats per image]")
     return fig

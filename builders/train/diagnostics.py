@@ -9,7 +9,9 @@ When a step is skipped (its loss or gradient norm is not finite), the trainer as
                hierarchy.*.log_scale (a saturated tanh passes no gradient and often precedes
                a blow-up), and log-scales or means that are not finite;
   gradients    the gradient norm of every module group (preprocess, encoders.l, layers.l,
-               constant, final_merge, postprocess, head), the non-finite ones named.
+               constant, final_merge, postprocess, head), the non-finite ones named;
+  weights      the largest |weight| of every module group: an earlier update that overflowed
+               shows as weights far above the rest, or not finite.
 
 The account goes to metrics.jsonl (a record with "diagnosis") and, shortened, to stderr, with
 the usual remedies (`remedies`). The forward pass is rerun once under no_grad with the step's
@@ -47,6 +49,20 @@ def group_grad_norms(model: torch.nn.Module) -> dict[str, float]:
     return {g: math.sqrt(v) if math.isfinite(v := float(s)) else v for g, s in squares.items()}
 
 
+@torch.no_grad()
+def weight_max_abs(model: torch.nn.Module) -> dict[str, float]:
+    """The largest |weight| of every module group (inf or nan where one is not finite): an
+    update that overflowed shows here as a group of weights many orders above the rest."""
+    out: dict[str, float] = {}
+    for name, p in model.named_parameters():
+        g = module_group(name)
+        t = p.detach().float()
+        v = float(t.abs().max()) if bool(torch.isfinite(t).all()) else math.nan
+        prev = out.get(g, 0.0)
+        out[g] = math.nan if math.isnan(v) or math.isnan(prev) else max(prev, v)
+    return out
+
+
 def _finite(v: float) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
@@ -75,7 +91,8 @@ def latent_report(latents: list[dict], post_bounds, prior_bounds) -> list[dict]:
 
 
 def diagnose(values: dict, kl_per_layer: list[float], grad_norms: dict[str, float],
-             latents: list[dict] | None, post_bounds, prior_bounds) -> dict:
+             latents: list[dict] | None, post_bounds, prior_bounds,
+             weights: dict[str, float] | None = None) -> dict:
     """The account of one skipped step (a JSON-able dict, non-finite numbers kept as floats)."""
     layers = latent_report(latents, post_bounds, prior_bounds) if latents is not None else []
     # In the order of the top-down pass: the first term named is where the trouble starts
@@ -100,6 +117,8 @@ def diagnose(values: dict, kl_per_layer: list[float], grad_norms: dict[str, floa
     return {"loss": values["loss"], "nll": values["nll"], "kl": values["kl"],
             "grad_norm": values["grad_norm"], "kl_per_layer": kl_per_layer,
             "non_finite_terms": terms, "suspects": suspects,
+            "weight_max_abs_per_group": weights or {},
+            "non_finite_weight_groups": [g for g, v in (weights or {}).items() if not _finite(v)],
             "grad_norm_per_group": grad_norms, "non_finite_grad_groups": bad_groups,
             "largest_grad_groups": [g for _, g in finite_groups[:SHOWN]], "layers": layers}
 
@@ -107,6 +126,13 @@ def diagnose(values: dict, kl_per_layer: list[float], grad_norms: dict[str, floa
 def summary(d: dict) -> str:
     """The account in one or two lines for stderr: terms, suspects, gradient groups."""
     parts = []
+    weights = d.get("weight_max_abs_per_group") or {}
+    if d.get("non_finite_weight_groups"):
+        parts.append("the weights themselves are not finite (an earlier update overflowed) in "
+                     + _few(d["non_finite_weight_groups"]))
+    elif weights:
+        top = max(weights, key=weights.get)
+        parts.append(f"largest |weight| {weights[top]:.3g} in {top}")
     if d["non_finite_terms"]:
         parts.append("non-finite term(s): " + _few(d["non_finite_terms"]))
     else:

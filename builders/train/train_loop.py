@@ -316,7 +316,8 @@ class Trainer:
         with torch.no_grad(), self.autocast():
             latents = self.model(x, record_latents=True).latents
         return diagnostics.diagnose(dict(zip(WINDOW, values)), kl_layers.tolist(), grad_norms, latents,
-                                    self.model.post_bounds, self.model.prior_bounds)
+                                    self.model.post_bounds, self.model.prior_bounds,
+                                    diagnostics.weight_max_abs(self.model))
 
     def _count_step(self, values: list[float]) -> None:
         self.state.step += 1
