@@ -7,6 +7,7 @@ functions so that `avi --help` and the spec commands stay fast.
 """
 from __future__ import annotations
 
+import errno
 import importlib
 import importlib.util
 import inspect
@@ -14,7 +15,7 @@ import json
 import sys
 import traceback
 from enum import Enum
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 from typer.core import TyperGroup
@@ -53,10 +54,30 @@ class AviGroup(TyperGroup):
             fail(str(e))
         except BrokenPipeError:
             _closed_stdout()
+        except OSError as e:
+            if e.errno not in _USER_PATH_ERRNOS:
+                _bug()
+            fail(_path_error(e))
         except Exception:
-            traceback.print_exc()
-            err.print(f"[bold red]{BUG_HINT}[/]")
-            raise typer.Exit(1) from None
+            _bug()
+
+
+# Errors of a path the user typed, which any command can meet wherever it first touches the
+# path (pathlib's is_dir/exists raise them on Python 3.11): the user's input, not avi's bug.
+_USER_PATH_ERRNOS = {errno.ENAMETOOLONG, errno.ELOOP}
+
+
+def _path_error(e: OSError) -> str:
+    name = str(e.filename or "")
+    shown = name if len(name) <= 120 else f"{name[:60]}...{name[-40:]} ({len(name)} characters)"
+    hint = "give a shorter path" if e.errno == errno.ENAMETOOLONG else "a symbolic link there points in a circle"
+    return f"{shown}: {e.strerror or e} ({hint})"
+
+
+def _bug() -> "NoReturn":
+    traceback.print_exc()
+    err.print(f"[bold red]{BUG_HINT}[/]")
+    raise typer.Exit(1) from None
 
 
 def _tidy_help(command) -> None:
