@@ -164,8 +164,8 @@ def test_a_metrics_file_that_is_not_text_is_a_clear_error(tiny, tmp_path, conten
     else:
         os.mknod(metrics, 0o600 | __import__("stat").S_IFCHR, os.makedev(1, 5)) if os.geteuid() == 0 \
             else pytest.skip("a device node needs root; /dev/zero by link is the symlink case")
-    r = avi("train", run, "--resume", "--max-steps", "3", "-q", check=2)
-    assert "metrics.jsonl" in r.stderr
+    with pytest.raises(TrainingError, match="metrics.jsonl"):
+        resume(tiny, run)
 
 
 def test_eval_refuses_to_write_through_a_linked_eval_folder(tiny, tmp_path):
@@ -177,6 +177,20 @@ def test_eval_refuses_to_write_through_a_linked_eval_folder(tiny, tmp_path):
     assert "not saved" in r.stderr and "symbolic link" in r.stderr
     assert list(outside.iterdir()) == [] and not (run / "eval.json").exists()
 
+
+
+def test_sample_and_plot_refuse_a_linked_default_folder(tiny, tmp_path):
+    run = copy_run(tiny, tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.rmtree(run / "samples")
+    (run / "samples").symlink_to(outside, target_is_directory=True)
+    (run / "plots").symlink_to(outside, target_is_directory=True)
+    r = avi("sample", run, "--n", "1", check=2)
+    assert "samples -> " in r.stderr and "symbolic link" in r.stderr
+    r = avi("plot", "curves", run, check=2)
+    assert "plots -> " in r.stderr
+    assert list(outside.iterdir()) == []
 
 # ------------------------------------------------------------- 11: interrupted eval and export
 
