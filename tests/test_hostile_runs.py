@@ -485,3 +485,17 @@ def test_kl_bars_leave_out_infinite_layers(tmp_path):
     assert plottable(values)[1] == 3
     path = save_figure(kl_figure({"a$\\x$": values, "b": np.array([2.0, 3.0])}), tmp_path / "kl.svg")
     assert "a$\\x$" in path.read_text()
+
+
+def test_recording_beside_edited_results_of_any_type(tmp_path):
+    """Fields of an edited eval.json of any JSON type neither crash the next `avi eval`'s
+    record nor get dropped."""
+    from builders.evaluation.eval_results import best_result, read_results, record_result
+    odd = [{"split": [1], "per_example": {"file": [1]}, "overrides": {"x": 1}},
+           {"split": {"a": 1}, "examples": [2], "checkpoint": 5, "per_example": 7}]
+    (tmp_path / "eval.json").write_text(json.dumps({"format": "avi-evaluations", "results": odd}))
+    doc = {"split": "test", "importance_samples": 2, "examples": 2, "checkpoint": "last.pt",
+           "ema": False, "data_sha256": "a" * 64}
+    saved = record_result(tmp_path / "eval.json", doc, {"nll_nats": [1.0, 2.0], "nelbo_nats": [1.0, 2.0]})
+    results = read_results(tmp_path / "eval.json")
+    assert results[:2] == odd and best_result(results) == saved
