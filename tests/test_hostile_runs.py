@@ -499,3 +499,12 @@ def test_recording_beside_edited_results_of_any_type(tmp_path):
     saved = record_result(tmp_path / "eval.json", doc, {"nll_nats": [1.0, 2.0], "nelbo_nats": [1.0, 2.0]})
     results = read_results(tmp_path / "eval.json")
     assert results[:2] == odd and best_result(results) == saved
+
+
+def test_avi_build_on_the_cpu_refuses_a_model_larger_than_memory(tiny):
+    from typer.testing import CliRunner
+    from cli.main import app
+    args = ["build", str(tiny.spec), "--set", "cells.preprocess.filters=4096"]
+    r = CliRunner().invoke(app, [*args, "--device", "cpu"])
+    assert r.exit_code == 2 and "parameters and buffers" in r.stderr and "--device meta" in r.stderr
+    assert CliRunner().invoke(app, [*args, "--json"]).exit_code == 0      # meta: counted, no memory
