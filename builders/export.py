@@ -91,9 +91,12 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", override
         raise RunError(f"the avi metadata (spec, ema, step, epoch) in {path} is not valid: {e}") from None
     try:        # shapes compared, and memory checked, on the meta device before allocating
         check_weights_fit(resolved.spec, shapes, str(path))
-        check_fits(resolved.spec, "cpu", "load")
     except ModelSizeError as e:
         raise RunError(f"{e}; was it written by `avi export`?") from None
+    try:
+        check_fits(resolved.spec, "cpu", "load")
+    except ModelSizeError as e:
+        raise RunError(f"{path}: {e}") from None
     try:
         weights = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:

@@ -52,8 +52,15 @@ def build(
 
     from builders.network.build import build_model, summary
 
+    from .common import UserError
     if device is BuildDevice.cuda and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here (use meta or cpu)")
+    if device is not BuildDevice.meta:        # counted on the meta device before allocating
+        from builders.network.size import ModelSizeError, check_fits
+        try:
+            check_fits(resolved.spec, device.value, "build")
+        except ModelSizeError as e:
+            raise UserError(f"{e}; --device meta counts it without memory") from None
     t0 = time.perf_counter()
     model = build_model(resolved.spec, device.value)
     seconds = time.perf_counter() - t0

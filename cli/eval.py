@@ -76,8 +76,17 @@ def images(resolved, split: str = "test", limit: int | None = None, binarization
 
 
 def default_output(run: Path | None, *parts: str) -> Path:
-    """RUN/<parts...> for a run directory, else ./<last part>."""
-    return run.joinpath(*parts) if run is not None else Path(parts[-1])
+    """RUN/<parts...> for a run directory, else ./<last part>. A folder of the run that is a
+    symbolic link (RUN/plots -> elsewhere) is refused: avi writes inside the run directory only
+    unless --out says otherwise."""
+    if run is None:
+        return Path(parts[-1])
+    from builders.files import linked_entries
+    links = linked_entries(run, parts[:1]) if len(parts) > 1 else []
+    if links:
+        raise UserError(f"{run}: {links[0]} is a symbolic link, and avi writes only inside the run "
+                        f"directory; remove the link or give --out")
+    return run.joinpath(*parts)
 
 
 def jsonable(value):

@@ -164,8 +164,8 @@ def test_a_metrics_file_that_is_not_text_is_a_clear_error(tiny, tmp_path, conten
     else:
         os.mknod(metrics, 0o600 | __import__("stat").S_IFCHR, os.makedev(1, 5)) if os.geteuid() == 0 \
             else pytest.skip("a device node needs root; /dev/zero by link is the symlink case")
-    r = avi("train", run, "--resume", "--max-steps", "3", "-q", check=2)
-    assert "metrics.jsonl" in r.stderr
+    with pytest.raises(TrainingError, match="metrics.jsonl"):
+        resume(tiny, run)
 
 
 def test_eval_refuses_to_write_through_a_linked_eval_folder(tiny, tmp_path):
@@ -177,6 +177,20 @@ def test_eval_refuses_to_write_through_a_linked_eval_folder(tiny, tmp_path):
     assert "not saved" in r.stderr and "symbolic link" in r.stderr
     assert list(outside.iterdir()) == [] and not (run / "eval.json").exists()
 
+
+
+def test_sample_and_plot_refuse_a_linked_default_folder(tiny, tmp_path):
+    run = copy_run(tiny, tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.rmtree(run / "samples")
+    (run / "samples").symlink_to(outside, target_is_directory=True)
+    (run / "plots").symlink_to(outside, target_is_directory=True)
+    r = avi("sample", run, "--n", "1", check=2)
+    assert "samples -> " in r.stderr and "symbolic link" in r.stderr
+    r = avi("plot", "curves", run, check=2)
+    assert "plots -> " in r.stderr
+    assert list(outside.iterdir()) == []
 
 # ------------------------------------------------------------- 11: interrupted eval and export
 
@@ -471,3 +485,26 @@ def test_kl_bars_leave_out_infinite_layers(tmp_path):
     assert plottable(values)[1] == 3
     path = save_figure(kl_figure({"a$\\x$": values, "b": np.array([2.0, 3.0])}), tmp_path / "kl.svg")
     assert "a$\\x$" in path.read_text()
+
+
+def test_recording_beside_edited_results_of_any_type(tmp_path):
+    """Fields of an edited eval.json of any JSON type neither crash the next `avi eval`'s
+    record nor get dropped."""
+    from builders.evaluation.eval_results import best_result, read_results, record_result
+    odd = [{"split": [1], "per_example": {"file": [1]}, "overrides": {"x": 1}},
+           {"split": {"a": 1}, "examples": [2], "checkpoint": 5, "per_example": 7}]
+    (tmp_path / "eval.json").write_text(json.dumps({"format": "avi-evaluations", "results": odd}))
+    doc = {"split": "test", "importance_samples": 2, "examples": 2, "checkpoint": "last.pt",
+           "ema": False, "data_sha256": "a" * 64}
+    saved = record_result(tmp_path / "eval.json", doc, {"nll_nats": [1.0, 2.0], "nelbo_nats": [1.0, 2.0]})
+    results = read_results(tmp_path / "eval.json")
+    assert results[:2] == odd and best_result(results) == saved
+
+
+def test_avi_build_on_the_cpu_refuses_a_model_larger_than_memory(tiny):
+    from typer.testing import CliRunner
+    from cli.main import app
+    args = ["build", str(tiny.spec), "--set", "cells.preprocess.filters=4096"]
+    r = CliRunner().invoke(app, [*args, "--device", "cpu"])
+    assert r.exit_code == 2 and "parameters and buffers" in r.stderr and "--device meta" in r.stderr
+    assert CliRunner().invoke(app, [*args, "--json"]).exit_code == 0      # meta: counted, no memory

@@ -95,7 +95,8 @@ def _per_example_name(document: dict, kept: list[dict]) -> str:
     """eval/<key>.npz; where a kept result of other images has that name already (the same
     split, K and weights on other data), the name gets the images' fingerprint too."""
     name = per_example_file.file_name(document)
-    taken = {(d.get("per_example") or {}).get("file") for d in kept if isinstance(d.get("per_example"), dict)}
+    taken = {d["per_example"].get("file") for d in kept if isinstance(d.get("per_example"), dict)
+             and isinstance(d["per_example"].get("file"), str)}      # an edited eval.json: anything
     if name in taken and isinstance(document.get("data_sha256"), str):
         name = name.removesuffix(".npz") + f"_d{document['data_sha256'][:12]}.npz"
     return name

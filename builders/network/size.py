@@ -14,7 +14,7 @@ from .build import build_model
 
 BYTES_PER_VALUE = 4          # float32 parameters and buffers
 # Training holds per parameter: the weight, its gradient, Adamax's two moments and the EMA copy.
-COPIES = {"train": 5, "load": 2}         # load: the model and the weights read from the file
+COPIES = {"train": 5, "load": 2, "build": 1}    # load: the model and the weights read from the file
 
 
 class ModelSizeError(ValueError):

@@ -74,9 +74,10 @@ def _has_checkpoints(out_dir: Path) -> bool:
 
 def _spec_yaml_hash(out_dir: Path) -> str | None:
     """The hash in the first line spec.yaml of a run directory starts with."""
-    try:
-        first = (out_dir / "spec.yaml").read_text(encoding="utf-8").splitlines()[0]
-    except (OSError, IndexError, UnicodeDecodeError):
+    from avi_spec.yaml_io import MAX_FILE_BYTES, read_text_file
+    try:        # bounded: a spec.yaml linked to a 3 GB file or a device is not read whole
+        first = read_text_file(out_dir / "spec.yaml", MAX_FILE_BYTES).splitlines()[0]
+    except (OSError, IndexError, ValueError):      # ValueError: not UTF-8, not regular, too large
         return None
     return first.rsplit("hash ", 1)[-1].strip() if "hash " in first else None
 
