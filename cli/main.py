@@ -24,7 +24,7 @@ from avi_spec import SpecError
 from .common import JsonOption, SetOption, UserError, _escape, err, fail, load, out, print_problems
 
 COMMAND_MODULES = ["cli.build", "cli.train", "cli.eval", "cli.sample", "cli.plot", "cli.export",
-                   "cli.import_davi"]
+                   "cli.import_davi", "cli.data"]
 
 BUG_HINT = "this is a bug in avi; please report it with the command and spec"
 
