@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from .errors import Problem, SpecError, did_you_mean, format_path
 from .overrides import apply_override
-from .schema import SPEC_VERSION, Spec
+from .schema import SPEC_VERSION, Folder, Spec
 from .schema_errors import problems_of, show_value
 from .schema_paths import child, field_names, fields_by_name, find_position, index_positions, is_model, locate
 from .yaml_io import Key, Pos, display_path as _display, dump_yaml, parse_yaml, read_spec_text as _read
@@ -40,6 +40,7 @@ __all__ = ["ResolvedSpec", "load_spec", "load_text", "load_document", "format_pa
 HASH_NEUTRAL_DEFAULTS: dict[tuple[str, ...], Any] = {
     ("hierarchy", "scale"): "exp",
     ("train", "accumulate"): 1,
+    ("data", "folder"): Folder().model_dump(mode="json", by_alias=True),
 }
 
 

@@ -62,9 +62,17 @@ class Flips(_Strict):
     vertical: bool = Field(True, description="Random up-down flip of training images (the reference code does it for CIFAR-10).")
 
 
+class Folder(_Strict):
+    fit: Literal["center_crop", "exact"] = Field("center_crop", description="Image files (JPEG, PNG, WebP, BMP, TIFF) of another size: center_crop resizes the shorter side to data.image.size (Pillow, Lanczos) and cuts the centre square; exact refuses them. .npy arrays are always taken as they are.")
+    convert: bool = Field(True, description="Convert image files to data.image.channels (1: grey by ITU-R 601 luma, 3: RGB, grey replicated; alpha dropped); false refuses files of another colour mode.")
+    test_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="When root has no train/ and test/ folders: the share of every class sub-folder (or of the flat folder) drawn for the test split.")
+    split_seed: int = Field(0, ge=0, le=(1 << 32) - 1, description="Seed of that drawn split (the same files and seed give the same split on every machine).")
+    cache: bool = Field(True, description="Decode image files once into root/.avi_cache/ (or ~/.cache/avi when root is read-only): a memory-mapped .npy per split, remade when any file's name, size or modification time changes.")
+
+
 class Data(_Strict):
     dataset: Literal["mnist5k", "mnist", "omniglot", "cifar10", "folder"] = Field(
-        "mnist5k", description="Which data: mnist5k (5,000 digits shipped with avi), mnist (IDX files), omniglot (chardata.mat), cifar10 (python batches) or a folder of .npy/.png.")
+        "mnist5k", description="Which data: mnist5k (5,000 digits shipped with avi), mnist (IDX files), omniglot (chardata.mat), cifar10 (python batches) or folder: the user's own images (see data.folder).")
     root: Optional[str] = Field(None, description="Folder holding the dataset's standard files (relative to the working directory), or for omniglot the .mat file itself; not needed for mnist5k. Only the commands that read data (train, eval, reconstruct) need it: a spec without it validates and builds.")
     image: ImageShape = Field(default_factory=ImageShape, description="Shape of the raw images.")
     pad: int = Field(2, ge=0, le=64, description="Zero pixels added on every side before the encoder (28 -> 32 for the binary datasets).")
@@ -73,6 +81,7 @@ class Data(_Strict):
     flips: Optional[Flips] = Field(None, description="Training-time flips (augmentation); null for none.")
     transpose: bool = Field(False, description="Swap rows and columns of every image after loading. The authors' code reads OMNIGLOT's chardata.mat row-major, so their models saw every character transposed; avi import-davi sets this for their OMNIGLOT runs.")
     distribution: Distribution = Field(default_factory=Bernoulli, description="The data distribution p(x | z).")
+    folder: Folder = Field(default_factory=Folder, description="How dataset: folder reads the user's own images (16-bit images are reduced to 8 bits, the precision the likelihoods score).")
 
     @field_validator("root")
     @classmethod

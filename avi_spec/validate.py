@@ -15,7 +15,7 @@ import networkx as nx
 from .derived import Derived, _walk, derive
 from .errors import Problem
 from .graph import build_graph
-from .schema import DepthwiseAttention, Explicit, LastK, Spec
+from .schema import DepthwiseAttention, Explicit, Folder, LastK, Spec
 
 # Raw image shape of each dataset avi knows (folder: anything).
 DATASET_CHANNELS = {"mnist": 1, "mnist5k": 1, "omniglot": 1, "cifar10": 3}
@@ -142,6 +142,10 @@ class _Checker:
                          f"padding included, so its images cannot be padded, found pad: {data.pad}",
                          hint="set data.pad: 0",
                          near=(("data", "distribution", "kind"),))
+        if ds != "folder" and data.folder != Folder():
+            self.add(("data", "folder"),
+                     f"data.folder says how dataset: folder reads image files, found dataset: {ds}",
+                     hint="remove data.folder, or set data.dataset: folder", near=(("data", "dataset"),))
         if ds in DATASET_CHANNELS and data.image.channels != DATASET_CHANNELS[ds]:
             self.add(("data", "image", "channels"),
                      f"{ds} images have {DATASET_CHANNELS[ds]} channel(s), found channels: {data.image.channels}",

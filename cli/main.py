@@ -25,7 +25,7 @@ from avi_spec import SpecError
 from .common import JsonOption, SetOption, UserError, _escape, err, fail, json_text, load, out, print_problems
 
 COMMAND_MODULES = ["cli.build", "cli.train", "cli.eval", "cli.sample", "cli.plot", "cli.export",
-                   "cli.import_davi", "cli.encode", "cli.sweep"]
+                   "cli.import_davi", "cli.encode", "cli.sweep", "cli.data"]
 
 BUG_HINT = "this is a bug in avi; please report it with the command and spec"
 

@@ -1,5 +1,6 @@
 """Unit tests for the building blocks in builders/ (conv, non-local, cells, attention, heads)."""
 import math
+from pathlib import Path
 from typing import Sequence
 
 import pytest
@@ -380,3 +381,28 @@ def test_depthwise_attend_sums_mixed_dtypes_in_the_widest():
     vs = [torch.randn(1, 3, 2, 2).bfloat16(), torch.randn(1, 3, 2, 2)]
     out, _ = depthwise_attend(q, ks, vs)
     assert out.dtype == torch.float32
+
+
+def test_strided_1x1_conv_trains_on_an_odd_channels_last_batch():
+    """torch 2.13's CPU backward of a 1x1 stride-2 conv on a channels_last batch of odd size
+    corrupts the heap (the process aborts); WNConv2d computes it as a 1x1 conv of every
+    other pixel, the same numbers. Run in a child process: a crash must fail this test, not
+    end the test session."""
+    import subprocess
+    import sys
+    code = """
+import torch, torch.nn.functional as F
+from builders.network.conv import WNConv2d
+torch.manual_seed(0)
+conv = WNConv2d(8, 4, 1, 2).to(memory_format=torch.channels_last)
+x = torch.randn(7, 8, 32, 32).contiguous(memory_format=torch.channels_last).requires_grad_()
+y = conv(x)
+ref = F.conv2d(x.detach().contiguous(), conv.weight.detach(), conv.bias.detach(), stride=2)
+assert y.shape == (7, 4, 16, 16) and torch.allclose(y, ref, atol=1e-6)
+y.square().sum().backward()
+assert torch.isfinite(x.grad).all() and conv.v.grad is not None
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-2000:])

@@ -55,7 +55,7 @@ def load_images(dataset: str, root: str | Path | None = None, split: str = "trai
     return loaders[dataset](folder, split)
 
 
-def load_spec_images(data, split: str = "train") -> np.ndarray:
+def load_spec_images(data, split: str = "train", report=None) -> np.ndarray:
     """``load_images`` for a spec's ``data`` section, checked against ``data.image``: images of
     another shape (a folder of, say, 32x32 images under a 28x28 spec) are a DatasetError here
     rather than a shape error deep inside the model.
@@ -63,7 +63,11 @@ def load_spec_images(data, split: str = "train") -> np.ndarray:
     A spec without ``data.root`` for a dataset read from files is valid (building a model
     needs no data: an imported run of the authors' code has none); reading it is the error."""
     require_root(data)
-    images = load_images(data.dataset, data.root, split)
+    if data.dataset == "folder":
+        from .folder import Options, load_folder
+        images = load_folder(Path(data.root), split, Options.of(data), report)
+    else:
+        images = load_images(data.dataset, data.root, split)
     want = (data.image.channels, data.image.size, data.image.size)
     if tuple(images.shape[1:]) != want:
         c, h, w = images.shape[1:]
@@ -214,7 +218,7 @@ def _load_omniglot(root: Path, split: str) -> np.ndarray:
     # reshape((-1, 784), order="F"), later viewed row-major as 28x28 for plotting.
     images = data.T.reshape(-1, 28, 28).transpose(0, 2, 1)
     images = np.ascontiguousarray(images, dtype=np.float32)
-    _check_grey_levels(images, f"OMNIGLOT variable {key!r} in {path}")
+    check_grey_levels(images, f"OMNIGLOT variable {key!r} in {path}")
     return images[:, None]
 
 
@@ -226,7 +230,7 @@ def _check_declared_size(variables: list, key: str, path: Path) -> None:
                                f"expected the IWAE chardata.mat from {OMNIGLOT_URL}")
 
 
-def _check_grey_levels(values: np.ndarray, where: str) -> None:
+def check_grey_levels(values: np.ndarray, where: str) -> None:
     """Float grey levels must be finite and in [0, 1]: a NaN would reach torch.bernoulli as a
     crash (or the loss as NaN), a value outside as a wrong likelihood."""
     bad = ~np.isfinite(values)
@@ -352,53 +356,7 @@ def _parse_cifar_batch(raw: bytes, where: object) -> np.ndarray:
 # ----------------------------------------------------------------------------------- folder
 
 def _load_folder(root: Path, split: str) -> np.ndarray:
-    """``root/train`` and ``root/test``, holding .npy or .png files (read in sorted order).
-
-    Several files: one image each, ``[H, W]`` or ``[H, W, C]``. A single .npy file with a
-    4-d ``[N, H, W, C]`` array, or a 3-d ``[N, H, W]`` one whose last axis is not a plausible
-    channel count (1, 3, 4), is taken as the whole stacked split.
-    """
-    folder = root / split
-    files = sorted(p for p in folder.glob("*") if p.suffix.lower() in (".npy", ".png")) \
-        if folder.is_dir() else []
-    if not files:
-        raise DatasetError(f"image folder not found or empty: expected .npy or .png files in "
-                           f"{folder} (make {root}/train/ and {root}/test/ and pass data.root=...)")
-    arrays = [_read_image_file(p) for p in files]
-    for path, a in zip(files, arrays):
-        if np.issubdtype(a.dtype, np.floating):
-            _check_grey_levels(a, str(path))
-        elif a.dtype != np.uint8:
-            raise DatasetError(f"{path} holds {a.dtype} values; images must be uint8 or floats in [0, 1]")
-    if len(arrays) == 1 and (arrays[0].ndim == 4 or
-                             (arrays[0].ndim == 3 and arrays[0].shape[-1] not in (1, 3, 4))):
-        stacked = arrays[0]
-    else:
-        if any(a.ndim not in (2, 3) for a in arrays):
-            raise DatasetError(f"images in {folder} must each be [H, W] or [H, W, C]")
-        arrays = [a[..., None] if a.ndim == 2 else a for a in arrays]
-        if len({(a.shape, a.dtype) for a in arrays}) != 1:
-            raise DatasetError(f"images in {folder} differ in shape or dtype; all must match")
-        stacked = np.stack(arrays)
-    if stacked.ndim == 3:
-        stacked = stacked[..., None]
-    out = stacked if stacked.dtype == np.uint8 else stacked.astype(np.float32)
-    return np.ascontiguousarray(out.transpose(0, 3, 1, 2))  # NHWC -> NCHW
-
-
-def _read_image_file(path: Path) -> np.ndarray:
-    if path.suffix.lower() == ".npy":
-        try:
-            return np.load(path, allow_pickle=False)  # plain arrays only: no pickled objects
-        except (ValueError, OSError, EOFError) as e:
-            raise DatasetError(f"{path} is not a valid .npy array file ({e})") from e
-    try:
-        from PIL import Image
-    except ImportError as e:
-        raise DatasetError(f"reading PNG files such as {path} needs Pillow (pip install pillow);"
-                           f" or save the images as .npy instead") from e
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("L" if im.mode in ("1", "L", "I", "I;16") else "RGB"))
-    except OSError as e:
-        raise DatasetError(f"{path} is not a readable PNG file ({e})") from e
+    """A folder of .npy or image files read as stored (no resizing, no cache); a spec's
+    folder goes through ``load_spec_images``, which applies data.folder (builders.data.folder)."""
+    from .folder import load_folder
+    return load_folder(root, split)

@@ -21,7 +21,11 @@ import torch
 import torch.nn.functional as F
 
 def _tensor(images) -> torch.Tensor:
-    return images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images))
+    if isinstance(images, torch.Tensor):
+        return images
+    a = np.asarray(images)
+    # A read-only memory map (the folder cache) is copied: torch tensors assume writable memory.
+    return torch.as_tensor(a if a.flags.writeable else np.array(a))
 
 
 def to_unit(images) -> torch.Tensor:

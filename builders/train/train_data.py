@@ -10,7 +10,7 @@ import torch.distributed as dist
 from ..data.datasets import load_spec_images
 from .distributed import Distributed
 from ..evaluation.evaluate import importance_sampled_nll
-from ..data.preprocess import BinarizedTestSet, data_kind, likelihood_dims, prepare_batch
+from ..data.preprocess import BinarizedTestSet, _tensor, data_kind, likelihood_dims, prepare_batch
 from .run_dir import TrainingError
 
 TEST_BINARIZATION_SEED = 0
@@ -21,12 +21,12 @@ class TrainData:
     """Training images and the test set of a spec, with the per-step preprocessing.
     An empty split is a TrainingError (before anything is built or written)."""
 
-    def __init__(self, spec, device: torch.device):
+    def __init__(self, spec, device: torch.device, report=None):
         d = spec.data
         self.kind, self.flips, self.pad = data_kind(spec), d.flips, d.pad
         self.device = device
-        self.train = torch.as_tensor(load_spec_images(d, "train"))
-        test = load_spec_images(d, "test")
+        self.train = _tensor(load_spec_images(d, "train", report))
+        test = load_spec_images(d, "test", report)
         for split, images in (("train", self.train), ("test", test)):
             if len(images) == 0:
                 raise TrainingError(f"the {split} split of {d.dataset} (data.root: {d.root}) holds "
@@ -36,7 +36,7 @@ class TrainData:
             self.test_input = lambda idx: self.test[idx]
             self.n_test = len(self.test)
         else:
-            self.test_raw = torch.as_tensor(test)
+            self.test_raw = _tensor(test)
             self.test_input = lambda idx: prepare_batch(self.test_raw[idx], "cifar", None,
                                                         train=False, pad=self.pad)
             self.n_test = len(self.test_raw)

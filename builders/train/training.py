@@ -31,6 +31,7 @@ it was trained with (the data order depends on it).
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import json
 import os
@@ -187,7 +188,7 @@ def train(resolved: ResolvedSpec, out_dir: str | Path, resume: bool = False,
         check_out_dir(out_dir)
         check_model_fits(resolved.spec, dev)
         payload = resume_payload(resolved, out_dir, resume, ddp.world_size, warn if ddp.main else None)
-        data = TrainData(resolved.spec, dev)
+        data = TrainData(resolved.spec, dev, _data_note if ddp.main and progress_mode != "quiet" else None)
         if ddp.main:
             lock = open_run_dir(out_dir)
         return _run(resolved, out_dir, ddp, dev, data, payload, resume, max_steps, progress_mode)
@@ -195,6 +196,11 @@ def train(resolved: ResolvedSpec, out_dir: str | Path, resume: bool = False,
         if lock is not None:
             lock.release()
         teardown_distributed(ddp)
+
+
+def _data_note(text: str) -> None:
+    """Where the training images came from (the folder dataset's decode cache), on stderr."""
+    sys.stderr.write(f"data: {text}\n")
 
 
 def _run(resolved, out_dir: Path, ddp: Distributed, dev: torch.device, data: TrainData,
