@@ -246,18 +246,12 @@ def render(result: dict, console: Any = None, extra_rows: dict[str, list] | None
     console = console or Console()
     names = result["names"]
     table = Table(title="spec diff" if len(names) > 1 else Text(literal(names[0])), show_lines=False)
-    rows: list[list] = []          # the rows of the first section, for the column widths
+    table.add_column("field", style="bold", overflow="fold")
+    for n in names:
+        table.add_column(Text(literal(n)), overflow="fold")
 
     for row in result["fields"]:
-        rows.append([Text(row["path"]), *[Text(_cell(v)) for v in row["values"]]])
-    # Columns wrap between words, never inside one (a piped table is 80 columns wide: a
-    # value column squeezed below "layer_norm=yes," split it as "layer_norm=ye / s,").
-    headers = [Text("field"), *[Text(literal(n)) for n in names]]
-    for i, header in enumerate(headers):
-        table.add_column(header, style="bold" if i == 0 else "", overflow="fold",
-                         min_width=_longest_word([header] + [r[i] for r in rows]))
-    for cells in rows:
-        table.add_row(*cells)
+        table.add_row(Text(row["path"]), *[Text(_cell(v)) for v in row["values"]])
 
     edges = result["edges"]
     changed = edges["added"] + edges["removed"]
@@ -300,14 +294,18 @@ def render(result: dict, console: Any = None, extra_rows: dict[str, list] | None
         vals = list(values) + [None] * (len(names) - len(values))
         table.add_row(Text(label), *[Text(_cell(v)) for v in vals[:len(names)]])
 
+    # Columns wrap between words, never inside one (a piped table is 80 columns wide: a
+    # value column squeezed below "layer_norm=yes," split it as "layer_norm=ye / s,").
+    for column in table.columns:
+        column.min_width = _longest_word([column.header, *column.cells])
     console.print(table)
     _print_paired_notes(result.get("paired"), names, console)
     _print_summary(result, console)
 
 
 def _longest_word(texts: list) -> int:
-    """The width of the longest word of some rich Texts (at least 1)."""
-    return max([len(w) for t in texts for w in t.plain.split()] + [1])
+    """The width of the longest word of some table cells (rich Texts or strings; at least 1)."""
+    return max([len(w) for t in texts for w in getattr(t, "plain", str(t)).split()] + [1])
 
 
 def _result_columns(runs: list, n: int) -> dict[str, list]:

@@ -48,7 +48,7 @@ def test_every_number_has_one_place_in_the_readme(regenerate):
         "quickstart": {"epochs": 8, "steps": 1128, "test_nelbo": 100.5, "seconds": 361.0},
         "quickstart_eval": {"nll": 95.0, "se": 0.9, "nelbo": 100.0, "seconds": 70.0},
         "figures": {"beta": 0.4, "attention": 130.0, "no_attention": 125.0, "epoch_minutes": [4.0, 8.0]},
-        "comparing": {"steps_per_epoch": 141, "means": [[184.0, 1.7], [193.0, 1.4]],
+        "comparing": {"steps_per_epoch": 141, "images": 500, "means": [[184.0, 1.7], [193.0, 1.4]],
                       "rows": ["│ Δ NLL (nats)     │ reference │ +9.00 ± 0.60 [+7.8, +10.2] * │",
                                "│ Δ -ELBO (nats)   │ reference │ +10.00 ± 0.50 [+9.0, +11.0] * │"],
                       "paired_se": 0.6, "separate_se": math.hypot(1.7, 1.4),
@@ -64,7 +64,7 @@ def test_every_number_has_one_place_in_the_readme(regenerate):
                  "the run without attention is\nahead (test NELBO 125.00 vs 130.00 nats)",
                  "Each epoch took 4.0 to 8.0 minutes.", "+9.00 ± 0.60 [+7.8, +10.2]",
                  "the two means are 184.00 ± 1.70 and 193.00 ± 1.40 nats",
-                 "(0.60 nats) is a quarter of the 2.20 nats", "Training took 90 s and 52 s",
+                 "(0.60 nats) is 27% of the 2.20 nats", "On the 500 test digits", "Training took 90 s and 52 s",
                  "| 1.08 M |", "| 118.97 M |", "| 39.5 - 119.0 M |"):
         assert text in new, text
     assert regenerate.rewrite(new, regenerate.substitutions(values, "abc1234", "2-core CPU", "2026-12-02")) == new
