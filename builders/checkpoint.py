@@ -130,7 +130,9 @@ def load_checkpoint(path: str | Path) -> dict:
     """Read a checkpoint (on the CPU) with ``weights_only=True``; CheckpointError if it cannot."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{_display(path)} does not exist")
+        what = ("is not a regular file (a FIFO, device or folder)" if path.exists() else
+                "is a dangling symbolic link" if path.is_symlink() else "does not exist")
+        raise CheckpointError(f"{_display(path)} {what}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:                       # truncated zip, bad pickle, unsafe content ...
