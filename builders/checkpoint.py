@@ -130,8 +130,9 @@ def _display(path: Path) -> str:
 def load_checkpoint(path: str | Path) -> dict:
     """Read a checkpoint (on the CPU) with ``weights_only=True``; CheckpointError if it cannot."""
     path = Path(path)
-    if not os.path.isfile(path):
-        what = "is not a regular file" if os.path.lexists(path) else "does not exist"
+    if not os.path.isfile(path):          # os.path: pathlib raises on a name too long
+        what = ("is not a regular file (a FIFO, device or folder)" if os.path.exists(path) else
+                "is a dangling symbolic link" if os.path.islink(path) else "does not exist")
         raise CheckpointError(f"{_display(path)} {what}")
     why = _not_torch_save(path)
     if why:

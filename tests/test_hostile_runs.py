@@ -508,3 +508,14 @@ def test_avi_build_on_the_cpu_refuses_a_model_larger_than_memory(tiny):
     r = CliRunner().invoke(app, [*args, "--device", "cpu"])
     assert r.exit_code == 2 and "parameters and buffers" in r.stderr and "--device meta" in r.stderr
     assert CliRunner().invoke(app, [*args, "--json"]).exit_code == 0      # meta: counted, no memory
+
+
+def test_a_checkpoint_that_is_a_fifo_device_or_dangling_link_is_named_so(tmp_path):
+    from builders.checkpoint import CheckpointError, load_checkpoint
+    os.mkfifo(tmp_path / "fifo.pt")
+    (tmp_path / "zero.pt").symlink_to("/dev/zero")
+    (tmp_path / "dangling.pt").symlink_to(tmp_path / "nowhere")
+    for name, what in (("fifo.pt", "not a regular file"), ("zero.pt", "not a regular file"),
+                       ("dangling.pt", "dangling symbolic link"), ("absent.pt", "does not exist")):
+        with pytest.raises(CheckpointError, match=what):
+            load_checkpoint(tmp_path / name)
