@@ -40,12 +40,15 @@ def import_davi(
     """
     from builders.davi.flags import FlagError
     from builders.davi.weights import ConversionError
+    from builders.network.size import ModelSizeError
 
     _check_out(out_dir)
     try:
         result = _import(source, out_dir, flags, flags_only, data_root)
     except (FlagError, ConversionError) as e:
         raise UserError(_clip(str(e))) from None
+    except ModelSizeError as e:
+        raise UserError(f"{_clip(str(e))}; nothing was written") from None
     except OSError as e:              # a read the readers above do not name (a folder we may not list)
         raise UserError(f"cannot read {e.filename or source}: {e.strerror or e}; nothing was written") from None
     if as_json:
@@ -135,10 +138,15 @@ def _read_weights(weights: Path, flags: dict, name: str) -> dict:
     from builders.davi.h5 import read_h5
     from builders.davi.importer import spec_mapping
     from builders.davi.source import read_npz
+    from builders.network.size import check_fits
     # Every tensor's declared shape is checked against the model of the flags before it is
     # read (temperatures fixed: the scales are optional entries of the file either way); an
-    # .h5 is read by position against it. A meta-device model allocates nothing.
-    shape_model = build_model(load_document(spec_mapping(flags, name).document).spec, "meta")
+    # .h5 is read by position against it. A meta-device model allocates nothing. A model too
+    # big for this machine is refused first: a small file of compressed zeros matching its
+    # shapes would otherwise be read into that much memory.
+    spec = load_document(spec_mapping(flags, name).document).spec
+    check_fits(spec, "cpu", "import")
+    shape_model = build_model(spec, "meta")
     return (read_npz if weights.suffix == ".npz" else read_h5)(weights, shape_model)
 
 

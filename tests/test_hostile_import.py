@@ -252,6 +252,37 @@ def test_non_finite_weights_are_refused(tmp_path):
     refused(tmp_path, path, key, "non-finite")
 
 
+def test_flags_asking_for_a_model_too_big_for_memory_are_refused_before_any_read(tmp_path, h5, monkeypatch):
+    """A small train.sh asking for filters=4096 (a model of billions of parameters) beside an
+    .h5 that could be compressed zeros of those shapes: the meta-device estimate refuses it,
+    with the figures, before the weights are read or the model is built."""
+    import builders.davi.h5 as h5_module
+    import builders.network.size as size
+    monkeypatch.setattr(size, "available_memory", lambda device: 8 * 10**9)   # any real machine's figure
+    monkeypatch.setattr(h5_module, "read_h5", lambda *a: pytest.fail("the weights were read"))
+    flags = tmp_path / "train.sh"
+    flags.write_text(their_command().replace("num_filters=8", "num_filters=4096"))
+    out = tmp_path / "imported"
+    r = run_import(h5, "--flags", flags, "--out", out)
+    assert r.exit_code == 2, r.output
+    assert r.stderr.count("error:") == 1, r.stderr
+    for needle in ("parameters and buffers", "to import it needs at least", "GB", "8 GB free",
+                   "nothing was written"):
+        assert needle in r.stderr, (needle, r.stderr)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".avi-new")]
+
+
+def test_build_imported_checks_the_size_before_it_builds(monkeypatch):
+    """The library entry point as well: the real model is never built for a model too big."""
+    import builders.davi.importer as importer
+    import builders.network.size as size
+    from builders.davi.command import parse_command
+    monkeypatch.setattr(size, "available_memory", lambda device: 10**6)
+    monkeypatch.setattr(importer, "build_model", lambda *a: pytest.fail("the model was built"))
+    with pytest.raises(size.ModelSizeError, match="to import it needs at least"):
+        importer.build_imported(parse_command(their_command()), "tiny", {})
+
+
 # ------------------------------------------------------------------ 2: flag files
 
 def flags_refused(tmp_path: Path, text: str | bytes, *needles: str) -> str:

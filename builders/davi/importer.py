@@ -40,9 +40,12 @@ def checked_spec(document: dict, source: str) -> ResolvedSpec:
 
 def build_imported(flags: dict[str, str], name: str, tensors: TMapping[str, np.ndarray],
                    data_root: str | None = None) -> tuple[DeepAttentiveVAE, ResolvedSpec, Mapping]:
-    """The avi model of their run, holding their weights (ConversionError if they do not fit)."""
+    """The avi model of their run, holding their weights (ConversionError if they do not fit;
+    ModelSizeError, before anything is allocated, if this machine cannot hold the model)."""
+    from ..network.size import check_fits
     mapping = spec_mapping(flags, name, tensors, data_root)
     resolved = checked_spec(mapping.document, f"{name} (imported flags)")
+    check_fits(resolved.spec, "cpu", "import")        # a meta-device build: shapes only
     model = build_model(resolved.spec)
     model.load_state_dict(convert(tensors, model))
     return model, resolved, mapping

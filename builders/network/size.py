@@ -14,7 +14,8 @@ from .build import build_model
 
 BYTES_PER_VALUE = 4          # float32 parameters and buffers
 # Training holds per parameter: the weight, its gradient, Adamax's two moments and the EMA copy.
-COPIES = {"train": 5, "load": 2, "build": 1}    # load: the model and the weights read from the file
+COPIES = {"train": 5, "load": 2, "build": 1,    # load: the model and the weights read from the file
+          "import": 3}   # import-davi: their tensors as read, converted to avi's layout, and the model
 
 
 class ModelSizeError(ValueError):
@@ -66,7 +67,7 @@ def human(n: float) -> str:
 
 def check_fits(spec, device: str | torch.device, purpose: str = "train") -> int:
     """The spec's number of parameters and buffers' values; ModelSizeError, with the estimate,
-    when ``purpose`` ("train" or "load") needs more memory than ``device`` has free. The
+    when ``purpose`` ("train", "load" or "import") needs more memory than ``device`` has free. The
     estimate counts the model's tensors only (activations come on top): a lower bound."""
     n = values(shapes(spec))
     need = n * BYTES_PER_VALUE * COPIES[purpose]
@@ -81,7 +82,8 @@ def check_fits(spec, device: str | torch.device, purpose: str = "train") -> int:
 
 
 def _why(purpose: str) -> str:
-    return ": weights, gradients, 2 optimizer moments, EMA" if purpose == "train" else ""
+    return {"train": ": weights, gradients, 2 optimizer moments, EMA",
+            "import": ": their weights as read, converted, and the model"}.get(purpose, "")
 
 
 def check_weights_fit(spec, weights: dict[str, tuple[int, ...]], where: str) -> None:
