@@ -473,6 +473,65 @@ def test_a_full_disk_at_any_write_leaves_nothing_behind(tmp_path, monkeypatch, f
     faults.reset()
 
 
+# An import stopped in the middle of writing its temporary folder: SIGKILL gives it no chance
+# to clean up (create_folder's own clean-up covers every catchable stop).
+HALF_IMPORT = """
+import sys, time
+from pathlib import Path
+from builders.folder import create_folder
+def fill(d):
+    (d / "spec.yaml").write_text("half")
+    print(d.name, flush=True)
+    time.sleep(600)
+create_folder(Path(sys.argv[1]), fill)
+"""
+
+
+def half_import(target: Path):
+    import subprocess
+    import sys
+    p = subprocess.Popen([sys.executable, "-c", HALF_IMPORT, str(target)], stdout=subprocess.PIPE, text=True)
+    name = p.stdout.readline().strip()
+    assert name.startswith(".avi-new-"), name
+    return p, target.parent / name
+
+
+def test_a_killed_import_leaves_a_temporary_the_next_import_removes(tmp_path):
+    """The next import into the same folder removes a dead import's temporary folder, and only
+    that: a live import's (locked), a link under that name (and the folder it points to), a
+    file of that name and a user's look-alike names stay."""
+    import signal
+    work = tmp_path / "work"
+    work.mkdir()
+    live, live_tmp = half_import(work / "b")
+    try:
+        dead, dead_tmp = half_import(work / "a")        # its own clean-up leaves the live one
+        dead.send_signal(signal.SIGKILL)
+        dead.wait()
+        assert (dead_tmp / "spec.yaml").exists() and (live_tmp / "spec.yaml").exists()
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        (elsewhere / "precious").write_text("keep")
+        keep = {".avi-new-0123456789ab.tmp": "link", ".avi-new-ba9876543210.tmp": "file",
+                ".avi-new-notes.tmp": "folder", "avi-new-0123456789ab.tmp": "folder"}
+        for name, kind in keep.items():
+            if kind == "link":
+                (work / name).symlink_to(elsewhere, target_is_directory=True)
+            elif kind == "file":
+                (work / name).write_text("mine")
+            else:
+                (work / name).mkdir()
+        r = run_import(FIX / "train.sh", "--flags-only", "--out", work / "c")
+        assert r.exit_code == 0, r.output
+        assert not os.path.lexists(dead_tmp)
+        assert (live_tmp / "spec.yaml").read_text() == "half"
+        assert (elsewhere / "precious").read_text() == "keep"
+        assert sorted(p.name for p in work.iterdir()) == sorted([*keep, live_tmp.name, "c"])
+    finally:
+        live.kill()
+        live.wait()
+
+
 @pytest.mark.parametrize("code, needle", [("EROFS", "Read-only file system"), ("EACCES", "Permission denied")])
 def test_a_read_only_folder_is_an_exit_2_message(tmp_path, monkeypatch, code, needle):
     from builders import faults
