@@ -328,8 +328,28 @@ def parse_yaml(text: str, source: str) -> tuple[Any, dict[Key, Pos]]:
     return data, builder.positions
 
 
+# Characters a terminal acts on rather than shows, which PyYAML counts as printable and writes
+# raw: C1 controls (U+0080-U+009F, NEL among them), the bidirectional overrides, embeddings,
+# isolates and marks (a U+202E in a description reverses what follows it on screen), the
+# invisible zero-width ones, and the unicode line and paragraph separators (a reader folds them
+# into spaces in plain scalars). The same set as cli.common's json_text escapes in --json.
+TERMINAL_UNSAFE = re.compile("[\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+
+
 class _Dumper(yaml.SafeDumper):
-    """SafeDumper that keeps unicode readable yet round-trips every string."""
+    """SafeDumper that keeps unicode readable yet round-trips every string, and never writes
+    a character of TERMINAL_UNSAFE raw: a string holding one is double-quoted with escapes."""
+
+    def write_double_quoted(self, text, split=True):
+        if not TERMINAL_UNSAFE.search(text):
+            return super().write_double_quoted(text, split)
+        # With allow_unicode off PyYAML escapes every non-ASCII character (\xNN, \uNNNN): for
+        # this one scalar only, so the rest of the document keeps its readable unicode.
+        keep, self.allow_unicode = self.allow_unicode, False
+        try:
+            return super().write_double_quoted(text, split)
+        finally:
+            self.allow_unicode = keep
 
 
 # The dumper quotes a string only if its resolvers would read it back as something else, so it
@@ -338,9 +358,7 @@ _Dumper.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("
 
 
 def _represent_str(dumper: yaml.SafeDumper, value: str):
-    # PyYAML may emit NEL and the unicode line/paragraph separators raw in plain or quoted
-    # scalars, where a reader folds them into spaces; double quotes escape them.
-    style = '"' if any(c in value for c in "\x85\u2028\u2029") else None
+    style = '"' if TERMINAL_UNSAFE.search(value) else None
     return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
 
 

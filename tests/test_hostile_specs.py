@@ -425,6 +425,37 @@ def test_control_characters_in_keys_are_printed_escaped(tmp_path):
     assert "\\x1b[31mred" in r.stderr
 
 
+BIDI_AND_C1 = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c\x80\x85\x9b\x9f\u2028\u2029\u200b\u2060\ufeff\x7f"
+
+
+def test_avi_resolve_escapes_bidi_and_c1_characters_and_round_trips(tmp_path):
+    """PyYAML counts U+202E (which reverses what follows it on screen), the other bidi controls
+    and C1 controls as printable and wrote them raw to the terminal. Each is now an escape in a
+    double-quoted scalar; the output still loads back to the same document, and readable
+    unicode in the same or other strings stays as it is elsewhere."""
+    import json
+    import yaml
+    text = "safe é \u202eexe.txt" + BIDI_AND_C1 + " ünïcode 🙂 \x1b[31m"
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({"name": "s", "description": text}, allow_unicode=False))
+    r = runner.invoke(app, ["resolve", str(spec), "--set", "data.root=café\u202eroot"])
+    assert r.exit_code == 0, r.output
+    for c in BIDI_AND_C1 + "\x1b":
+        assert c not in r.stdout, repr(c)
+    assert "\\u202E" in r.stdout and "\\x9B" in r.stdout
+    back = load_text(r.stdout).document
+    assert back["description"] == text and back["data"]["root"] == "café\u202eroot"
+    as_json = json.loads(runner.invoke(app, ["resolve", str(spec), "--set", "data.root=café\u202eroot",
+                                             "--json"]).stdout)
+    assert back == as_json
+    from avi_spec import dump_yaml
+    assert dump_yaml({"a": "café 🙂", "b": "\u202e"}) == 'a: café 🙂\nb: "\\u202E"\n'
+    from avi_spec.yaml_io import parse_yaml
+    odd = {c * 3 + "key": "é " * 80 + c + " é" * 80 for c in BIDI_AND_C1}     # keys, long folded lines
+    dumped = dump_yaml(odd)
+    assert parse_yaml(dumped, "t")[0] == odd and not any(c in dumped for c in BIDI_AND_C1)
+
+
 def test_avi_diff_survives_a_run_whose_eval_json_nests_too_deep(tmp_path):
     runs = []
     for name in ("a", "b"):
