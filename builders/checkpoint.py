@@ -137,6 +137,9 @@ def load_checkpoint(path: str | Path) -> dict:
     why = _not_torch_save(path)
     if why:
         raise CheckpointError(f"{_display(path)} is not an avi checkpoint: {why}")
+    too_large = _too_large(path)
+    if too_large:
+        raise CheckpointError(too_large)
     try:
         with warnings.catch_warnings():          # torch's own notes (pickle protocol ...): ours say it
             warnings.simplefilter("ignore")
@@ -162,6 +165,29 @@ def _not_torch_save(path: Path) -> str | None:
     if len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5:      # pickle's PROTO opcode
         return RAW_PICKLE
     return None
+
+
+def _too_large(path: Path) -> str | None:
+    """Why the file cannot be loaded into this machine's free memory, when it cannot: torch.load
+    holds every tensor in memory at once, so what the file's entries unpack to (the zip's
+    central directory declares it: a small deflated archive may unpack to terabytes) or its
+    size, whichever is larger, must fit. None when it fits or free memory cannot be told."""
+    from .network.size import available_memory, human
+    free = available_memory(torch.device("cpu"))
+    if free is None:
+        return None
+    try:
+        need = os.path.getsize(path)
+        if need <= free:                              # else its directory is not even parsed
+            with zipfile.ZipFile(path) as z:          # reads the directory only, not the data
+                need = max(need, sum(i.file_size for i in z.infolist()))
+    except Exception:                                 # noqa: BLE001 damage: torch.load names it
+        return None
+    if need <= free:
+        return None
+    return (f"{_display(path)} was not loaded: its tensors take {human(need)} and this machine has "
+            f"{human(free)} of memory free (an avi checkpoint holds one model, its optimizer "
+            f"state and its EMA copy); load it on a machine with more memory")
 
 
 RAW_PICKLE = ("it is a raw Python pickle (or a torch.save file from before PyTorch 1.6), not the "

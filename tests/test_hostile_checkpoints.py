@@ -73,3 +73,38 @@ def test_damage_is_still_called_corrupt_and_a_fifo_not_a_regular_file(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(CheckpointError, match="is not a regular file"):
         load_checkpoint(fifo)
+
+
+# ------------------------------------------ a checkpoint larger than this machine's memory
+
+def _small_memory(monkeypatch, free: int) -> None:
+    import builders.network.size as size
+    monkeypatch.setattr(size, "available_memory", lambda device: free)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load was called"))
+
+
+def test_a_checkpoint_larger_than_free_memory_is_refused_before_loading(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"model": {"w": torch.zeros(250_000)}})       # 1 MB of tensors
+    assert load_checkpoint(path)["model"]["w"].shape == (250_000,)    # this machine: it fits
+    _small_memory(monkeypatch, 500_000)
+    with pytest.raises(CheckpointError, match=r"was not loaded: its tensors take 1 MB and this "
+                                              r"machine has 500 KB of memory free"):
+        load_checkpoint(path)
+    r = runner.invoke(app, ["eval", str(path), "--device", "cpu"])
+    assert r.exit_code == 2 and "500 KB of memory free" in r.stderr, r.output
+    assert "Traceback" not in r.output
+
+
+def test_a_small_archive_unpacking_to_more_than_free_memory_is_refused(tmp_path, monkeypatch):
+    """A 100 KB file whose deflated entry unpacks to 64 MB (the directory declares it): judged
+    by what it unpacks to, not by its size on disk."""
+    import zipfile
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"model": {"w": torch.zeros(4)}})
+    with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("last/data/bomb", bytes(64 << 20))
+    assert path.stat().st_size < 200_000
+    _small_memory(monkeypatch, 32 << 20)
+    with pytest.raises(CheckpointError, match=r"its tensors take 67.\d MB .* 33.\d MB of memory free"):
+        load_checkpoint(path)
