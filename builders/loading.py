@@ -170,7 +170,7 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", use_ema: 
 # ------------------------------------------------------------------ a .safetensors export
 
 def load_exported(path: str | Path, device: str | torch.device = "cpu", overrides=()):
-    """A model exported by export_run -> (model in eval mode, ResolvedSpec, None), like
+    """A model exported by builders.export.export_run -> (model in eval mode, ResolvedSpec, None), like
     load_trained, with ``overrides`` (--set) applied to its spec.
     Raises RunError when the file is not an avi export."""
     from safetensors import SafetensorError, safe_open
