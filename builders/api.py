@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .evaluation.evaluate import load_trained
+from .loading import load_trained
 from .latents import Latents, encode, interpolation_latents, per_layer
 
 
@@ -139,7 +139,7 @@ def _seeded(seed: int | None, device: torch.device):
 def load_run(path: str | Path, device: str = "auto", ema: bool = True) -> TrainedRun:
     """Load a trained run (see the module's docstring) onto `device` (auto: CUDA if there is
     one). ema=False takes the trained weights even where the run kept EMA weights. Raises
-    builders.evaluation.evaluate.RunError for a path that holds no trained avi model."""
+    builders.loading.RunError for a path that holds no trained avi model."""
     return TrainedRun(*load_trained(path, device, ema))
 
 

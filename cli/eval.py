@@ -51,10 +51,10 @@ LimitOption = Annotated[Optional[int], typer.Option("--limit", min=1, metavar="N
 # ------------------------------------------------------------------ shared helpers
 
 def load_model(path: str, device: Device | str = "auto", use_ema: bool = True, overrides=None):
-    """builders.evaluation.evaluate.load_trained (``overrides``: --set on the run's spec), with the user's
+    """builders.loading.load_trained (``overrides``: --set on the run's spec), with the user's
     mistakes turned into UserError."""
     from builders.devices import DeviceError
-    from builders.evaluation.evaluate import RunError, load_trained
+    from builders.loading import RunError, load_trained
     try:
         return load_trained(path, device.value if isinstance(device, Device) else device, use_ema,
                             overrides or (), warn=warn)

@@ -29,7 +29,7 @@ def export_command(
 
         avi export runs/quickstart --out quickstart.safetensors
     """
-    from builders.evaluation.evaluate import RunError
+    from builders.loading import RunError
     from builders.export import SUFFIX, export_run
 
     if output is not None and output.suffix != SUFFIX:

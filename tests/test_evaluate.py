@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from avi_spec import load_spec
-from builders.evaluation.evaluate import (RunError, attention_maps, auto_chunk, data_dims,
-                               importance_sampled_nll, kl_per_layer, load_trained)
+from builders.evaluation.evaluate import attention_maps, auto_chunk, data_dims, importance_sampled_nll, kl_per_layer
+from builders.loading import RunError, load_trained
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG2PI = math.log(2 * math.pi)

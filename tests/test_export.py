@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from avi_spec import load_spec
-from builders.evaluation.evaluate import RunError, load_trained
+from builders.loading import RunError, load_exported, load_trained
 from cli.main import app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,8 +30,6 @@ def run(tmp_path_factory):
 
 def test_export_round_trip(run, tmp_path):
     from safetensors import safe_open
-
-    from builders.export import load_exported
 
     r = runner.invoke(app, ["export", str(run), "--json"])
     assert r.exit_code == 0, r.output
@@ -59,8 +57,6 @@ def test_export_round_trip(run, tmp_path):
 
 def test_export_bad_input_exits_2(run, tmp_path):
     from safetensors.torch import save_file
-
-    from builders.export import load_exported
 
     r = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "w.pt")])
     assert r.exit_code == 2 and ".safetensors" in r.stderr
@@ -188,7 +184,6 @@ def test_a_hostile_export_is_a_short_clear_error(tmp_path):
     bad avi.* metadata a ValueError, and weights of another model a message of every key."""
     from safetensors.torch import save_file
 
-    from builders.export import load_exported
     spec = json.dumps(load_spec(ROOT / "specs" / "quickstart.yaml").document)
     cases = {"deep": ({"avi.spec": "[" * 100_000 + "]" * 100_000}, "not valid"),
              "meta": ({"avi.spec": spec, "avi.step": "{nope"}, "not valid"),

@@ -241,7 +241,7 @@ def test_non_finite_weights_in_an_export_are_refused_everywhere(exported, tmp_pa
     r = avi("sample", bad, "--out", tmp_path / "s.png", check=2)
     assert "non-finite weights" in r.stderr and not (tmp_path / "s.png").exists()
     from builders import load_run
-    from builders.evaluation.evaluate import RunError
+    from builders.loading import RunError
     with pytest.raises(RunError, match="non-finite weights"):
         load_run(bad, device="cpu")
 
@@ -428,7 +428,7 @@ def _grown(document: dict, filters: int = 4096) -> dict:
 def test_a_small_model_file_describing_an_enormous_model_is_refused_unbuilt(tiny, exported, tmp_path):
     import resource
     from builders.checkpoint import load_checkpoint, save_checkpoint
-    from builders.evaluation.evaluate import RunError, load_trained
+    from builders.loading import RunError, load_trained
     from builders.export import SPEC_KEY
 
     def grow(_, metadata):

@@ -63,7 +63,7 @@ def test_flags_only_on_the_readme_commands_gives_the_shipped_specs(name, tmp_pat
 
 def test_import_trained_run_reproduces_their_terms(trained_run, tmp_path):
     pytest.importorskip("h5py", reason="reading final_model.h5 needs h5py (the [import] extra)")
-    from builders.evaluation.evaluate import load_trained
+    from builders.loading import load_trained
     out = tmp_path / "runs" / "tiny"
     r = _import(trained_run, "--out", out, "--json")
     assert r.exit_code == 0, r.output

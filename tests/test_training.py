@@ -341,7 +341,8 @@ def test_non_finite_updates_are_skipped_then_abort(tiny, tmp_path):
 
 def test_epoch_test_nelbo_is_the_evaluation_estimator(tiny, reference):
     """The per-epoch test NELBO is builders.evaluation.evaluate's K = 1 estimate (one implementation)."""
-    from builders.evaluation.evaluate import batched, eval_images, importance_sampled_nll, load_trained
+    from builders.evaluation.evaluate import batched, eval_images, importance_sampled_nll
+    from builders.loading import load_trained
     model, resolved, _ = load_trained(reference, "cpu")
     x = eval_images(resolved.spec, "test")
     r = importance_sampled_nll(model, batched(x, resolved.spec.train.batch_size), 1, chunk=1, seed=0)
@@ -352,7 +353,8 @@ def test_epoch_test_nelbo_is_the_evaluation_estimator(tiny, reference):
 
 def test_unpadded_binary_data_trains_and_evaluates(tiny, tmp_path):
     """data.pad drives the preprocessing: 28x28 digits unpadded, 7x7 latents."""
-    from builders.evaluation.evaluate import eval_images, load_trained
+    from builders.evaluation.evaluate import eval_images
+    from builders.loading import load_trained
     from builders.train.training import train
     resolved = load_spec(tiny.spec, ["data.pad=0", "data.distribution.crop=0", "hierarchy.latent.size=7"])
     train(resolved, tmp_path / "run", device="cpu", max_steps=2, progress_mode="quiet")

@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from builders.evaluation.evaluate import batched, eval_images, importance_sampled_nll, load_trained
+from builders.evaluation.evaluate import batched, eval_images, importance_sampled_nll
+from builders.loading import load_trained
 
 
 def main() -> None:
