@@ -340,10 +340,12 @@ def test_non_finite_updates_are_skipped_then_abort(tiny, tmp_path):
 
 
 def test_epoch_test_nelbo_is_the_evaluation_estimator(tiny, reference):
-    """The per-epoch test NELBO is builders.evaluation.evaluate's K = 1 estimate (one implementation)."""
+    """The per-epoch test NELBO is builders.evaluation.evaluate's K = 1 estimate (one implementation).
+    The last epoch's record is compared with last.pt: a run directory would load best.pt, which
+    is the last epoch's weights only when the last epoch was the best."""
     from builders.evaluation.evaluate import batched, eval_images, importance_sampled_nll
     from builders.loading import load_trained
-    model, resolved, _ = load_trained(reference, "cpu")
+    model, resolved, _ = load_trained(reference / "checkpoints" / "last.pt", "cpu")
     x = eval_images(resolved.spec, "test")
     r = importance_sampled_nll(model, batched(x, resolved.spec.train.batch_size), 1, chunk=1, seed=0)
     last = [row for row in metrics(reference) if "test_nelbo" in row][-1]
