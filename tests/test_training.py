@@ -588,3 +588,14 @@ def test_accumulate_trains_through_the_cli_and_checks_the_split(tiny, tmp_path):
     assert [r["step"] for r in steps] == [1, 2] and all(math.isfinite(r["loss"]) for r in steps)
     r = avi(tiny.spec, "--out", tmp_path / "bad", "--set", "train.accumulate=3", check=2)
     assert "train.accumulate" in r.stderr and "divisible" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_two_process_ddp_with_accumulation_keeps_replicas_identical(tiny, tmp_path):
+    """Two processes, each running its 8 images as 2 micro-batches of 4 (the first without the
+    all-reduce, DDP's no_sync): the replicas stay identical."""
+    run, hashes = tmp_path / "ddp_acc", tmp_path / "hashes"
+    r = avi(tiny.spec, "--out", run, "--devices", 2, "--device", "cpu", "--max-steps", 2, "--quiet",
+            "--set", "train.accumulate=2", env={"AVI_TEST_WEIGHTS_HASH_DIR": str(hashes)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (hashes / "rank0.txt").read_text() == (hashes / "rank1.txt").read_text()
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["state"]["step"] == 2
