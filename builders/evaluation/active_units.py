@@ -15,29 +15,17 @@ import numpy as np
 import torch
 
 from ..network.distributions import Gaussian, kl
+from .evaluate import mean_per_image
 
 DEFAULT_THRESHOLD = 0.1        # nats per image and channel; NVAE's choice
 
 
-@torch.no_grad()
 def kl_per_channel(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> np.ndarray:
     """[L, Z]: the mean KL (nats per image) of every latent channel of every layer."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total, n = None, 0
-    try:
-        for x in batches:
-            latents = model(x.to(device), record_latents=True).latents
-            per_layer = [_channel_kl(lat).double().sum(0).cpu() for lat in latents]
-            step = torch.stack(per_layer)                          # [L, Z]
-            total = step if total is None else total + step
-            n += x.shape[0]
-    finally:
-        model.train(was_training)
-    if not n:
-        raise ValueError("no images to evaluate")
-    return (total / n).numpy()
+    def batch_sum(m, x):
+        latents = m(x, record_latents=True).latents
+        return torch.stack([_channel_kl(lat).double().sum(0) for lat in latents])   # [L, Z]
+    return mean_per_image(model, batches, batch_sum)
 
 
 def _channel_kl(lat: dict) -> torch.Tensor:

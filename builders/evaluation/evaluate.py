@@ -248,14 +248,22 @@ def data_dims(model: nn.Module) -> int | None:
 def kl_per_layer(model: nn.Module, batches: Iterable[torch.Tensor]) -> np.ndarray:
     """Mean KL(q(z_l|x, z_<l) || p(z_l|z_<l)) per layer [L] (nats) over the images, one
     posterior sample each."""
+    return mean_per_image(model, batches, lambda m, x: m(x).kl.double().sum(0))
+
+
+@torch.no_grad()
+def mean_per_image(model: nn.Module, batches: Iterable[torch.Tensor],
+                   batch_sum: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> np.ndarray:
+    """The mean over all images of what ``batch_sum(model, x)`` sums over a batch's images,
+    the model in eval mode (put back as it was), in float64 on the CPU."""
     device = _model_device(model)
     was_training = model.training
     model.eval()
     total, n = None, 0
     try:
         for x in batches:
-            kl = model(x.to(device)).kl.double().sum(0).cpu()
-            total = kl if total is None else total + kl
+            step = batch_sum(model, x.to(device)).double().cpu()
+            total = step if total is None else total + step
             n += x.shape[0]
     finally:
         model.train(was_training)
