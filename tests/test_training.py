@@ -340,9 +340,10 @@ def test_non_finite_updates_are_skipped_then_abort(tiny, tmp_path):
 
 
 def test_epoch_test_nelbo_is_the_evaluation_estimator(tiny, reference):
-    """The per-epoch test NELBO is builders.evaluation.evaluate's K = 1 estimate (one implementation)."""
+    """The per-epoch test NELBO is builders.evaluation.evaluate's K = 1 estimate (one implementation).
+    last.pt holds the weights the last epoch's record scored (best.pt may be an earlier epoch)."""
     from builders.evaluation.evaluate import batched, eval_images, importance_sampled_nll, load_trained
-    model, resolved, _ = load_trained(reference, "cpu")
+    model, resolved, _ = load_trained(reference / "checkpoints" / "last.pt", "cpu")
     x = eval_images(resolved.spec, "test")
     r = importance_sampled_nll(model, batched(x, resolved.spec.train.batch_size), 1, chunk=1, seed=0)
     last = [row for row in metrics(reference) if "test_nelbo" in row][-1]
