@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .datasets import DatasetError, _check_grey_levels, _read_image_file
+from .datasets import DatasetError, check_grey_levels
 
 
 def _read_npz(path: Path) -> np.ndarray:
@@ -28,6 +28,23 @@ def _read_npz(path: Path) -> np.ndarray:
     raise DatasetError(f"{path} holds arrays {names}; name the images 'images' (or keep one array)")
 
 
+def _read_npy_or_png(path: Path) -> np.ndarray:
+    """A .npy array (plain arrays only: no pickled objects) or one .png as it is stored (grey
+    or RGB): the folder dataset's decoding would resize and convert, which a user's file to
+    encode must not need."""
+    if path.suffix.lower() == ".npy":
+        try:
+            return np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise DatasetError(f"{path} is not a valid .npy array file ({e})") from None
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("L" if im.mode in ("1", "L", "I", "I;16") else "RGB"))
+    except OSError as e:
+        raise DatasetError(f"{path} is not a readable PNG file ({e})") from None
+
+
 def read_image_file(path: str | Path, data) -> np.ndarray:
     """The images of ``path`` as [N, C, H, W] (uint8 or float32), checked against the spec's
     ``data`` (its image shape; its transpose applied, as training applied it)."""
@@ -37,7 +54,7 @@ def read_image_file(path: str | Path, data) -> np.ndarray:
     suffix = path.suffix.lower()
     if suffix not in (".npy", ".npz", ".png"):
         raise DatasetError(f"{path}: images must be a .npy, .npz or .png file")
-    a = _read_npz(path) if suffix == ".npz" else _read_image_file(path)
+    a = _read_npz(path) if suffix == ".npz" else _read_npy_or_png(path)
     c, size = data.image.channels, data.image.size
     if a.ndim == 2 or (a.ndim == 3 and suffix == ".png"):
         a = a[None]
@@ -47,7 +64,7 @@ def read_image_file(path: str | Path, data) -> np.ndarray:
         raise DatasetError(f"{path} holds an array of shape {list(a.shape)}; this model takes "
                            f"[N, {size}, {size}{'' if c == 1 else f', {c}'}] images (data.image)")
     if np.issubdtype(a.dtype, np.floating):
-        _check_grey_levels(a, str(path))
+        check_grey_levels(a, str(path))
         a = a.astype(np.float32)
     elif a.dtype != np.uint8:
         raise DatasetError(f"{path} holds {a.dtype} values; images must be uint8 or floats in [0, 1]")
