@@ -91,8 +91,10 @@ def run_command(
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="local: how many runs at a time.")] = 1,
     array_parallelism: Annotated[int, typer.Option("--array-parallelism", min=1, help="slurm: how many jobs of the array at a time.")] = 256,
     partition: Annotated[Optional[str], typer.Option("--partition", help="slurm: partition.")] = None,
-    gpus_per_node: Annotated[Optional[int], typer.Option("--gpus-per-node", min=0, help="slurm: GPUs per job.")] = None,
-    cpus_per_task: Annotated[Optional[int], typer.Option("--cpus-per-task", min=1, help="slurm: CPUs per job.")] = None,
+    gpus_per_node: Annotated[Optional[int], typer.Option("--gpus-per-node", min=0, help="slurm: GPUs per node of a job.")] = None,
+    nodes: Annotated[Optional[int], typer.Option("--nodes", min=1, help="slurm: nodes per run; each run is one multi-node job (default 1).")] = None,
+    tasks_per_node: Annotated[Optional[int], typer.Option("--tasks-per-node", min=1, help="slurm: training processes (srun tasks) per node (default: --gpus-per-node, else 1).")] = None,
+    cpus_per_task: Annotated[Optional[int], typer.Option("--cpus-per-task", min=1, help="slurm: CPUs per job (per task).")] = None,
     mem: Annotated[Optional[str], typer.Option("--mem", help="slurm: memory per job, e.g. 16G.")] = None,
     time_min: Annotated[Optional[int], typer.Option("--time", min=1, metavar="MINUTES", help="Time limit of each job; reached, the job is requeued and resumes from its checkpoint (default: 60 on SLURM, none locally).")] = None,
     account: Annotated[Optional[str], typer.Option("--account", help="slurm: account.")] = None,
@@ -117,6 +119,8 @@ def run_command(
         avi sweep specs/quickstart.yaml --grid train.seed=0,1 --max-steps 20 --eval-k 4 --launcher slurm --out sweeps/seeds
 
         avi sweep specs/ablations/case*.yaml --eval-k 1000 --gpus-per-node 1 --time 1440 --partition gpu --out sweeps/table5
+
+        avi sweep specs/cifar10_l16.yaml --nodes 2 --gpus-per-node 4 --time 1440 --partition gpu --out sweeps/cifar
     """
     from builders.launch.grid import expand
     from builders.launch.sweep import Resources
@@ -127,10 +131,16 @@ def run_command(
         raise UserError("--launcher slurm: sbatch is not on the PATH (no SLURM here); use --launcher local")
     if time_min is None:
         time_min = SLURM_TIME_MIN if chosen == "slurm" else LOCAL_TIME_MIN
-    res = Resources(partition, gpus_per_node, cpus_per_task, mem, time_min, account, qos, constraint,
-                    array_parallelism, _pairs(slurm, "--slurm"))
+    if chosen == "local" and (nodes is not None or tasks_per_node is not None):
+        raise UserError("--nodes and --tasks-per-node need --launcher slurm (a local sweep runs "
+                        "one process per run)")
+    if chosen == "slurm" and tasks_per_node is None and (nodes is not None or gpus_per_node):
+        tasks_per_node = gpus_per_node or 1              # one process per GPU
+    res = Resources(partition, gpus_per_node, nodes, tasks_per_node, cpus_per_task, mem, time_min,
+                    account, qos, constraint, array_parallelism, _pairs(slurm, "--slurm"))
     evaluation = _eval_args(eval_k, eval_limit, eval_batch_size)
     runs = expand(specs, list(grid or ()), list(overrides or ()))      # SpecError: exit 2, nothing written
+    _check_processes(runs, nodes or 1, tasks_per_node or 1)
     _refuse_other_specs(out_dir, runs)
     manifest = {"version": 1, "launcher": chosen, "grid_fields": sorted({k for r in runs for k in r.grid}),
                 "specs": list(specs), "overrides": list(overrides or ()), "max_steps": max_steps,
@@ -204,6 +214,21 @@ def _read_manifest(out_dir: Path) -> dict | None:
         return mf.read(out_dir)
     except (OSError, ValueError) as e:
         raise UserError(f"{out_dir / mf.MANIFEST} is not readable ({e}); move it away or use another --out") from None
+
+
+def _check_processes(runs: list, nodes: int, tasks: int) -> None:
+    """Every run's batch must split over nodes x tasks processes: refused here, before
+    submitting, rather than by each job once it has waited for its nodes."""
+    if nodes * tasks == 1:
+        return
+    from builders.train.training import TrainingError, check_batch_size
+    for r in runs:
+        train = r.resolved.spec.train
+        try:
+            check_batch_size(train.batch_size, nodes * tasks, accumulate=train.accumulate)
+        except TrainingError as e:
+            raise UserError(f"--nodes {nodes} --tasks-per-node {tasks}: run {r.name} ({r.source}): "
+                            f"{e}; nothing was submitted") from None
 
 
 def _refuse_other_specs(out_dir: Path, runs: list) -> None:

@@ -232,3 +232,57 @@ def test_name_clash_and_bad_flags_are_refused_before_anything_is_written(tmp_pat
     assert not out.exists()
     r = avi_here("sweep", "status", out)
     assert r.exit_code == 2 and "not a sweep directory" in r.stderr
+
+
+def test_two_task_job_requeued_trains_what_devices_2_trains(tiny):
+    """--nodes 1 --tasks-per-node 2: one SLURM job whose two srun tasks each run `avi train`
+    in one process group. The warning signal reaches both tasks: they stop after the step,
+    rank 0 alone requeues, and the resumed run ends with the weights of an uninterrupted
+    `avi train --devices 2` of the same spec and steps. Rank 0 alone keeps the books."""
+    require_slurm()
+    root, sets = tiny
+    steps = 12
+    reference = root / "two_processes"
+    local = subprocess.Popen([sys.executable, "-m", "cli.main", "train", QUICKSTART, "--out", reference,
+                              "--devices", "2", "--device", "cpu", "--max-steps", str(steps), "--quiet",
+                              *sets], cwd=REPO, env=ENV)
+    sweep = root / "tasks"
+    avi("sweep", QUICKSTART, "--nodes", 1, "--tasks-per-node", 2, "--max-steps", steps,
+        "--launcher", "slurm", "--out", sweep, *sets, check=0)
+    job = manifest.read(sweep)["runs"][0]["job_id"]
+    run = sweep / "quickstart"
+    deadline = time.time() + TIMEOUT
+    while not _trained_steps(run) and time.time() < deadline:
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    s = wait_for(sweep, states=("requeued", "done", "failed"))
+    assert s["runs"][0]["state"] == "requeued", s
+    stopped = load_checkpoint(run / "checkpoints" / "last.pt")["state"]["step"]
+    assert 0 < stopped < steps
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    s = wait_for(sweep)
+    assert (s["runs"][0]["state"], s["runs"][0]["attempts"]) == ("done", 2), s
+    last = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert (last["world_size"], last["state"]["step"]) == (2, steps)
+    assert local.wait(timeout=TIMEOUT) == 0
+    assert weights(run) == weights(reference)
+    log = Path(s["runs"][0]["log"])                                      # rank 0's log
+    assert f"resuming {run} at step {stopped}" in log.read_text()
+    assert log.read_text().count(f"stopped at step {steps}") == 1
+    task1 = (log.parent / log.name.replace("_0_log", "_1_log")).read_text()
+    assert "task 1 stopped; rank 0 requeues the job" in task1 and "stopped at step" not in task1
+
+
+def test_processes_that_do_not_divide_the_batch_are_refused(tiny):
+    """Checked before submitting: exit 2 naming the flags, nothing submitted or written;
+    --nodes on the local launcher is refused too."""
+    require_slurm()
+    root, sets = tiny
+    sweep = root / "indivisible"
+    r = avi_here("sweep", QUICKSTART, "--tasks-per-node", 3, "--launcher", "slurm", "--out", sweep, *sets)
+    assert r.exit_code == 2, r.output
+    assert "--nodes 1 --tasks-per-node 3" in r.stderr and "train.batch_size 16 is not divisible" in r.stderr
+    assert "Traceback" not in r.stderr and not sweep.exists() and queued_in(sweep) == []
+    r = avi_here("sweep", QUICKSTART, "--nodes", 2, "--launcher", "local", "--out", sweep, *sets)
+    assert r.exit_code == 2 and "--nodes and --tasks-per-node need --launcher slurm" in r.stderr
+    assert not sweep.exists()

@@ -11,6 +11,13 @@ training step; instead the job asks `avi train` to stop as Ctrl-C does (SIGINT: 
 the step and writes checkpoints/last.pt), waits for it, and then lets submitit requeue the job
 with checkpoint(), which resubmits this same job. The requeued job resumes from last.pt, and a
 resumed run ends with the weights and metrics of an uninterrupted one (builders.train).
+
+A multi-node job (avi sweep --nodes / --tasks-per-node): submitit starts this job in every
+srun task, and each task's `avi train` and `avi eval` inherit the step's environment and join
+one process group (builders.launch.environment). Every task runs the commands; global rank 0
+alone keeps the sweep's books (attempts, done marker) and, as submitit does, alone requeues.
+Whether to --resume is decided before the child starts, and rank 0's child writes nothing
+before all processes have joined, so every task decides alike.
 """
 from __future__ import annotations
 
@@ -46,7 +53,9 @@ class SweepJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict:
         requeue = signal.getsignal(submitit.JobEnvironment._usr_sig())
         signal.signal(submitit.JobEnvironment._usr_sig(), self._stop_child)
-        self._record_attempt()
+        rank = submitit.JobEnvironment().global_rank
+        if rank == 0:
+            self._record_attempt()
         run_dir = Path(self.sweep_dir) / self.name
         spec = job_files(self.sweep_dir, self.name) / "spec.yaml"
         train = ["train", str(spec), "--out", str(run_dir), "--device", "auto"]
@@ -55,19 +64,28 @@ class SweepJob(submitit.helpers.Checkpointable):
         steps = [train] + ([["eval", str(run_dir), *self.eval_args]] if self.eval_args is not None else [])
         for argv in steps:
             if self._warned and callable(requeue):     # warned between two steps, or during one
-                requeue(submitit.JobEnvironment._usr_sig(), None)   # checkpoint() + requeue + exit
+                return self._requeue(requeue, rank)    # rank 0: checkpoint() + requeue + exit
             code = self._avi(argv)
             if self._warned and code != 0 and callable(requeue):
-                requeue(submitit.JobEnvironment._usr_sig(), None)
+                return self._requeue(requeue, rank)
             if code != 0:       # the job fails with the command's exit status; its message is above
                 print(f"avi sweep: avi {argv[0]} exited with {code}; the run is not done",
                       file=sys.stderr, flush=True)
                 raise SystemExit(code if code > 0 else 1)
         record = {"key": self.key, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                   "max_steps": self.max_steps, "evaluated": self.eval_args is not None}
+        if rank != 0:
+            return {**record, "rank": rank}
         write_atomically(job_files(self.sweep_dir, self.name) / "done.json",
                          (json.dumps(record) + "\n").encode())
         return record
+
+    def _requeue(self, requeue, rank: int) -> dict:
+        """submitit's handler: on rank 0 it checkpoints, requeues the job and exits; on the
+        other ranks it returns, and this task ends without failing the job it is part of."""
+        requeue(submitit.JobEnvironment._usr_sig(), None)
+        print(f"avi sweep: task {rank} stopped; rank 0 requeues the job", file=sys.stderr, flush=True)
+        return {"key": self.key, "rank": rank, "requeued": True}
 
     def _avi(self, argv: list[str]) -> int:
         root = str(Path(__file__).resolve().parents[2])

@@ -1,8 +1,9 @@
 """`avi sweep`: the runs of builders.launch.grid submitted through submitit, one job each.
 
 SLURM: one job array (submitit's SlurmExecutor under executor.batch()), with the sbatch
-options of the command line; submitit asks SLURM for the warning signal before a time limit
-and requeues a job that gets it (builders.launch.job). Local: the same jobs as local processes
+options of the command line; with --nodes / --tasks-per-node each job is one multi-node job
+whose every srun task runs the job function (one process of the run's training). submitit
+asks SLURM for the warning signal before a time limit and requeues a job that gets it (builders.launch.job). Local: the same jobs as local processes
 (submitit's LocalExecutor), at most `jobs` at a time; `avi sweep` waits for them.
 
 Idempotent: a run whose done marker matches its spec is skipped, and so is one that is still
@@ -32,6 +33,8 @@ class Resources:
     """What each job asks the scheduler for (None: the cluster's default)."""
     partition: str | None = None
     gpus_per_node: int | None = None
+    nodes: int | None = None                  # several: one multi-node job per run
+    tasks_per_node: int | None = None         # one process (srun task) per GPU, each `avi train`
     cpus_per_task: int | None = None
     mem: str | None = None
     time_min: int = 60
@@ -46,6 +49,7 @@ def slurm_executor(folder: Path, res: Resources):
     import submitit
     ex = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=100)
     params = {"partition": res.partition, "gpus_per_node": res.gpus_per_node,
+              "nodes": res.nodes, "ntasks_per_node": res.tasks_per_node,
               "cpus_per_task": res.cpus_per_task, "mem": res.mem, "time": res.time_min,
               "account": res.account, "qos": res.qos, "constraint": res.constraint}
     ex.update_parameters(**{k: v for k, v in params.items() if v is not None},
