@@ -3,8 +3,9 @@
 SLURM: one job array (submitit's SlurmExecutor under executor.batch()), with the sbatch
 options of the command line; with --nodes / --tasks-per-node each job is one multi-node job
 whose every srun task runs the job function (one process of the run's training). submitit
-asks SLURM for the warning signal before a time limit and requeues a job that gets it (builders.launch.job). Local: the same jobs as local processes
-(submitit's LocalExecutor), at most `jobs` at a time; `avi sweep` waits for them.
+asks SLURM for the warning signal before a time limit and requeues a job that gets it
+(builders.launch.job). Local: the same jobs as local processes (submitit's LocalExecutor), at
+most `jobs` at a time; `avi sweep` waits for them.
 
 Idempotent: a run whose done marker matches its spec is skipped, and so is one that is still
 queued or whose run directory is held by a writer (the run lock of builders.train.run_dir), so a
