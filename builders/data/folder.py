@@ -65,6 +65,10 @@ def _files(folder: Path) -> list[Path]:
 
 def split_files(root: Path, split: str, opts: Options) -> list[Path]:
     """The files of `split`: root/<split>/ when the user made the split, else a seeded draw."""
+    if not root.is_dir():
+        what = "is not a folder" if root.exists() else "not found"
+        raise DatasetError(f"image folder {what}: {root} (data.root); it should hold the images, "
+                           f"in train/ and test/ or not; set data.root (or --set data.root=DIR)")
     if (root / "train").is_dir() and (root / "test").is_dir():
         files = _files(root / split)
         where = root / split
