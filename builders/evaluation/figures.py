@@ -126,7 +126,7 @@ def _source_labels(columns: int, layers: int) -> list[str]:
 def _about(fig: Figure, about: str | None) -> None:
     """What a figure shows, in small type at its foot: the run, checkpoint, split, images."""
     if about:                                  # supxlabel: the layout makes room for it
-        fig.supxlabel(about, fontsize=7, color="0.3")
+        fig.supxlabel(literal_label(about), fontsize=7, color="0.3")   # names paths: never mathtext
 
 
 def _single_sources(matrix: np.ndarray) -> np.ndarray:
@@ -179,7 +179,8 @@ def attention_figure(generative: np.ndarray, inference: np.ndarray, about: str |
                              label="only source of layer l (score 1 by construction)"))
     # `about` as the legend's title: a second text at the foot would overlap the legend
     legend = fig.legend(handles=handles, loc="outside lower center", fontsize=8, frameon=False,
-                        ncols=len(handles), title=about, title_fontsize=7)
+                        ncols=len(handles), title=literal_label(about) if about else None,
+                        title_fontsize=7)
     if about:
         legend.get_title().set_color("0.3")
     return fig
