@@ -1,7 +1,7 @@
 """Summarise the miniature Table 5 sweep (docs/table5_mini.md): each case's -log p(x) and the
 paired differences behind the paper's three observations, from `avi diff --json`.
 
-    python tools/table5/report.py sweeps/table5_mini > table.md
+    python tools/table5/report.py sweeps/table5_mini      # Markdown tables on stdout
 
 Needs the sweep's 16 runs evaluated on the same test images (avi sweep --eval-k ...)."""
 from __future__ import annotations
