@@ -96,7 +96,8 @@ def saved_activation_bytes(model: torch.nn.Module, spec, batch: int) -> tuple[in
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _FusedAttention():
         out = model(x)
         loss = out.nll.float().mean() + out.kl.float().sum(1).mean()
-    del loss, out, kept
+    del loss, out
+    kept.clear()                       # the saved tensors, released at once
     return sum(saved.values()), max(saved.values(), default=0)
 
 
