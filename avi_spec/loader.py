@@ -40,6 +40,7 @@ __all__ = ["ResolvedSpec", "load_spec", "load_text", "load_document", "format_pa
 HASH_NEUTRAL_DEFAULTS: dict[tuple[str, ...], Any] = {
     ("hierarchy", "scale"): "exp",
     ("train", "accumulate"): 1,
+    ("train", "sync_batch_norm"): False,
     ("data", "folder"): Folder().model_dump(mode="json", by_alias=True),
 }
 

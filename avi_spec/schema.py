@@ -226,6 +226,7 @@ class EMA(_Strict):
 class Train(_Strict):
     batch_size: int = Field(32, ge=1, description="Global batch size: images per optimizer step (split across processes, then into train.accumulate micro-batches).")
     accumulate: int = Field(1, ge=1, le=4096, description="Gradient accumulation: each process runs its share of a batch as this many micro-batches (forward and backward each), then takes one optimizer step, so batch_size: 40, accumulate: 4 on one GPU holds 10 images at a time and updates as the paper's 40. batch_size must be divisible by processes x accumulate; batch-norm statistics are per micro-batch.")
+    sync_batch_norm: bool = Field(False, description="With several processes, batch norm normalises by the statistics of the whole global batch (summed across processes) instead of each process's share, so that N processes train what one process trains on the same batch. false: per-process statistics, as the authors' multi-GPU runs. No effect with one process.")
     epochs: int = Field(400, ge=1, description="Training epochs.")
     optimizer: Optimizer = Field(default_factory=Optimizer, description="Optimizer and L2 regularisation.")
     schedule: Schedule = Field(default_factory=Schedule, description="Learning-rate schedule.")

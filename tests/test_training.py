@@ -325,7 +325,7 @@ def test_two_process_ddp_keeps_replicas_identical(tiny, tmp_path):
     model = build_model(load_spec(tiny.spec).spec, "cpu")
     model.load_state_dict(payload["model"])
     assert tensors_hash({k: p.detach() for k, p in model.named_parameters()}) == h0
-    # Sanity: the two-process run is not the single-process one (different batch shares and noise).
+    # Sanity: the two-process run is not the single-process one (per-process batch-norm statistics).
     single = tmp_path / "single"
     avi(tiny.spec, "--out", single, "--device", "cpu", "--max-steps", 3, "--quiet", check=0)
     assert weights(single) != weights(run)
@@ -393,11 +393,14 @@ def test_skipped_update_keeps_batch_norm_statistics(tiny, tmp_path, monkeypatch)
 
 DDP_SCRIPT = """
 import json, sys, torch, torch.distributed as dist
-from builders.train.training import Distributed, all_processes_agree, batchnorm_buffers, wrap_data_parallel
+from builders.train.training import Distributed, batchnorm_buffers, step_across_processes, wrap_data_parallel
 rank, store = int(sys.argv[1]), sys.argv[2]
 dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2)
 ddp, cpu = Distributed(rank, 2, 0, True), torch.device("cpu")
-flags = all_processes_agree([rank == 0, True], ddp, cpu)     # rank 1 saw a non-finite loss
+# rank 1 saw a non-finite loss, rank 0 was asked to stop; the grad norm 2.0 is the same on both
+values, stop = step_across_processes(torch.tensor([1.0 if rank == 0 else float("nan"), 2.0 + rank, 2.0]),
+                                     rank == 0, ddp, cpu)
+flags = [all(v == v for v in values), stop, values[1:]]
 net = wrap_data_parallel(torch.nn.Sequential(torch.nn.BatchNorm1d(2)), cpu)
 net(torch.full((4, 2), float(rank + 1)) + torch.arange(4.0)[:, None])
 net(torch.zeros(4, 2))                                       # a buffer broadcast would happen here
@@ -408,14 +411,16 @@ dist.destroy_process_group()
 
 
 def test_data_parallel_agreement_and_per_process_batch_norm(tmp_path):
-    """All ranks take the same skip decision; BN statistics are not broadcast from rank 0."""
+    """All ranks see the same step values (the mean over processes: a NaN anywhere is a NaN
+    everywhere, so they take the same skip decision) and the same stop; BN statistics are not
+    broadcast from rank 0."""
     procs = [subprocess.Popen([sys.executable, "-c", DDP_SCRIPT, str(r), str(tmp_path / "store")],
                               cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for r in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     r0, r1 = (json.loads(o.strip().splitlines()[-1]) for o, _ in outs)
-    assert r0["flags"] == r1["flags"] == [False, True]
+    assert r0["flags"] == r1["flags"] == [False, True, [2.5, 2.0]]
     assert r0["mean"] != r1["mean"]
 
 
@@ -525,8 +530,8 @@ def test_one_step_follows_the_recipe_and_a_skipped_one_changes_nothing(tiny, tmp
         opt_state = copy.deepcopy(trainer.optimizer.state_dict()["state"])
         real_forward = trainer.forward
 
-        def nan_forward(x):
-            out = real_forward(x)              # updates the batch-norm statistics ...
+        def nan_forward(x, **kwargs):
+            out = real_forward(x, **kwargs)    # updates the batch-norm statistics ...
             out.nll = out.nll * math.nan       # ... of a step that must be undone
             return out
         trainer.forward = nan_forward
@@ -545,16 +550,20 @@ def test_one_step_follows_the_recipe_and_a_skipped_one_changes_nothing(tiny, tmp
 # ------------------------------------------------------------------ gradient accumulation
 
 def _one_step(spec: Path, run: Path, accumulate: int, bn_eval: bool):
-    """Trainer.step on the first 16 training images: (loss, grads, parameters) after it."""
+    """Trainer.step on the first 16 training images: (loss, grads, parameters) after it. The
+    log-scales get training noise (hierarchy.*.noise), drawn like the posterior's."""
     from builders.train.distributed import Distributed
     from builders.train.train_data import TrainData
     from builders.train.training import setup_trainer
-    resolved = load_spec(spec, [f"train.accumulate={accumulate}"])
+    resolved = load_spec(spec, [f"train.accumulate={accumulate}", "hierarchy.posterior.noise=0.01",
+                                "hierarchy.prior.noise=0.01"])
     cpu = torch.device("cpu")
     trainer = setup_trainer(resolved, run, Distributed(), cpu, TrainData(resolved.spec, cpu), None)
     try:
-        if bn_eval:
-            trainer.model.eval()          # batch norm on its running statistics
+        if bn_eval:                       # batch norm on its running statistics, the rest training
+            for m in trainer.model.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.eval()
         assert trainer.step(trainer.data.train[:16], lr=0.003, beta=0.25)
         named = dict(trainer.model.named_parameters())
         return (trainer.state.counters["window_loss"], {n: p.grad.clone() for n, p in named.items()},
@@ -566,7 +575,7 @@ def _one_step(spec: Path, run: Path, accumulate: int, bn_eval: bool):
 def test_accumulated_step_equals_one_big_batch(tiny, tmp_path):
     """train.accumulate: 4 runs a batch of 16 as 4 micro-batches of 4. Where batch norm does
     not use the batch's statistics (eval mode), the micro-batches see the same images and the
-    same posterior noise as the big batch, so the loss, the gradients and the update equal one
+    same posterior and log-scale noise as the big batch, so the loss, the gradients and the update equal one
     batch of 16 to float tolerance. In training mode batch norm normalises each micro-batch
     by its own statistics, and the gradients differ (docs/spec.md says so)."""
     loss1, grads1, params1 = _one_step(tiny.spec, tmp_path / "a", 1, bn_eval=True)

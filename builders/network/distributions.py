@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -48,11 +49,25 @@ def scale_of(log_scale: torch.Tensor, kind: str = "exp") -> torch.Tensor:
     return log_scale.exp()
 
 
-def randn_as(t: torch.Tensor) -> torch.Tensor:
+class BatchRows(NamedTuple):
+    """Where a forward's images sit in the batch of one optimizer step: rows start, start + 1,
+    ... of a batch of ``total`` images (one process's share, or one micro-batch of it)."""
+    total: int
+    start: int
+
+
+def randn_as(t: torch.Tensor, rows: BatchRows | None = None) -> torch.Tensor:
     """N(0, 1) draws of t's shape, dtype and device, filled in logical (NCHW) order whatever
     t's memory format: randn_like on a channels_last map would give each pixel other
-    numbers, so a seed would not reproduce a run across memory formats."""
-    return torch.randn(t.shape, dtype=t.dtype, device=t.device)
+    numbers, so a seed would not reproduce a run across memory formats.
+
+    With ``rows`` the draw is made for the whole batch and t's rows are kept, so that an image
+    gets the numbers it gets in one forward of the whole batch, however the batch is split
+    across processes or micro-batches (at the cost of drawing the whole batch's numbers)."""
+    if rows is None:
+        return torch.randn(t.shape, dtype=t.dtype, device=t.device)
+    full = torch.randn((rows.total, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    return full[rows.start:rows.start + t.shape[0]]
 
 
 def rand_as(t: torch.Tensor) -> torch.Tensor:
@@ -80,10 +95,12 @@ class Gaussian:
         """N(0, I) (the layer-0 prior; no sigma floor)."""
         return cls(torch.zeros_like(like), torch.ones_like(like))
 
-    def sample(self, temperature: float = 1.0, eps: torch.Tensor | None = None) -> torch.Tensor:
-        """mean + temperature * sigma * eps; eps ~ N(0, I) unless given (same shape)."""
+    def sample(self, temperature: float = 1.0, eps: torch.Tensor | None = None,
+               rows: BatchRows | None = None) -> torch.Tensor:
+        """mean + temperature * sigma * eps; eps ~ N(0, I) (randn_as with ``rows``) unless
+        given (same shape)."""
         if eps is None:
-            eps = randn_as(self.mean)
+            eps = randn_as(self.mean, rows)
         elif eps.shape != self.mean.shape:
             raise ValueError(f"noise of shape {list(eps.shape)} for a latent of shape {list(self.mean.shape)}")
         return self.mean + temperature * self.sigma * eps.to(self.mean.dtype)

@@ -26,7 +26,7 @@ from .attention_paths import GenerativeAttention, InferenceAttention
 from .cells import CellGroup
 from .conv import WNConv2d
 from .depthwise_attention import ContextLayerNorm
-from .distributions import BernoulliHead, DiscretizedLogisticMixtureHead, Gaussian, randn_as
+from .distributions import BatchRows, BernoulliHead, DiscretizedLogisticMixtureHead, Gaussian, randn_as
 from .merge import BottomUpMerge, TopDownMerge
 
 
@@ -123,6 +123,9 @@ class DeepAttentiveVAE(nn.Module):
                                                            instead of fresh N(0, I) draws
       forward(x, record_latents=True).latents / .params    per-layer posterior and prior
                                                            means, scales and z; head output
+      forward(x, rows=BatchRows(total, start))             x is rows start.. of a batch of
+                                                           total: random draws as in the
+                                                           forward of that whole batch
     """
 
     def __init__(self, spec: Spec, derived: Derived, sources: dict[str, dict[int, list[int]]]):
@@ -177,10 +180,11 @@ class DeepAttentiveVAE(nn.Module):
         w = self.derived.context_width
         return c[:, :w], c[:, w:]
 
-    def _prior(self, layer: VariationalLayer, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prior(self, layer: VariationalLayer, condition: torch.Tensor,
+               rows: BatchRows | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         mu, s = _fp32(layer.prior_head, condition).chunk(2, dim=1)
         if self.training and self.prior_noise > 0:
-            s = s + self.prior_noise * randn_as(s)
+            s = s + self.prior_noise * randn_as(s, rows)
         return mu, s
 
     def _context(self, l: int, layer: VariationalLayer, contexts: list[torch.Tensor],
@@ -210,7 +214,8 @@ class DeepAttentiveVAE(nn.Module):
         return stored, ctx, condition
 
     def _posterior_params(self, l: int, layer: VariationalLayer, e: list[torch.Tensor],
-                          ctx: torch.Tensor, condition: torch.Tensor, scores: dict | None):
+                          ctx: torch.Tensor, condition: torch.Tensor, scores: dict | None,
+                          rows: BatchRows | None = None):
         """Raw (mean, log-scale) of q(z_l | x, z_<l) (Eq. 10-11). The inference query is the
         first q_E channels of this layer's raw context (docs/model.md section 7 step 2)."""
         d = self.derived
@@ -225,17 +230,18 @@ class DeepAttentiveVAE(nn.Module):
             merged = torch.cat([h_own, k_own], 1) if d.k_e else h_own
         dmu, ds = _fp32(layer.posterior_head, merged).chunk(2, dim=1)
         if self.training and self.post_noise > 0:
-            ds = ds + self.post_noise * randn_as(ds)
+            ds = ds + self.post_noise * randn_as(ds, rows)
         return dmu, ds
 
     def top_down(self, e: list[torch.Tensor] | None, n: int, temperature: float = 1.0,
                  record_attention: bool = False, noise: list[torch.Tensor] | None = None,
-                 record_latents: bool = False,
-                 given: list[torch.Tensor | None] | None = None) -> tuple[torch.Tensor, dict]:
+                 record_latents: bool = False, given: list[torch.Tensor | None] | None = None,
+                 rows: BatchRows | None = None) -> tuple[torch.Tensor, dict]:
         """Run the L layers. With bottom-up maps `e` (batch n) z comes from the posterior and
         the KL / log-densities are returned; without, z comes from the prior, or is given[l]
         where `given` (one [n, Z, S, S] tensor or None per layer) holds one. `noise` (one
-        [n, Z, S, S] tensor per layer) replaces the N(0, I) draws of the samples."""
+        [n, Z, S, S] tensor per layer) replaces the N(0, I) draws of the samples; `rows`
+        (BatchRows) makes every draw for the whole batch the n images belong to (randn_as)."""
         for name, per_layer in (("posterior_noise", noise), ("given latents", given)):
             if per_layer is not None and len(per_layer) != self.derived.layers:
                 raise ValueError(f"{name} needs one tensor per layer ({self.derived.layers}), "
@@ -253,17 +259,17 @@ class DeepAttentiveVAE(nn.Module):
                 prior = Gaussian.standard(torch.empty(n, d.latent_channels, d.feature_size,
                                                       d.feature_size, device=stored.device))
             else:
-                mu_p, s_p = self._prior(layer, condition)
+                mu_p, s_p = self._prior(layer, condition, rows)
                 prior = Gaussian.from_raw(mu_p, s_p, self.prior_bounds, self.scale)
             eps = noise[l] if noise is not None else None
             if e is None:
                 z = given[l] if given is not None and given[l] is not None else prior.sample(temperature, eps)
                 continue
-            dmu, ds = self._posterior_params(l, layer, e, ctx, condition, recorded)
+            dmu, ds = self._posterior_params(l, layer, e, ctx, condition, recorded, rows)
             if l >= 1 and self.residual:
                 dmu, ds = mu_p + dmu, s_p + ds
             q = Gaussian.from_raw(dmu, ds, self.post_bounds, self.scale)
-            z = q.sample(temperature, eps)
+            z = q.sample(temperature, eps, rows)
             if record_latents:
                 latents.append({"q_loc": q.mean, "q_scale": q.sigma, "z": z,
                                 "p_loc": prior.mean if l else None,
@@ -288,12 +294,13 @@ class DeepAttentiveVAE(nn.Module):
 
     def forward(self, x: torch.Tensor, record_attention: bool = False,
                 posterior_noise: list[torch.Tensor] | None = None,
-                record_latents: bool = False) -> ModelOutput:
+                record_latents: bool = False, rows: BatchRows | None = None) -> ModelOutput:
         """One posterior sample per image. `posterior_noise`: the eps of z_l = mu + sigma * eps
-        for every layer (list of L tensors [B, Z, S, S]), to reproduce a given draw exactly."""
+        for every layer (list of L tensors [B, Z, S, S]), to reproduce a given draw exactly.
+        `rows`: x is part of a bigger batch; every random draw is that batch's (randn_as)."""
         params, stats = self.top_down(self.bottom_up(x), x.shape[0],
                                       record_attention=record_attention, noise=posterior_noise,
-                                      record_latents=record_latents)
+                                      record_latents=record_latents, rows=rows)
         nll = -self.head.log_prob(params.float(), self.target(x))
         return ModelOutput(nll=nll, kl=stats["kl"], log_pz=stats["log_pz"],
                            log_qz=stats["log_qz"], attention=stats["attention"],

@@ -1,6 +1,7 @@
 """Data parallelism of `avi train` (docs/model.md section 9): the process group torchrun or
-srun set up (builders.launch.process_group), decisions all ranks agree on, and
-DistributedDataParallel with per-process batch norm statistics."""
+srun set up (builders.launch.process_group), the values and decisions of a step, the same on every rank, and
+DistributedDataParallel with per-process batch norm statistics (global ones with
+train.sync_batch_norm: builders.train.sync_batch_norm)."""
 from __future__ import annotations
 
 import warnings
@@ -12,18 +13,24 @@ from ..launch.process_group import (Distributed, setup_distributed,  # noqa: F40
                                     teardown_distributed)
 
 
-def all_processes_agree(flags: list[bool], ddp: Distributed, device: torch.device) -> list[bool]:
-    """Each flag stays true only if it is true in every process (all_reduce MIN), so that
-    decisions such as skipping a non-finite update are the same on all ranks."""
+def step_across_processes(values: torch.Tensor, stop: bool, ddp: Distributed,
+                          device: torch.device) -> tuple[list[float], bool]:
+    """A step's values as the global batch's, and whether any process was asked to stop, in
+    one all-reduce. ``values`` are the means over this process's share (loss, NLL, KL ...,
+    equal shares), so their mean over processes is the global batch's mean; a value that is
+    the same everywhere (the gradient norm after DDP's average) stays itself. A NaN or inf on
+    any process makes the mean non-finite everywhere, so every process skips the same steps."""
     if ddp.world_size == 1:
-        return list(flags)
-    t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return [bool(v) for v in t.tolist()]
+        return values.tolist(), stop
+    t = torch.cat([values.detach().double().flatten(), torch.tensor([float(stop)], dtype=torch.float64)])
+    t = t.to(device)
+    dist.all_reduce(t)
+    return (t[:-1] / ddp.world_size).tolist(), bool(t[-1].item() > 0)
 
 
 def wrap_data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """DistributedDataParallel with per-process batch-norm statistics (no buffer broadcast).
+    """DistributedDataParallel without buffer broadcast: batch-norm running statistics are
+    per process (or equal everywhere with train.sync_batch_norm).
 
     Newer torch deprecates broadcast_buffers (a FutureWarning in every process) for
     forward_sync_buffers, which still syncs buffers at init; its own advice is to keep

@@ -42,11 +42,13 @@ class TrainData:
             self.n_test = len(self.test_raw)
         self.dims = likelihood_dims(spec)          # D of bits/dim
 
-    def prepare(self, raw: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Raw batch -> model input on the training device. Random draws are made on the CPU
-        generator first, so the stream does not depend on the device."""
+    def prepare(self, raw: torch.Tensor, generator: torch.Generator, rows: slice = slice(None)
+                ) -> torch.Tensor:
+        """Raw batch -> model input of its ``rows`` on the training device. Random draws are
+        made for the whole batch on the CPU generator, so the stream does not depend on the
+        device nor an image's numbers on which rows are kept."""
         x = prepare_batch(raw, self.kind, generator, train=True, flips=self.flips, pad=self.pad)
-        return x.to(self.device, non_blocking=True)
+        return x[rows].to(self.device, non_blocking=True)
 
 
 def mean_test_nelbo(model: torch.nn.Module, data: TrainData, batch_size: int, dev: torch.device,

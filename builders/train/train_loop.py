@@ -32,7 +32,8 @@ from ..data.preprocess import EpochBatches
 from ..evaluation.images import save_grid
 from ..faults import fault_point
 from ..launch.process_group import peer_failure
-from .distributed import Distributed, all_processes_agree
+from ..network.distributions import BatchRows
+from .distributed import Distributed, step_across_processes
 from . import diagnostics
 from .reporting import Reporter
 from .run_dir import DivergedError, TrainingError, write_error
@@ -148,8 +149,10 @@ class Trainer:
         """Train the rest of one epoch; False when --max-steps stopped it first."""
         state, cfg = self.state, self.cfg
         beta = kl_beta(epoch, cfg.kl_warmup)
+        # Every process reads the whole global batch: its random draws are made for all of it
+        # (Trainer._inputs), then each keeps its own rows.
         batches = EpochBatches(self.data.train, cfg.batch_size, cfg.seed, epoch, self.drop_last,
-                               self.ddp.rank, self.ddp.world_size, start_batch=state.batch)
+                               start_batch=state.batch)
         self.reporter.start_epoch(epoch, batches.num_batches, state.batch)
         if state.batch == 0:            # running train means of the epoch (kept across resumes)
             state.counters.update(epoch_loss=0.0, epoch_n=0)
@@ -188,76 +191,75 @@ class Trainer:
     # ------------------------------------------------------------------ one step
 
     def step(self, raw: torch.Tensor, lr: float, beta: float) -> bool:
-        """One optimisation step on a raw batch: loss = NLL + beta * KL (its gradient summed
+        """One optimisation step on a raw global batch (this process trains on its rows): loss = NLL + beta * KL (its gradient summed
         over train.accumulate micro-batches), gradient clipped, an update at ``lr``, the EMA.
         Skipped (no update, the batch-norm statistics of its forwards put back) when the loss
         or the gradient is not finite on any process. Returns False when Ctrl-C asked to stop
         after it."""
         self._set_learning_rate(lr)
-        x = self._inputs(raw)
+        x, rows = self._inputs(raw)
         torch._foreach_copy_(self.bn_snapshot, self.bn_buffers)    # to undo the forward's BN updates
         self.optimizer.zero_grad(set_to_none=True)
-        loss, nll, kl, kl_layers = self._gradients(x, beta)
+        loss, nll, kl, kl_layers = self._gradients(x, rows, beta)
         grad_norm = self._grad_norm()
-        values = torch.stack([loss, nll, kl, grad_norm.float()]).tolist()
-        finite, go_on = all_processes_agree(
-            [all(math.isfinite(v) for v in values[::3]), not self.interrupt.requested], self.ddp, self.dev)
-        if finite:
+        values, stop = step_across_processes(torch.stack([loss, nll, kl, grad_norm.float()]),
+                                             self.interrupt.requested, self.ddp, self.dev)
+        if all(math.isfinite(v) for v in values[::3]):          # the loss and the gradient norm
             torch.nn.utils.clip_grads_with_norm_(self.params, self.max_norm, grad_norm, foreach=True)
             self._update()
         else:
-            self._skip(values, x, kl_layers)
+            self._skip(values, x, rows, kl_layers)
         self._count_step(values)
-        return go_on
+        return not stop
 
     def _set_learning_rate(self, lr: float) -> None:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
 
-    def _inputs(self, raw: torch.Tensor) -> torch.Tensor:
-        """The model input of a step. Its random numbers (binarisation and flips here, the
-        posterior noise of the forward) come from (seed, step, rank) alone, so a resumed run
-        draws what the uninterrupted one drew."""
-        step, rank, seed = self.state.step, self.ddp.rank, self.cfg.seed
-        self.generator.manual_seed(derive_seed(seed, 1, step, rank))
-        torch.manual_seed(derive_seed(seed, 2, step, rank))
-        x = self.data.prepare(raw, self.generator)
-        return x.contiguous(memory_format=torch.channels_last)    # the model's layout (devices.place)
+    def _inputs(self, raw: torch.Tensor) -> tuple[torch.Tensor, BatchRows]:
+        """This process's model input of a step and where its rows sit in the global batch.
+        The random numbers of a step (binarisation and flips here, the forward's in _forward)
+        are drawn for the whole global batch from (seed, step) alone, so an image gets the same
+        numbers however many processes share the batch, and a resumed run draws what the
+        uninterrupted one drew. (The 0 in the seed stood for the rank when each process drew
+        for its own share; one-process runs draw what they drew then.)"""
+        n, world = raw.shape[0], self.ddp.world_size
+        rows = BatchRows(n, self.ddp.rank * (n // world))
+        self.generator.manual_seed(derive_seed(self.cfg.seed, 1, self.state.step, 0))
+        x = self.data.prepare(raw, self.generator, slice(rows.start, rows.start + n // world))
+        return x.contiguous(memory_format=torch.channels_last), rows   # the model's layout (devices.place)
 
-    def _gradients(self, x: torch.Tensor, beta: float) -> tuple[torch.Tensor, ...]:
+    def _forward(self, x: torch.Tensor, rows: BatchRows, **kwargs):
+        """The model on x, rows ``rows`` of the step's global batch. The generator is reset to
+        the step's seed before every forward (each micro-batch's, the diagnosis's), which then
+        draws the whole global batch's numbers and keeps its own rows (randn_as)."""
+        torch.manual_seed(derive_seed(self.cfg.seed, 2, self.state.step, 0))
+        return self.forward(x, rows=rows, **kwargs)
+
+    def _gradients(self, x: torch.Tensor, rows: BatchRows, beta: float) -> tuple[torch.Tensor, ...]:
         """Gradients of the batch's loss in .grad, and (loss, nll, kl, KL per layer) of the
         batch, detached.
         With train.accumulate = k the batch runs as k equal micro-batches, each loss weighted
-        1/k: their gradients sum to the batch mean's. The posterior noise of the whole batch is
-        drawn first, in the order the forward of the whole batch draws it, so the micro-batches
-        see the noise one big batch would (only batch norm's statistics differ)."""
+        1/k: their gradients sum to the batch mean's. Each micro-batch draws the noise the
+        forward of the whole batch draws for its images (_forward), so only batch norm's
+        statistics differ from one big batch."""
         k = self.cfg.accumulate
-        if k == 1:
-            loss, nll, kl, kl_layers = self._loss(x, beta)
-            loss.backward()
-            return loss.detach(), nll.detach(), kl.detach(), kl_layers
-        noise = [e.tensor_split(k) for e in self._posterior_noise(x.shape[0])]
         total = torch.zeros(3, device=x.device)
         kl_layers = torch.zeros(self.model.derived.layers, device=x.device)
+        start = rows.start
         for i, xi in enumerate(x.tensor_split(k)):
             with self.no_sync() if i < k - 1 else contextlib.nullcontext():
-                loss, nll, kl, kl_i = self._loss(xi, beta, [e[i] for e in noise])
+                loss, nll, kl, kl_i = self._loss(xi, BatchRows(rows.total, start), beta)
                 (loss / k).backward()
+            start += xi.shape[0]
             total += torch.stack([loss.detach(), nll.detach(), kl.detach()]) / k
             kl_layers += kl_i / k
         return total[0], total[1], total[2], kl_layers
 
-    def _posterior_noise(self, n: int) -> list[torch.Tensor]:
-        """N(0, I) of z_l = mu + sigma * eps for every layer (top first) of an n-image batch."""
-        d = self.model.derived
-        return [torch.randn(n, d.latent_channels, d.feature_size, d.feature_size, device=self.dev)
-                for _ in range(d.layers)]
-
-    def _loss(self, x: torch.Tensor, beta: float, noise: list[torch.Tensor] | None = None
-              ) -> tuple[torch.Tensor, ...]:
+    def _loss(self, x: torch.Tensor, rows: BatchRows, beta: float) -> tuple[torch.Tensor, ...]:
         """loss = mean over images of [NLL + beta * sum over layers of KL] (nats), with its terms."""
         with self.autocast():
-            out = self.forward(x) if noise is None else self.forward(x, posterior_noise=noise)
+            out = self._forward(x, rows)
         nll = out.nll.float().mean()
         kl_layers = out.kl.detach().float().mean(0)           # [L], read only when a step is skipped
         kl = out.kl.float().sum(1).mean()
@@ -283,12 +285,12 @@ class Trainer:
             self.ema.update(self.model)
         self.state.consecutive_skipped = 0
 
-    def _skip(self, values: list[float], x: torch.Tensor, kl_layers: torch.Tensor) -> None:
+    def _skip(self, values: list[float], x: torch.Tensor, rows: BatchRows, kl_layers: torch.Tensor) -> None:
         """No update: the gradients are dropped, the forward's batch-norm updates undone, and
         the step is explained (builders.train.diagnostics) on stderr and in metrics.jsonl.
         After train.max_skipped in a row the run stops (DivergedError) with last.pt as it was."""
         state, cfg = self.state, self.cfg
-        account = self._diagnose(values, x, kl_layers)
+        account = self._diagnose(values, x, rows, kl_layers)
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():                # the forward's BN updates (and the diagnosis's) undone
             torch._foreach_copy_(self.bn_buffers, self.bn_snapshot)
@@ -308,13 +310,14 @@ class Trainer:
                 f"{cfg.max_skipped}) at step {state.step + 1}: training diverged. Last skipped step: "
                 f"{diagnostics.summary(account)}. {diagnostics.remedies(cfg)} {self._saved_text()}")
 
-    def _diagnose(self, values: list[float], x: torch.Tensor, kl_layers: torch.Tensor) -> dict:
+    def _diagnose(self, values: list[float], x: torch.Tensor, rows: BatchRows,
+                  kl_layers: torch.Tensor) -> dict:
         """The account of this step: its terms, the gradient norm per module group, and the
         log-scales of a forward pass rerun with the step's noise (to see which sit at a bound)."""
         grad_norms = diagnostics.group_grad_norms(self.model)
-        torch.manual_seed(derive_seed(self.cfg.seed, 2, self.state.step, self.ddp.rank))
+        torch.manual_seed(derive_seed(self.cfg.seed, 2, self.state.step, 0))
         with torch.no_grad(), self.autocast():
-            latents = self.model(x, record_latents=True).latents
+            latents = self.model(x, record_latents=True, rows=rows).latents
         return diagnostics.diagnose(dict(zip(WINDOW, values)), kl_layers.tolist(), grad_norms, latents,
                                     self.model.post_bounds, self.model.prior_bounds,
                                     diagnostics.weight_max_abs(self.model))

@@ -46,7 +46,8 @@ from ..network.build import build_model
 from ..checkpoint import CheckpointError, load_with_fallback, previous_path, set_rng_state
 from ..devices import place, resolve_device
 from ..launch.environment import launch_environment
-from .distributed import (Distributed, all_processes_agree, setup_distributed,  # noqa: F401 (API)
+from .sync_batch_norm import use_global_batch_statistics
+from .distributed import (Distributed, setup_distributed, step_across_processes,  # noqa: F401 (API)
                           teardown_distributed, wrap_data_parallel)
 from .optim import build_optimizer
 from ..data.preprocess import EpochBatches
@@ -58,7 +59,7 @@ from .train_loop import Trainer
 from .train_state import EMA, State, batchnorm_buffers, restore, tensors_hash  # noqa: F401 (API)
 
 __all__ = ["train", "preflight", "TrainingError", "CheckpointError", "tensors_hash", "trim_metrics",
-           "Distributed", "all_processes_agree", "batchnorm_buffers", "wrap_data_parallel"]
+           "Distributed", "step_across_processes", "batchnorm_buffers", "wrap_data_parallel"]
 
 
 def document_differences(old: dict, new: dict) -> list[str]:
@@ -227,6 +228,8 @@ def setup_trainer(resolved: ResolvedSpec, out_dir: Path, ddp: Distributed, dev: 
                                      ddp.rank, ddp.world_size).num_batches
     model, optimizer, ema, state = build_parts(resolved.spec, dev, payload, out_dir / "checkpoints" / "last.pt",
                                                restore_rng=ddp.main)
+    if ddp.world_size > 1 and cfg.sync_batch_norm:
+        use_global_batch_statistics(model)
     net = wrap_data_parallel(model, dev) if ddp.world_size > 1 else model
     forward = torch.compile(net) if cfg.compile else net
     if ddp.main:
