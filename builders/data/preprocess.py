@@ -121,7 +121,9 @@ class EpochBatches:
     ``perm[k*batch_size:(k+1)*batch_size]``; rank r takes the r-th of ``world_size`` contiguous
     chunks of it (``batch_size`` must divide evenly). With ``drop_last=False`` the last global
     batch may be short and split unevenly; data-parallel training should use ``drop_last=True``.
-    Iterating yields raw image batches (torch tensors, dtype as stored) for this rank.
+    Iterating yields raw image batches (torch tensors, dtype as stored) for this rank. (The
+    trainer reads whole global batches, world_size 1, and keeps its rows after drawing the
+    step's random numbers for all of them: builders.train.train_loop.Trainer._inputs.)
     """
 
     def __init__(self, images, batch_size: int, seed: int, epoch: int, drop_last: bool = False,

@@ -22,8 +22,8 @@ def step_across_processes(values: torch.Tensor, stop: bool, ddp: Distributed,
     any process makes the mean non-finite everywhere, so every process skips the same steps."""
     if ddp.world_size == 1:
         return values.tolist(), stop
-    t = torch.cat([values.detach().double().flatten(), torch.tensor([float(stop)], dtype=torch.float64)])
-    t = t.to(device)
+    flag = torch.tensor([float(stop)], dtype=torch.float64, device=values.device)
+    t = torch.cat([values.detach().double().flatten(), flag]).to(device)
     dist.all_reduce(t)
     return (t[:-1] / ddp.world_size).tolist(), bool(t[-1].item() > 0)
 

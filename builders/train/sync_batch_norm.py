@@ -10,14 +10,34 @@ process (tests/test_sync_batch_norm.py checks both against one process's nn.Batc
 torch.nn.SyncBatchNorm does the same on GPUs only (it refuses CPU tensors and gloo), so the
 CPU tests could not exercise it; this one runs on both, with the same two passes (mean, then
 centred squares) as one process's batch norm. It costs two small all-reduces per batch norm
-per forward, and as many in the backward.
+per forward, and as many in the backward. The differentiable all-reduce is our own few lines:
+torch.distributed.nn.functional.all_reduce is deprecated, and the private replacement it names
+is differentiable only in recent torch releases.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.nn.functional import all_reduce
+
+
+class _SumOverProcesses(torch.autograd.Function):
+    """y = the sum of x over all processes. Its backward is the same sum of the gradients:
+    every process's loss depends on every process's x through y."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        y = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _SumOverProcesses.apply(grad)
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    return _SumOverProcesses.apply(x)
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):

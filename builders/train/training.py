@@ -22,11 +22,13 @@ as the recipe.
 A step whose loss or gradient is not finite (on any process) is skipped: no update, and the
 batch-norm running statistics of its forward pass are put back.
 
-Data parallel: launched under torchrun (RANK / WORLD_SIZE set), each process takes its
-share of every global batch; gradients are averaged by DistributedDataParallel; batch-norm
-statistics stay per process (broadcast_buffers=False; docs/model.md section 9: not
-synchronised), so checkpoints hold rank 0's. A run resumes only with the number of processes
-it was trained with (the data order depends on it).
+Data parallel: launched under torchrun or srun, each process takes its rows of every global
+batch (the step's random numbers are drawn for the whole batch); gradients are averaged by
+DistributedDataParallel; batch-norm statistics stay per process (broadcast_buffers=False;
+docs/model.md section 9: not synchronised, so checkpoints hold rank 0's) unless
+train.sync_batch_norm makes them the global batch's (builders.train.sync_batch_norm). A run
+resumes only with the number of processes it was trained with (the last, partial batch of an
+epoch is kept by one process only, and per-process statistics depend on the split).
 """
 from __future__ import annotations
 
@@ -116,9 +118,9 @@ def resume_payload(resolved: ResolvedSpec, out_dir: Path, resume: bool, world_si
     old_world = payload.get("world_size", 1)
     if old_world != world_size:
         raise TrainingError(f"{out_dir} was trained with {old_world} process(es) and would resume "
-                            f"with {world_size}; the data order and the batches kept per epoch "
-                            f"depend on the number of processes, so resume it with --devices "
-                            f"{old_world}")
+                            f"with {world_size}; the batches kept per epoch and the batch-norm "
+                            f"statistics depend on the number of processes, so resume it with "
+                            f"--devices {old_world}")
     if payload.get("spec_hash") != resolved.hash:
         _refuse_other_spec(resolved, out_dir, payload.get("spec", {}))
     return payload
