@@ -319,6 +319,24 @@ def test_device_guard_catches_a_hard_coded_device():
         model(torch.empty(2, 1, 8, 8, device="meta"))
 
 
+def test_data_parallel_step_parts_stay_on_the_device(monkeypatch):
+    """What only runs with several processes, on meta as a GPU stand-in: the packed step values
+    and batch norm over the global batch (forward and backward), with the all-reduce itself
+    replaced by the identity (gloo cannot reduce meta tensors)."""
+    import torch.distributed as dist
+    from builders.train.distributed import packed_step
+    from builders.train.sync_batch_norm import GlobalBatchNorm2d
+    monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: None)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 2)
+    norm = GlobalBatchNorm2d(3, device="meta").train()
+    x = torch.empty(4, 3, 5, 5, device="meta", requires_grad=True)
+    with _DeviceGuard("meta") as guard:
+        packed = packed_step(torch.empty(4, device="meta"), True)
+        norm(x).sum().backward()
+    assert packed.shape == (5,) and packed.is_meta and guard.ops > 10
+    assert x.grad.is_meta and norm.weight.grad.is_meta and norm.running_var.is_meta
+
+
 def test_placing_a_model_on_cuda_turns_tf32_off():
     """fp32 means IEEE fp32 on CUDA too (PyTorch lets cuDNN use TF32 by default; the paper's
     V100s had none). Checked through the switch itself: no GPU is needed to call it."""

@@ -22,10 +22,16 @@ def step_across_processes(values: torch.Tensor, stop: bool, ddp: Distributed,
     any process makes the mean non-finite everywhere, so every process skips the same steps."""
     if ddp.world_size == 1:
         return values.tolist(), stop
-    flag = torch.tensor([float(stop)], dtype=torch.float64, device=values.device)
-    t = torch.cat([values.detach().double().flatten(), flag]).to(device)
+    t = packed_step(values, stop).to(device)
     dist.all_reduce(t)
     return (t[:-1] / ddp.world_size).tolist(), bool(t[-1].item() > 0)
+
+
+def packed_step(values: torch.Tensor, stop: bool) -> torch.Tensor:
+    """The values and the stop flag in one float64 tensor on the values' device (a GPU's for
+    NCCL: tests/test_gpu_path.py checks no part of it is made elsewhere)."""
+    flag = torch.tensor([float(stop)], dtype=torch.float64, device=values.device)
+    return torch.cat([values.detach().double().flatten(), flag])
 
 
 def wrap_data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
