@@ -65,7 +65,7 @@ def randn_as(t: torch.Tensor, rows: BatchRows | None = None) -> torch.Tensor:
     gets the numbers it gets in one forward of the whole batch, however the batch is split
     across processes or micro-batches (at the cost of drawing the whole batch's numbers; the
     rows are copied out, so the rest is freed at once rather than kept for the backward)."""
-    if rows is None:
+    if rows is None or rows.total == t.shape[0]:          # the whole batch: nothing to cut
         return torch.randn(t.shape, dtype=t.dtype, device=t.device)
     full = torch.randn((rows.total, *t.shape[1:]), dtype=t.dtype, device=t.device)
     return full[rows.start:rows.start + t.shape[0]].clone()
