@@ -34,8 +34,23 @@ def relaunch(n: int) -> int:
             continue
         argv.append(a)
     root = str(Path(__file__).resolve().parents[1])
-    launcher = _SAFE_START.format(root=root, prog="torchrun", module="torch.distributed.run", func="main")
+    launcher = _SAFE_START.format(root=root, prog="torchrun", module="cli.relaunch", func="torchrun")
     worker = _SAFE_START.format(root=root, prog="avi", module="cli.main", func="main")
     cmd = [sys.executable, "-c", launcher, "--standalone", f"--nproc_per_node={n}", "--no-python",
            sys.executable, "-c", worker, *argv]
     return subprocess.call(cmd)
+
+
+def torchrun() -> int:
+    """torchrun's own main, in the launching process. When a worker fails it has said why on
+    stderr (or was killed); torchrun then raises ChildFailedError, whose traceback and failure
+    table would bury that message, so only its exit code is kept: the first failed worker's
+    (1 for a worker killed by a signal)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main
+    try:
+        main()
+    except ChildFailedError as e:
+        codes = [f.exitcode for _, f in sorted(e.failures.items())]
+        return next((c for c in codes if c > 0), 1)
+    return 0

@@ -13,12 +13,17 @@ from .common import SetOption, UserError, _escape, fail, load_valid, spec_file
 from .relaunch import launched, relaunch
 
 
-def _interrupted_hint(spec: str, out: Path) -> str:
+def _interrupted_hint(spec: str, out: Path, processes: int = 1) -> str:
     """What to run after Ctrl-C: --resume only where there is something to resume. The run
     directory, not the spec: it holds the resolved spec that was trained (--set included),
-    whereas `SPEC --resume` without the same --set flags is refused as another spec."""
+    whereas `SPEC --resume` without the same --set flags is refused as another spec. A run of
+    several processes resumes only on as many (builders.train.training.resume_payload)."""
     if (out / "spec.yaml").is_file():
-        return f"interrupted; continue with: avi train {shlex.quote(str(out))} --resume\n"
+        again = f"avi train {shlex.quote(str(out))} --resume"
+        if processes > 1:
+            return (f"interrupted; continue with: {again} --devices {processes} (under torchrun "
+                    f"or srun: the same launch of {processes} processes running {again})\n")
+        return f"interrupted; continue with: {again}\n"
     return (f"interrupted before anything was written; start again with: "
             f"avi train {shlex.quote(spec)} --out {shlex.quote(str(out))}\n")
 
@@ -90,20 +95,25 @@ def train(
         except user_errors as e:
             raise UserError(str(e)) from None
         raise typer.Exit(relaunch(devices))
+    from builders.launch.environment import launch_environment
     mode = "quiet" if quiet else "jsonl" if jsonl else "auto"
     try:
         result = run_training(resolved, out, resume=resume, device=device, max_steps=max_steps,
                               progress_mode=mode, devices=devices)
     except DivergedError as e:              # a valid spec whose run failed: exit 1
+        if launch_environment().rank:       # every process stops at the same step: rank 0 says why
+            raise typer.Exit(1) from None
         fail(str(e), code=1)
     except user_errors as e:
         raise UserError(str(e)) from None
     except PeerLost as e:                   # not the user's input: exit 1, but no traceback
         fail(str(e), code=1)
     except KeyboardInterrupt:               # training wrote checkpoints/last.pt first
-        sys.stderr.write(_escape(_interrupted_hint(spec, out), keep_newlines=True, markup=False))
+        launch = launch_environment()
+        if launch.rank == 0:
+            sys.stderr.write(_escape(_interrupted_hint(spec, out, launch.world_size),
+                                     keep_newlines=True, markup=False))
         raise typer.Exit(130) from None
-    from builders.launch.environment import launch_environment
     if launch_environment().rank == 0:
         _print_result(result, resolved.spec.train.epochs, mode)
 

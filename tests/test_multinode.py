@@ -280,3 +280,37 @@ def test_launch_environment_reads_torchrun_and_srun():
     assert step.master_addr == "nodeA" and 20000 <= step.master_port <= 60000
     again = launch_environment({**slurm, "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "4"})
     assert again.master_port == step.master_port              # every task derives the same port
+
+
+def test_ctrl_c_and_divergence_of_devices_2_say_it_once_without_traceback(tiny, tmp_path):
+    """`avi train --devices 2`: Ctrl-C (SIGINT to the terminal's process group) writes last.pt
+    and prints one hint, which names --devices 2 (a run resumes only on as many processes)
+    and works as printed; a diverged run exits 1 with rank 0's message alone, not torchrun's
+    traceback."""
+    out = tmp_path / "run"
+    p = subprocess.Popen([*AVI, *train_args(tiny, out, "--devices", 2, "--max-steps", 100000,
+                                            "--set", "train.epochs=1000", "--set", "train.checkpoint_every=100000")],
+                         cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    metrics, deadline = out / "metrics.jsonl", time.monotonic() + 120
+    while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 4):
+        time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-3000:]
+    assert err.count("interrupt: stopping after this step") == 1 and "Traceback" not in err
+    hint = [line for line in err.splitlines() if line.startswith("interrupted; continue with: ")]
+    assert len(hint) == 1 and f"avi train {out} --resume --devices 2 " in hint[0]
+    step = load_checkpoint(out / "checkpoints" / "last.pt")["state"]["step"]
+    resume = hint[0].split("continue with: avi ")[1].split(" (")[0].split()
+    r = subprocess.run([*AVI, *resume, "--device", "cpu", "--max-steps", str(step + 1), "--quiet"],
+                       cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["state"]["step"] == step + 1
+
+    r = subprocess.run([*AVI, *train_args(tiny, tmp_path / "diverge", "--devices", 2, "--max-steps", 12,
+                                          "--set", "train.optimizer.lr=1e30", "--set", "train.schedule.warmup_epochs=0",
+                                          "--set", "train.max_skipped=2")],
+                       cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert r.stderr.count("training diverged") == 1 and "Traceback" not in r.stderr

@@ -50,9 +50,10 @@ class StopOnInterrupt:
     of the current step, where last.pt is written before KeyboardInterrupt is raised, so
     --resume loses nothing. A second Ctrl-C interrupts at once (checkpoints are atomic)."""
 
-    def __init__(self):
+    def __init__(self, speak: bool = True):
         self.requested = False
         self._previous = None
+        self.speak = speak                    # one process of several says it, not each
 
     def start(self) -> None:
         if (threading.current_thread() is threading.main_thread()
@@ -63,8 +64,9 @@ class StopOnInterrupt:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        sys.stderr.write("interrupt: stopping after this step to write checkpoints/last.pt "
-                         "(Ctrl-C again to stop now)\n")
+        if self.speak:
+            sys.stderr.write("interrupt: stopping after this step to write checkpoints/last.pt "
+                             "(Ctrl-C again to stop now)\n")
 
     def stop(self) -> None:
         if self._previous is not None:
@@ -107,7 +109,7 @@ class Trainer:
         self.bn_snapshot = [b.clone() for b in self.bn_buffers]   # taken before every forward
         self.max_norm = float(self.cfg.grad_clip) if self.cfg.grad_clip is not None else math.inf
         self.bits = data.kind == "cifar"
-        self.interrupt = StopOnInterrupt()
+        self.interrupt = StopOnInterrupt(speak=ddp.main)
         self.last_test = None
         self.window_t0 = time.perf_counter()
         self.it_per_s = 0.0                   # steps per second of this epoch so far
