@@ -279,12 +279,20 @@ def _evaluate(run, importance_samples, split: str, batch_size, chunk, device, se
               active_threshold: float = 0.1) -> None:
     from builders.devices import DeviceError, resolve_device
     from builders.evaluation.sharded import shard_bounds, sharded_nll
+    from builders.launch.environment import LaunchError
+    from builders.launch.process_group import agree
 
     try:
         where = str(resolve_device(device.value, ddp.local_rank))
     except DeviceError as e:
         raise UserError(str(e)) from None
     model, resolved, run_dir = load_model(run, where, not no_ema, overrides)
+    try:                             # the same run and settings on every process
+        agree(ddp, spec=resolved.hash[:16], k=importance_samples, split=split,
+              batch_size=batch_size, chunk=chunk, device=where.split(":")[0], seed=seed, limit=limit,
+              no_ema=no_ema, binarization_seed=binarization_seed, active_threshold=active_threshold)
+    except LaunchError as e:
+        raise UserError(str(e)) from None
     spec = resolved.spec
     k = importance_samples or spec.eval.importance_samples
     b = batch_size or spec.eval.batch_size

@@ -2,6 +2,7 @@
 processes on this machine (torchrun, not avi, starts and watches them)."""
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,12 @@ def launched() -> bool:
 
 
 def relaunch(n: int) -> int:
-    """Run this same command under torchrun with n processes (without --devices); its exit code."""
+    """Run this same command under torchrun with n processes (without --devices); its exit code.
+
+    torchrun runs in a session of its own, so that a Ctrl-C reaches it once, through this
+    process, which waits for it whatever happens: torchrun passes the signal on to its workers
+    (they finish the step and write last.pt) and waits for them. A second Ctrl-C is not passed
+    on (it would make torchrun leave with its workers still writing); SIGTERM and SIGHUP are."""
     argv, skip = [], False
     for a in sys.argv[1:]:
         if skip:
@@ -38,14 +44,36 @@ def relaunch(n: int) -> int:
     worker = _SAFE_START.format(root=root, prog="avi", module="cli.main", func="main")
     cmd = [sys.executable, "-c", launcher, "--standalone", f"--nproc_per_node={n}", "--no-python",
            sys.executable, "-c", worker, *argv]
-    return subprocess.call(cmd)
+    started: list[subprocess.Popen] = []
+    received: list[int] = []
+
+    def pass_on(signum, frame):
+        if signum == signal.SIGINT and signal.SIGINT in received:
+            sys.stderr.write("interrupt: still waiting for the processes to write checkpoints/last.pt\n")
+            return
+        received.append(signum)
+        for proc in started:
+            proc.send_signal(signum)
+
+    # Handlers first: a signal between the start and the handlers would leave torchrun orphaned.
+    previous = {s: signal.signal(s, pass_on) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        started.append(subprocess.Popen(cmd, start_new_session=True))
+        for signum in received:                  # arrived while it was starting
+            started[0].send_signal(signum)
+        return started[0].wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def torchrun() -> int:
     """torchrun's own main, in the launching process. When a worker fails it has said why on
     stderr (or was killed); torchrun then raises ChildFailedError, whose traceback and failure
     table would bury that message, so only its exit code is kept: the first failed worker's
-    (1 for a worker killed by a signal)."""
+    (1 for a worker killed by a signal). A signal to torchrun itself (passed on by relaunch)
+    ends in SignalException once its workers are gone: 128 + the signal, as a shell says."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main
     try:
@@ -53,4 +81,6 @@ def torchrun() -> int:
     except ChildFailedError as e:
         codes = [f.exitcode for _, f in sorted(e.failures.items())]
         return next((c for c in codes if c > 0), 1)
+    except SignalException as e:     # its workers were sent the signal and waited for
+        return 128 + int(e.sigval)
     return 0

@@ -150,3 +150,15 @@ def test_grids_are_written_with_pillow_and_read_back_exactly(tmp_path):
         assert image.mode == "RGB" and image.size == (2 + 2 * 7, 2 + 2 * 7)
     with pytest.raises(ValueError, match="cannot write images as .xyz"):
         save_grid(tmp_path / "g.xyz", images)
+
+
+def test_grid_of_a_diverged_models_samples_has_no_cast_warning():
+    """NaN and inf pixels (samples of a model whose weights blew up) are drawn black / white,
+    without numpy's 'invalid value encountered in cast' on stderr."""
+    import warnings
+    a = np.full((2, 1, 2, 2), 0.5, dtype=np.float32)
+    a[0, 0, 0, 0], a[1, 0, 1, 1] = np.nan, np.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g = grid(a, columns=2, pad=0)
+    assert g[0, 0] == 0 and g[1, 3] == 255 and g[0, 1] == 128

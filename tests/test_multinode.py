@@ -122,14 +122,14 @@ def one_node(tiny):
 
 
 def torchrun_nodes(tiny, out: Path, port: int, hash_dir: Path, *extra, nodes=(0, 1),
-                   rdzv_timeout: int = 30) -> list[subprocess.Popen]:
-    """One torchrun agent per node rank, as on two machines (static rendezvous at 127.0.0.1)."""
-    cmd = [*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint",
-           f"127.0.0.1:{port}", "--rdzv-conf", f"timeout={rdzv_timeout}", "-m", "cli.main",
-           *train_args(tiny, out, *extra)]
+                   rdzv_timeout: int = 30, node_extra: dict | None = None) -> list[subprocess.Popen]:
+    """One torchrun agent per node rank, as on two machines (static rendezvous at 127.0.0.1);
+    node_extra: more arguments for one node's command."""
     env = {**ENV, "AVI_TEST_WEIGHTS_HASH_DIR": str(hash_dir), "AVI_DIST_TIMEOUT": "30"}
-    return [subprocess.Popen(cmd[:3] + ["--node-rank", str(r)] + cmd[3:], cwd=REPO, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    return [subprocess.Popen([*TORCHRUN, "--node-rank", str(r), "--nnodes", "2", "--nproc-per-node", "1",
+                              "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-conf", f"timeout={rdzv_timeout}",
+                              "-m", "cli.main", *train_args(tiny, out, *extra, *(node_extra or {}).get(r, []))],
+                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              start_new_session=True) for r in nodes]
 
 
@@ -160,6 +160,18 @@ def descendants(pid: int) -> list[int]:
         for child in children.get(todo.pop(), []):
             found.append(child)
             todo.append(child)
+    return found
+
+
+def running_with(text: str) -> list[int]:
+    """The processes whose command line holds ``text``."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text.encode() in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
     return found
 
 
@@ -283,10 +295,10 @@ def test_launch_environment_reads_torchrun_and_srun():
 
 
 def test_ctrl_c_and_divergence_of_devices_2_say_it_once_without_traceback(tiny, tmp_path):
-    """`avi train --devices 2`: Ctrl-C (SIGINT to the terminal's process group) writes last.pt
-    and prints one hint, which names --devices 2 (a run resumes only on as many processes)
-    and works as printed; a diverged run exits 1 with rank 0's message alone, not torchrun's
-    traceback."""
+    """`avi train --devices 2`: Ctrl-C (SIGINT to the terminal's process group, twice) writes
+    last.pt and returns only when every process of the run has ended, with one hint, which
+    names --devices 2 (a run resumes only on as many processes) and works as printed; a
+    diverged run exits 1 with rank 0's message alone, not torchrun's traceback."""
     out = tmp_path / "run"
     p = subprocess.Popen([*AVI, *train_args(tiny, out, "--devices", 2, "--max-steps", 100000,
                                             "--set", "train.epochs=1000", "--set", "train.checkpoint_every=100000")],
@@ -295,9 +307,14 @@ def test_ctrl_c_and_divergence_of_devices_2_say_it_once_without_traceback(tiny, 
     metrics, deadline = out / "metrics.jsonl", time.monotonic() + 120
     while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 4):
         time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGINT)              # Ctrl-C, twice: the terminal's process group
+    time.sleep(0.1)
     os.killpg(p.pid, signal.SIGINT)
+    p.wait(timeout=120)
+    left = [pid for pid in running_with(str(out)) if pid != p.pid]
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130, err[-3000:]
+    assert not left, f"avi returned with processes of the run still going: {left}"
     assert err.count("interrupt: stopping after this step") == 1 and "Traceback" not in err
     hint = [line for line in err.splitlines() if line.startswith("interrupted; continue with: ")]
     assert len(hint) == 1 and f"avi train {out} --resume --devices 2 " in hint[0]
@@ -314,3 +331,16 @@ def test_ctrl_c_and_divergence_of_devices_2_say_it_once_without_traceback(tiny, 
                        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1, r.stderr[-3000:]
     assert r.stderr.count("training diverged") == 1 and "Traceback" not in r.stderr
+
+
+def test_nodes_started_with_different_settings_are_refused(tiny, tmp_path):
+    """Node 1 with another seed (a spec edited on one machine): every process stops at once
+    with exit 2 (in torchrun's report of its worker), saying what differs, instead of training
+    two models under one name."""
+    tool_or_skip("torchrun")
+    results = finish(torchrun_nodes(tiny, tmp_path / "run", free_port(), tmp_path / "h",
+                                    node_extra={1: ["--set", "train.seed=7"]}), timeout=120)
+    for rc, _, err in results:
+        assert rc != 0 and "exitcode  : 2" in err, err[-2000:]
+        assert "not started with the same settings (spec): process 0 has spec = " in err
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -23,6 +23,7 @@ def grid(images, columns: int | None = None, pad: int = 2, scale: int = 1) -> np
         r, k = divmod(i, columns)
         y, x = pad + r * (h + pad), pad + k * (w + pad)
         out[y:y + h, x:x + w] = a[i].transpose(1, 2, 0)
+    out = np.nan_to_num(out, nan=0.0, posinf=1.0, neginf=0.0)     # a diverged model's NaN pixels: black
     out = (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8)
     if scale > 1:
         out = out.repeat(scale, axis=0).repeat(scale, axis=1)

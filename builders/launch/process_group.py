@@ -88,6 +88,25 @@ def setup_distributed(device_name: str | None) -> Distributed:
     return Distributed(launch.rank, launch.world_size, launch.local_rank, True)
 
 
+def agree(ddp: Distributed, **settings) -> None:
+    """Refuse a launch whose processes were started with different settings (the spec edited
+    on one node, another --max-steps or -k ...): they would train or score different things,
+    or wait for each other's collectives until the timeout. One all_gather_object at the start;
+    every process raises the same LaunchError."""
+    if ddp.world_size == 1:
+        return
+    mine = {k: repr(v) for k, v in settings.items()}
+    everyone: list = [None] * ddp.world_size
+    dist.all_gather_object(everyone, mine)
+    differ = [k for k in mine if any(other[k] != everyone[0][k] for other in everyone)]
+    if differ:
+        values = ", ".join(f"process {r} has {differ[0]} = {other[differ[0]]}"
+                           for r, other in enumerate(everyone))
+        raise LaunchError(f"the {ddp.world_size} processes were not started with the same settings "
+                          f"({', '.join(differ)}): {values}. Start every node with the same command, "
+                          f"spec and --set flags.")
+
+
 def teardown_distributed(ddp: Distributed) -> None:
     if ddp.initialised and dist.is_initialized():
         dist.destroy_process_group()

@@ -50,10 +50,12 @@ class StopOnInterrupt:
     of the current step, where last.pt is written before KeyboardInterrupt is raised, so
     --resume loses nothing. A second Ctrl-C interrupts at once (checkpoints are atomic)."""
 
-    def __init__(self, speak: bool = True):
+    def __init__(self, speak: bool = True, alone: bool = True):
         self.requested = False
         self._previous = None
         self.speak = speak                    # one process of several says it, not each
+        # Several processes: a launcher passes the first Ctrl-C on, not always the second
+        self.again = " (Ctrl-C again to stop now)" if alone else ""
 
     def start(self) -> None:
         if (threading.current_thread() is threading.main_thread()
@@ -65,8 +67,7 @@ class StopOnInterrupt:
             raise KeyboardInterrupt
         self.requested = True
         if self.speak:
-            sys.stderr.write("interrupt: stopping after this step to write checkpoints/last.pt "
-                             "(Ctrl-C again to stop now)\n")
+            sys.stderr.write(f"interrupt: stopping after this step to write checkpoints/last.pt{self.again}\n")
 
     def stop(self) -> None:
         if self._previous is not None:
@@ -109,7 +110,7 @@ class Trainer:
         self.bn_snapshot = [b.clone() for b in self.bn_buffers]   # taken before every forward
         self.max_norm = float(self.cfg.grad_clip) if self.cfg.grad_clip is not None else math.inf
         self.bits = data.kind == "cifar"
-        self.interrupt = StopOnInterrupt(speak=ddp.main)
+        self.interrupt = StopOnInterrupt(speak=ddp.main, alone=ddp.world_size == 1)
         self.last_test = None
         self.window_t0 = time.perf_counter()
         self.it_per_s = 0.0                   # steps per second of this epoch so far
@@ -143,6 +144,8 @@ class Trainer:
                 "test_nelbo": self.last_test, "best_test_nelbo": state.best_test_nelbo}
 
     def _saved_text(self) -> str:
+        if not self.ddp.main:
+            return "Process 0 writes the checkpoints: its message says which one is intact."
         if self.saved_step is None:
             return "No checkpoint was written yet."
         return f"{self.last_path} is intact (step {self.saved_step})."

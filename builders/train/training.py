@@ -48,6 +48,7 @@ from ..network.build import build_model
 from ..checkpoint import CheckpointError, load_with_fallback, previous_path, set_rng_state
 from ..devices import place, resolve_device
 from ..launch.environment import launch_environment
+from ..launch.process_group import agree
 from .sync_batch_norm import use_global_batch_statistics
 from .distributed import (Distributed, setup_distributed, step_across_processes,  # noqa: F401 (API)
                           teardown_distributed, wrap_data_parallel)
@@ -187,6 +188,7 @@ def train(resolved: ResolvedSpec, out_dir: str | Path, resume: bool = False,
     lock = None
     try:
         dev = resolve_device(device, ddp.local_rank)
+        agree(ddp, spec=resolved.hash[:16], max_steps=max_steps, resume=resume, device=dev.type)
         check_batch_size(resolved.spec.train.batch_size, ddp.world_size, accumulate=resolved.spec.train.accumulate)
         check_out_dir(out_dir)
         check_model_fits(resolved.spec, dev)
