@@ -14,7 +14,7 @@ import torch
 from avi_spec import load_spec
 from avi_spec.schema import Flips
 from builders.data.datasets import DatasetError, load_images, load_mnist5k_labels, load_spec_images
-from builders.data.preprocess import (BinarizedTestSet, EpochBatches, binarize, likelihood_dims,
+from builders.data.preprocess import (BinarizedTestSet, EpochBatches, binarize, likelihood_dims, process_share,
                                  model_input_binary, model_input_cifar, pad_images, prepare_batch,
                                  random_flip, to_unit)
 
@@ -300,11 +300,12 @@ def test_epoch_batches():
     assert len(collect(epoch=0, drop_last=True)) == 10
     assert collect(epoch=0, start_batch=4) == e0[4:]  # resume mid-epoch
     assert len(EpochBatches(images, 10, 5, 0, start_batch=4)) == 7
-    ranks = [collect(epoch=0, rank=r, world_size=2, drop_last=True) for r in range(2)]
+    whole = collect(epoch=0, drop_last=True)
+    ranks = [[b[process_share(len(b), r, 2)] for b in whole] for r in range(2)]
     for k in range(10):  # the ranks' shares partition each global batch, in order
         assert ranks[0][k] + ranks[1][k] == e0[k] and len(ranks[0][k]) == 5
     with pytest.raises(ValueError):
-        EpochBatches(images, 10, 0, 0, world_size=3)
+        process_share(10, 0, 3)
     t = EpochBatches(torch.arange(103) * 2, 10, seed=5, epoch=0)
     assert [b.tolist() for b in t][0] == [2 * i for i in e0[0]]
 

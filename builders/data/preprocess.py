@@ -113,28 +113,23 @@ class BinarizedTestSet:
 
 
 class EpochBatches:
-    """Deterministic shuffled batches of one epoch, split across data-parallel ranks.
+    """Deterministic shuffled global batches of one epoch.
 
     The permutation of epoch ``epoch`` comes from a generator seeded with ``seed + epoch``, so
     (seed, epoch, batch index) fixes the data of every step: a resumed run passes
     ``start_batch`` to continue exactly where it stopped. Global batch k holds
-    ``perm[k*batch_size:(k+1)*batch_size]``; rank r takes the r-th of ``world_size`` contiguous
-    chunks of it (``batch_size`` must divide evenly). With ``drop_last=False`` the last global
-    batch may be short and split unevenly; data-parallel training should use ``drop_last=True``.
-    Iterating yields raw image batches (torch tensors, dtype as stored) for this rank. (The
-    trainer reads whole global batches, world_size 1, and keeps its rows after drawing the
-    step's random numbers for all of them: builders.train.train_loop.Trainer._inputs.)
+    ``perm[k*batch_size:(k+1)*batch_size]``; with ``drop_last=False`` the last one may be short
+    (data-parallel training drops it: it might not split evenly). Iterating yields raw image
+    batches (torch tensors, dtype as stored). Every process of a data-parallel run reads the
+    whole global batch, draws the step's random numbers for all of it and keeps its share
+    (process_share; builders.train.train_loop.Trainer._inputs).
     """
 
     def __init__(self, images, batch_size: int, seed: int, epoch: int, drop_last: bool = False,
-                 rank: int = 0, world_size: int = 1, start_batch: int = 0):
-        if batch_size < 1 or batch_size % world_size:
-            raise ValueError(f"batch_size {batch_size} must be positive and divisible by "
-                             f"world_size {world_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} out of range for world_size {world_size}")
-        self.images, self.batch_size = images, batch_size
-        self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
+                 start_batch: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"batch_size {batch_size} must be positive")
+        self.images, self.batch_size, self.start_batch = images, batch_size, start_batch
         n = len(images)
         gen = torch.Generator().manual_seed(seed + epoch)
         self.permutation = torch.randperm(n, generator=gen)
@@ -146,13 +141,9 @@ class EpochBatches:
         """Batches still to be yielded (from ``start_batch`` to the end of the epoch)."""
         return self.num_batches - self.start_batch
 
-    def global_indices(self, batch: int) -> torch.Tensor:
-        """Dataset indices of global batch ``batch`` (all ranks together)."""
-        return self.permutation[batch * self.batch_size:(batch + 1) * self.batch_size]
-
     def indices(self, batch: int) -> torch.Tensor:
-        """Dataset indices of this rank's share of global batch ``batch``."""
-        return torch.tensor_split(self.global_indices(batch), self.world_size)[self.rank]
+        """Dataset indices of global batch ``batch``."""
+        return self.permutation[batch * self.batch_size:(batch + 1) * self.batch_size]
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         for batch in range(self.start_batch, self.num_batches):
@@ -161,6 +152,16 @@ class EpochBatches:
                 yield self.images[idx]
             else:
                 yield torch.as_tensor(np.asarray(self.images)[idx.numpy()])
+
+
+def process_share(n: int, rank: int, world_size: int) -> slice:
+    """The rows of an n-image global batch that process ``rank`` of ``world_size`` trains on:
+    the rank-th of world_size equal, contiguous shares."""
+    if n % world_size or not 0 <= rank < world_size:
+        raise ValueError(f"a batch of {n} cannot be shared by process {rank} of {world_size} "
+                         f"in equal parts")
+    size = n // world_size
+    return slice(rank * size, (rank + 1) * size)
 
 
 def prepare_batch(raw, dataset_kind: str, generator: torch.Generator | None, train: bool,

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import rng_state, save_checkpoint
-from ..data.preprocess import EpochBatches
+from ..data.preprocess import EpochBatches, process_share
 from ..evaluation.images import save_grid
 from ..faults import fault_point
 from ..launch.process_group import peer_failure
@@ -228,18 +228,19 @@ class Trainer:
         numbers however many processes share the batch, and a resumed run draws what the
         uninterrupted one drew. (The 0 in the seed stood for the rank when each process drew
         for its own share; one-process runs draw what they drew then.)"""
-        n, world = raw.shape[0], self.ddp.world_size
-        rows = BatchRows(n, self.ddp.rank * (n // world))
+        share = process_share(raw.shape[0], self.ddp.rank, self.ddp.world_size)
         self.generator.manual_seed(derive_seed(self.cfg.seed, 1, self.state.step, 0))
-        x = self.data.prepare(raw, self.generator, slice(rows.start, rows.start + n // world))
+        x = self.data.prepare(raw, self.generator, share)
+        rows = BatchRows(raw.shape[0], share.start)
         return x.contiguous(memory_format=torch.channels_last), rows   # the model's layout (devices.place)
 
-    def _forward(self, x: torch.Tensor, rows: BatchRows, **kwargs):
-        """The model on x, rows ``rows`` of the step's global batch. The generator is reset to
-        the step's seed before every forward (each micro-batch's, the diagnosis's), which then
-        draws the whole global batch's numbers and keeps its own rows (randn_as)."""
+    def _forward(self, x: torch.Tensor, rows: BatchRows, net=None, **kwargs):
+        """``net`` (the training forward: DDP, compiled) on x, rows ``rows`` of the step's global
+        batch. The generator is reset to the step's seed before every forward (each
+        micro-batch's, the diagnosis's), which then draws the whole global batch's numbers and
+        keeps its own rows (randn_as)."""
         torch.manual_seed(derive_seed(self.cfg.seed, 2, self.state.step, 0))
-        return self.forward(x, rows=rows, **kwargs)
+        return (net or self.forward)(x, rows=rows, **kwargs)
 
     def _gradients(self, x: torch.Tensor, rows: BatchRows, beta: float) -> tuple[torch.Tensor, ...]:
         """Gradients of the batch's loss in .grad, and (loss, nll, kl, KL per layer) of the
@@ -320,9 +321,8 @@ class Trainer:
         """The account of this step: its terms, the gradient norm per module group, and the
         log-scales of a forward pass rerun with the step's noise (to see which sit at a bound)."""
         grad_norms = diagnostics.group_grad_norms(self.model)
-        torch.manual_seed(derive_seed(self.cfg.seed, 2, self.state.step, 0))
         with torch.no_grad(), self.autocast():
-            latents = self.model(x, record_latents=True, rows=rows).latents
+            latents = self._forward(x, rows, self.model, record_latents=True).latents
         return diagnostics.diagnose(dict(zip(WINDOW, values)), kl_layers.tolist(), grad_norms, latents,
                                     self.model.post_bounds, self.model.prior_bounds,
                                     diagnostics.weight_max_abs(self.model))

@@ -228,8 +228,7 @@ def setup_trainer(resolved: ResolvedSpec, out_dir: Path, ddp: Distributed, dev: 
     directory is made ready for it (spec.yaml, metrics.jsonl trimmed to the checkpoint)."""
     cfg = resolved.spec.train
     check_batch_size(cfg.batch_size, ddp.world_size, len(data.train), cfg.accumulate)
-    batches_per_epoch = EpochBatches(data.train, cfg.batch_size, cfg.seed, 0, ddp.world_size > 1,
-                                     ddp.rank, ddp.world_size).num_batches
+    batches_per_epoch = EpochBatches(data.train, cfg.batch_size, cfg.seed, 0, ddp.world_size > 1).num_batches
     model, optimizer, ema, state = build_parts(resolved.spec, dev, payload, out_dir / "checkpoints" / "last.pt",
                                                restore_rng=ddp.main)
     if ddp.world_size > 1 and cfg.sync_batch_norm:
